@@ -1,0 +1,68 @@
+"""Load a model by built-in name or from a user's model.py (`build_model()`, optional `CONFIG` dict)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from autoplan.errors import ModelLoadError
+from autoplan.models.configs import NAMED_CONFIGS, build_named, named_config
+
+
+@dataclass
+class LoadedModel:
+    module: nn.Module
+    name: str
+    config: dict = field(default_factory=dict)  # at least seq_len when known
+
+    @property
+    def seq_len(self) -> int | None:
+        return self.config.get("seq_len")
+
+
+def is_model_file(spec: str) -> bool:
+    return spec.endswith(".py") or "/" in spec or Path(spec).exists()
+
+
+def load_model(spec: str, *, device: str | torch.device = "meta", **overrides) -> LoadedModel:
+    """A built-in name (llama3-70b, gpt-tiny, ...) or a path to model.py, built on `device`."""
+    if not is_model_file(spec):
+        if spec not in NAMED_CONFIGS:
+            raise ModelLoadError(f"unknown model {spec!r}: give a path to a model.py or one of "
+                                 f"{', '.join(NAMED_CONFIGS)}")
+        with torch.device(device):
+            module = build_named(spec, **overrides)
+        return LoadedModel(module, spec, {**named_config(spec), **overrides})
+    return _load_file(Path(spec), device)
+
+
+def _load_file(path: Path, device: str | torch.device) -> LoadedModel:
+    if not path.is_file():
+        raise ModelLoadError(f"model file not found: {path}")
+    module_name = f"autoplan_user_model_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ModelLoadError(f"cannot import {path} as Python")
+    user = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = user
+    try:
+        spec.loader.exec_module(user)
+    except Exception as err:  # the user's code: report it in one line
+        raise ModelLoadError(f"{path} raised while importing: {type(err).__name__}: {err}") from None
+    build = getattr(user, "build_model", None)
+    if not callable(build):
+        raise ModelLoadError(f"{path} does not define build_model()")
+    config = dict(getattr(user, "CONFIG", {}) or {})
+    try:
+        with torch.device(device):
+            module = build()
+    except Exception as err:
+        raise ModelLoadError(f"{path}: build_model() raised {type(err).__name__}: {err}") from None
+    if not isinstance(module, nn.Module):
+        raise ModelLoadError(f"{path}: build_model() returned {type(module).__name__}, not a torch.nn.Module")
+    return LoadedModel(module, str(path), config)

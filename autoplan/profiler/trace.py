@@ -1,0 +1,239 @@
+"""Trace one module's forward and backward on the meta device and measure what it costs.
+
+Measured, not guessed:
+- FLOPs forward and backward: torch.utils.flop_counter.FlopCounterMode;
+- saved activations: every tensor autograd packs for backward (torch.autograd.graph.saved_tensors_hooks),
+  deduplicated by storage, parameters and buffers excluded;
+- which saved bytes tensor parallelism splits: a TorchDispatchMode follows each storage from the output
+  of a column-parallel Linear (sharded) to the output of a row-parallel one (whole again), so a saved
+  tensor is "tp-sharded" iff it lies between the two (Shoeybi et al. 2019, Sec. 3, Fig. 3);
+- GEMM shapes (for the shape-dependent efficiency), and bytes moved by the other ops (memory-bound).
+
+With attention="flash", F.scaled_dot_product_attention is routed to torch's memory-efficient attention
+op while tracing, so the trace saves what a fused attention kernel saves on a GPU (q, k, v, out and the
+log-sum-exp), not the seq x seq matrices of the math fallback that meta tensors would otherwise take;
+F.dropout is routed to native_dropout, which saves a 1-byte mask as on CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
+
+aten = torch.ops.aten
+_GEMM_OPS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
+_FUSED_ATTENTION_OPS = {aten._scaled_dot_product_efficient_attention.default,
+                        aten._scaled_dot_product_flash_attention.default}
+
+# Leaf names of Linear modules whose output is split by tensor parallelism (column-parallel) or whose
+# input is (row-parallel), as in Megatron-LM, Llama, GPT-2 and HF naming. Unknown names fall back to
+# data flow: a Linear fed by a sharded tensor is row-parallel, any other is column-parallel.
+COLUMN_PARALLEL = {"wq", "wk", "wv", "wqkv", "q_proj", "k_proj", "v_proj", "qkv_proj", "query", "key", "value",
+                   "c_attn", "query_key_value", "w1", "w3", "fc1", "up_proj", "gate_proj", "c_fc", "fc_in",
+                   "dense_h_to_4h", "output", "lm_head"}
+ROW_PARALLEL = {"wo", "o_proj", "out_proj", "c_proj", "w2", "fc2", "down_proj", "fc_out", "dense_4h_to_h"}
+REPLICATED = {"router", "gate"}
+
+
+def storage_id(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+def linear_split(name: str, module: nn.Linear, input_sharded: bool) -> str:
+    """'n' column-parallel, 'k' row-parallel, 'none' replicated; for one Linear of a traced module."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in REPLICATED:
+        return "none"
+    if leaf in ROW_PARALLEL:
+        return "k"
+    if leaf in COLUMN_PARALLEL:
+        return "n"
+    return "k" if input_sharded else "n"
+
+
+@dataclass
+class GemmRecord:
+    m: int
+    n: int
+    k: int
+    tp_split: str
+
+
+@dataclass
+class TraceResult:
+    """Costs of one traced call for the batch it was traced with."""
+
+    fwd_flops: float = 0.0
+    bwd_flops: float = 0.0
+    attention_core_fwd_flops: float = 0.0
+    activation_bytes: int = 0
+    activation_tp_sharded_bytes: int = 0
+    attention_score_bytes: int = 0
+    output_bytes: int = 0
+    memory_bound_bytes: float = 0.0
+    gemms: list[GemmRecord] = field(default_factory=list)
+    linear_splits: dict[str, str] = field(default_factory=dict)  # Linear name -> n/k/none
+
+
+class _Tracer(TorchDispatchMode):
+    """Follows tp-sharding through storages and records GEMMs and memory-bound bytes in forward."""
+
+    def __init__(self, result: TraceResult, frozen_storages: set[int]):
+        super().__init__()
+        self.result = result
+        self.frozen = frozen_storages
+        self.sharded: dict[int, bool] = {}
+        self.score: set[int] = set()  # storages shaped [.., s_q, s_kv] that descend from Q K^T
+        self.linear_stack: list[str] = []
+        self.forward = True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        sharded = any(self.sharded.get(storage_id(t), False) for t in inputs)
+        scores = [t.shape[-2:] for t in inputs if t.dim() >= 2 and storage_id(t) in self.score]
+        if not func.is_view:
+            for t in outputs:
+                self.sharded[storage_id(t)] = sharded
+                if t.dim() >= 2 and t.shape[-2:] in scores:
+                    self.score.add(storage_id(t))
+        if self.forward:
+            self._record(func, args, inputs, outputs)
+        return out
+
+    def _record(self, func, args, inputs, outputs) -> None:
+        if func in _GEMM_OPS:
+            a, b = (args[1], args[2]) if func in (aten.addmm.default, aten.baddbmm.default) else (args[0], args[1])
+            batch = a.shape[0] if a.dim() == 3 else 1
+            m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+            if storage_id(a) in self.frozen or storage_id(b) in self.frozen:
+                split = self.linear_stack[-1] if self.linear_stack else "none"
+                self.result.gemms.extend(GemmRecord(m, n, k, split) for _ in range(batch))
+            else:  # activation x activation: the attention core of an eager attention
+                self.result.attention_core_fwd_flops += 2.0 * batch * m * k * n
+                if m == n:  # Q K^T: the scores matrix [.., s, s]
+                    self.score.update(storage_id(t) for t in outputs)
+        elif func in _FUSED_ATTENTION_OPS:
+            q, key, value = args[0], args[1], args[2]
+            b, heads, s_q, d = q.shape
+            self.result.attention_core_fwd_flops += 2.0 * b * heads * s_q * key.shape[-2] * (d + value.shape[-1])
+        elif not func.is_view:
+            self.result.memory_bound_bytes += sum(t.numel() * t.element_size() for t in inputs + outputs)
+
+
+def _flash_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """F.scaled_dot_product_attention as a fused kernel (what a GPU runs), traceable on meta."""
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        groups = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(groups, dim=-3), value.repeat_interleave(groups, dim=-3)
+    out = aten._scaled_dot_product_efficient_attention(query, key, value, attn_mask, True, dropout_p, is_causal,
+                                                       scale=scale)
+    return out[0]
+
+
+def _gpu_dropout(input, p=0.5, training=True, inplace=False):
+    """F.dropout as CUDA runs it: native_dropout saves a 1-byte mask (the CPU path saves a float noise)."""
+    if not training or p == 0.0:
+        return input
+    return torch.native_dropout(input, p, True)[0]
+
+
+@contextlib.contextmanager
+def gpu_kernels(flash: bool):
+    """Trace with the kernels a GPU training step runs: fused attention (if flash) and native dropout."""
+    originals = (F.scaled_dot_product_attention, F.dropout)
+    if flash:
+        F.scaled_dot_product_attention = _flash_sdpa
+    F.dropout = _gpu_dropout
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention, F.dropout = originals
+
+
+def _grad_leaf(value):
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.detach().requires_grad_(True)
+    return value
+
+
+def trace(module: nn.Module, args: tuple, kwargs: dict, *, vocab_size: int = 0, flash: bool = True) -> TraceResult:
+    """Run module(*args, **kwargs) forward and backward on meta and measure it.
+
+    The first floating-point argument becomes a leaf that needs grad (the hidden state flowing in).
+    If the output's last dim is the vocabulary, a cross-entropy loss in fp32 is added, as training does.
+    """
+    result = TraceResult()
+    frozen = {storage_id(t) for t in list(module.parameters()) + list(module.buffers())}
+    args = list(args)
+    for i, value in enumerate(args):
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            args[i] = _grad_leaf(value)
+            break
+    tracer = _Tracer(result, frozen)
+    seen: set[int] = set()
+
+    def pack(t: torch.Tensor):
+        sid = storage_id(t)
+        if sid not in frozen and sid not in seen:
+            seen.add(sid)
+            nbytes = t.untyped_storage().nbytes()
+            result.activation_bytes += nbytes
+            if tracer.sharded.get(sid, False):
+                result.activation_tp_sharded_bytes += nbytes
+            if sid in tracer.score:
+                result.attention_score_bytes += nbytes
+        return t
+
+    hooks = []
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.Linear):
+            hooks.append(sub.register_forward_pre_hook(_linear_pre_hook(name, tracer, result)))
+            hooks.append(sub.register_forward_hook(_linear_post_hook(name, tracer, result)))
+    counter = FlopCounterMode(display=False)
+    try:
+        with gpu_kernels(flash), counter, tracer:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = module(*args, **kwargs)
+                first = next(t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+                result.output_bytes = first.numel() * first.element_size()
+                if vocab_size and first.shape[-1] == vocab_size:
+                    loss = F.cross_entropy(first.float().flatten(0, -2), torch.zeros(first.shape[:-1].numel(),
+                                           dtype=torch.long, device=first.device))
+                else:
+                    loss = first.float().sum()
+            result.fwd_flops = float(counter.get_total_flops())
+            tracer.forward = False
+            if loss.requires_grad:
+                loss.backward()
+            result.bwd_flops = float(counter.get_total_flops()) - result.fwd_flops
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return result
+
+
+def _linear_pre_hook(name: str, tracer: _Tracer, result: TraceResult):
+    def hook(module, inputs):
+        sharded = bool(inputs) and tracer.sharded.get(storage_id(inputs[0]), False)
+        split = result.linear_splits.setdefault(name, linear_split(name, module, sharded))
+        tracer.linear_stack.append(split)
+    return hook
+
+
+def _linear_post_hook(name: str, tracer: _Tracer, result: TraceResult):
+    def hook(module, inputs, output):
+        tracer.linear_stack.pop()
+        split = result.linear_splits[name]
+        if split != "none" and isinstance(output, torch.Tensor):
+            tracer.sharded[storage_id(output)] = split == "n"
+    return hook

@@ -1,0 +1,304 @@
+"""The shared nouns: what (ModelProfile), where (Cluster), how (Plan), and the answer (Estimate).
+
+Every noun is a pydantic model with `extra="forbid"` and a description on each field, serialisable to
+JSON with a schema version, so a plan found on a laptop is a file that a 1,000-GPU job loads.
+Units are in the names (`_bytes`, `_s`, `_flops`, `_per_s`); everything is SI inside.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from autoplan.errors import InvalidInputError, InvalidPlanError
+
+SCHEMA_VERSION = 1
+PRESETS_DIR = Path(__file__).parent / "profiler" / "presets"
+
+LayerKind = Literal["embedding", "attention", "mlp", "moe", "norm", "head", "other"]
+Schedule = Literal["gpipe", "1f1b", "interleaved-1f1b", "zero-bubble"]
+Recompute = Literal["none", "selective", "full"]
+TpSplit = Literal["n", "k", "none"]
+
+
+class _Noun(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=True)
+
+    @classmethod
+    def load(cls, path: str | Path):
+        """Read a JSON file of this noun; a missing or malformed file raises InvalidInputError."""
+        path = Path(path)
+        if not path.is_file():
+            raise InvalidInputError(f"{cls.__name__} file not found: {path}")
+        try:
+            return cls.model_validate_json(path.read_text())
+        except ValidationError as err:
+            raise InvalidInputError(f"{path}: {one_line(err)}") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.model_dump_json(indent=2) + "\n")
+
+
+def one_line(err: ValidationError) -> str:
+    """The first problem pydantic found, as one line a user can read ('tp: tp=3 does not divide ...')."""
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    msg = first.get("msg", str(err)).removeprefix("Value error, ")
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{where}: {msg}{more}" if where else f"{msg}{more}"
+
+
+# ----------------------------------------------------------------------------------------- what
+class GemmShape(_Noun):
+    """One matrix multiply of a layer's forward pass: (m x k) @ (k x n), `count` times."""
+
+    m_per_sequence: float = Field(description="Rows per sequence of micro-batch (tokens; tokens*top_k/experts for experts).")
+    n: int = Field(description="Output features.")
+    k: int = Field(description="Reduction dimension (input features).")
+    count: int = Field(1, description="How many identical GEMMs of this shape the layer runs per forward.")
+    tp_split: TpSplit = Field("none", description="Which dim tensor parallelism shards: n (column-parallel), k (row-parallel), none.")
+
+
+class LayerProfile(_Noun):
+    """Cost of one layer for ONE sequence (micro-batch 1) at the profile's seq_len, traced on meta."""
+
+    name: str = Field(description="Module path, e.g. 'layers.3.attention'.")
+    kind: LayerKind = Field(description="embedding, attention, mlp, moe, norm, head or other.")
+    block: int | None = Field(None, description="Index of the transformer block this layer belongs to; None outside blocks.")
+    fwd_flops: float = Field(description="Forward FLOPs per sequence (torch.utils.flop_counter).")
+    bwd_flops: float = Field(description="Backward FLOPs per sequence (torch.utils.flop_counter).")
+    attention_core_fwd_flops: float = Field(0.0, description="Part of fwd_flops inside attention's softmax(QK^T)V core.")
+    params: int = Field(description="Parameters owned by this layer.")
+    tp_sharded_params: int = Field(0, description="Parameters that tensor parallelism splits (the rest are replicated).")
+    expert_params: int = Field(0, description="Parameters of routed experts (split by expert parallelism).")
+    activation_bytes: int = Field(description="Bytes autograd saves for backward per sequence (measured, deduplicated by storage).")
+    activation_tp_sharded_bytes: int = Field(0, description="Part of activation_bytes between a column- and a row-parallel GEMM (split by tp without SP).")
+    attention_score_bytes: int = Field(0, description="Part of activation_bytes shaped [.., seq, seq] (what flash attention and selective recompute drop).")
+    output_bytes: int = Field(description="Bytes of the layer's output per sequence (what crosses the layer boundary).")
+    memory_bound_bytes: float = Field(0.0, description="Bytes read+written by non-GEMM ops in forward per sequence (costed at HBM bandwidth).")
+    gemms: list[GemmShape] = Field(default_factory=list, description="The forward GEMMs (attention core excluded).")
+    num_heads: int = Field(0, description="Query heads (attention layers).")
+    num_kv_heads: int = Field(0, description="Key/value heads (attention layers).")
+    num_experts: int = Field(0, description="Routed experts (moe layers).")
+    top_k: int = Field(0, description="Experts per token (moe layers).")
+
+
+class ModelProfile(_Noun):
+    """The model as the cost model sees it: an ordered list of layers, costs per sequence."""
+
+    schema_version: int = Field(SCHEMA_VERSION, description="Version of this file format.")
+    name: str = Field(description="Built-in name or model.py path the profile was made from.")
+    seq_len: int = Field(description="Tokens per sequence the costs were traced at.")
+    dtype: str = Field("bfloat16", description="Activation/parameter dtype of the trace.")
+    dtype_bytes: int = Field(2, description="Bytes per element of dtype.")
+    hidden: int = Field(description="Model width h.")
+    vocab_size: int = Field(0, description="Vocabulary size (0 if the model has no embedding).")
+    num_blocks: int = Field(description="Transformer blocks (the units a pipeline splits).")
+    num_heads: int = Field(0, description="Attention query heads.")
+    num_kv_heads: int = Field(0, description="Attention key/value heads.")
+    num_experts: int = Field(0, description="Routed experts per MoE layer (0: dense model).")
+    top_k: int = Field(0, description="Experts per token.")
+    attention: Literal["flash", "eager"] = Field("flash", description="How attention was traced: flash (no seq x seq saved) or eager.")
+    layers: list[LayerProfile] = Field(description="Layers in forward order.")
+
+    @property
+    def total_params(self) -> int:
+        return sum(layer.params for layer in self.layers)
+
+    @property
+    def fwd_flops_per_sequence(self) -> float:
+        return sum(layer.fwd_flops for layer in self.layers)
+
+    @property
+    def train_flops_per_sequence(self) -> float:
+        """Model FLOPs of one training step per sequence (forward + backward, no recompute)."""
+        return sum(layer.fwd_flops + layer.bwd_flops for layer in self.layers)
+
+
+# ----------------------------------------------------------------------------------------- where
+class Link(_Noun):
+    """A point-to-point link class: achievable per-GPU bandwidth (bus bandwidth) and latency."""
+
+    bandwidth_bytes_per_s: float = Field(gt=0, description="Achievable unidirectional bandwidth per GPU (NCCL bus bandwidth).")
+    latency_s: float = Field(ge=0, description="Per-message latency (alpha of the alpha-beta model).")
+
+
+class EfficiencyPoint(_Noun):
+    flops: float = Field(gt=0, description="FLOPs of one GEMM.")
+    efficiency: float = Field(gt=0, le=1, description="Achieved fraction of peak for a GEMM of that size.")
+
+
+class Cluster(_Noun):
+    """Where a model trains: the GPUs, their memory, and the links between them."""
+
+    schema_version: int = Field(SCHEMA_VERSION, description="Version of this file format.")
+    name: str = Field(description="Preset name or a label for a measured cluster.")
+    gpu: str = Field(description="GPU model.")
+    num_gpus: int = Field(1, ge=1, description="GPUs in the job.")
+    gpus_per_node: int = Field(ge=1, description="GPUs sharing the fast intra-node links.")
+    peak_flops_per_s: float = Field(gt=0, description="Peak dense bf16 FLOP/s of one GPU.")
+    memory_bytes: int = Field(gt=0, description="HBM per GPU.")
+    memory_bandwidth_bytes_per_s: float = Field(gt=0, description="HBM bandwidth per GPU.")
+    memory_reserve_bytes: int = Field(ge=0, description="Per-GPU memory not available to tensors: CUDA context, allocator fragmentation, NCCL buffers.")
+    intra_node: Link = Field(description="Links inside a node (NVLink/NVSwitch).")
+    inter_node: Link = Field(description="Links between nodes (InfiniBand, per GPU).")
+    gemm_efficiency: list[EfficiencyPoint] = Field(description="Achieved fraction of peak against GEMM size; interpolated in log FLOPs.")
+    attention_efficiency: float = Field(gt=0, le=1, description="Achieved fraction of peak in the attention core (flash attention fwd+bwd).")
+    memory_bound_efficiency: float = Field(gt=0, le=1, description="Achieved fraction of HBM bandwidth in elementwise/normalisation kernels.")
+    sources: dict[str, str] = Field(default_factory=dict, description="Where each number comes from.")
+    measurements: dict | None = Field(None, description="Raw measurements a profile run fitted the numbers from.")
+
+    @property
+    def num_nodes(self) -> int:
+        return math.ceil(self.num_gpus / self.gpus_per_node)
+
+    @classmethod
+    def presets(cls) -> list[str]:
+        return sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
+
+    @classmethod
+    def preset(cls, name: str, gpus: int | None = None) -> Cluster:
+        """A built-in cluster (dgx-a100-80gb, dgx-h100, dgx-h200) sized to `gpus` GPUs."""
+        path = PRESETS_DIR / f"{name}.json"
+        if not path.is_file():
+            raise InvalidInputError(f"unknown cluster preset {name!r}; presets: {', '.join(cls.presets())}")
+        cluster = cls.load(path)
+        return cluster.with_gpus(gpus) if gpus is not None else cluster
+
+    @classmethod
+    def resolve(cls, name_or_path: str, gpus: int | None = None) -> Cluster:
+        """A preset name or a cluster JSON file (as written by `autoplan profile`)."""
+        if name_or_path.endswith(".json") or Path(name_or_path).is_file():
+            cluster = cls.load(name_or_path)
+            return cluster.with_gpus(gpus) if gpus is not None else cluster
+        return cls.preset(name_or_path, gpus)
+
+    def with_gpus(self, gpus: int) -> Cluster:
+        if gpus < 1:
+            raise InvalidInputError(f"--gpus must be at least 1, got {gpus}")
+        return self.model_copy(update={"num_gpus": gpus})
+
+
+# ----------------------------------------------------------------------------------------- how
+class Plan(_Noun):
+    """How to train: parallel degrees, sharding, recomputation, batch and pipeline schedule."""
+
+    schema_version: int = Field(SCHEMA_VERSION, description="Version of this file format.")
+    dp: int = Field(1, ge=1, description="Data-parallel degree.")
+    tp: int = Field(1, ge=1, description="Tensor-parallel degree (Megatron column/row split).")
+    pp: int = Field(1, ge=1, description="Pipeline stages.")
+    cp: int = Field(1, ge=1, description="Context-parallel degree (sequence split across ranks, ring attention).")
+    ep: int = Field(1, ge=1, description="Expert-parallel degree for MoE layers (folded over dp*cp*tp ranks).")
+    zero_stage: int = Field(0, ge=0, le=3, description="ZeRO stage: 0 none, 1 optimizer, 2 +gradients, 3 +parameters (FSDP).")
+    recompute: Recompute = Field("none", description="Activation recomputation: none, selective (attention core) or full.")
+    sequence_parallel: bool = Field(False, description="Megatron sequence parallelism on the tp group (no effect when tp=1).")
+    micro_batch_size: int = Field(1, ge=1, description="Sequences per micro-batch per data-parallel replica.")
+    global_batch_size: int = Field(ge=1, description="Sequences per optimizer step, all replicas together.")
+    schedule: Schedule = Field("1f1b", description="Pipeline schedule: gpipe, 1f1b, interleaved-1f1b, zero-bubble.")
+    virtual_stages: int = Field(1, ge=1, description="Model chunks per pipeline rank (interleaved schedules).")
+    layers_per_stage: list[int] | None = Field(None, description="Blocks per pipeline chunk (pp*virtual_stages entries); None: as even as possible.")
+    recompute_per_stage: list[Recompute] | None = Field(None, description="Recompute per pipeline stage (pp entries), overriding `recompute`.")
+
+    @model_validator(mode="after")
+    def _self_consistent(self) -> Plan:
+        if self.global_batch_size % self.dp:
+            raise ValueError(f"global_batch_size={self.global_batch_size} is not divisible by dp={self.dp}")
+        per_replica = self.global_batch_size // self.dp
+        if per_replica % self.micro_batch_size:
+            raise ValueError(f"micro_batch_size={self.micro_batch_size} does not divide the "
+                             f"{per_replica} sequences per data-parallel replica")
+        if self.virtual_stages > 1 and self.schedule not in ("interleaved-1f1b", "zero-bubble"):
+            raise ValueError(f"virtual_stages={self.virtual_stages} needs schedule interleaved-1f1b or zero-bubble, not {self.schedule}")
+        if self.virtual_stages > 1 and self.pp == 1:
+            raise ValueError(f"virtual_stages={self.virtual_stages} needs pp > 1")
+        chunks = self.pp * self.virtual_stages
+        if self.layers_per_stage is not None and len(self.layers_per_stage) != chunks:
+            raise ValueError(f"layers_per_stage has {len(self.layers_per_stage)} entries but pp*virtual_stages = {chunks}")
+        if self.recompute_per_stage is not None and len(self.recompute_per_stage) != self.pp:
+            raise ValueError(f"recompute_per_stage has {len(self.recompute_per_stage)} entries but pp = {self.pp}")
+        return self
+
+    @property
+    def gpus(self) -> int:
+        return self.dp * self.tp * self.pp * self.cp
+
+    @property
+    def num_micro_batches(self) -> int:
+        return self.global_batch_size // (self.dp * self.micro_batch_size)
+
+    def stage_recompute(self, stage: int) -> Recompute:
+        return self.recompute_per_stage[stage] if self.recompute_per_stage else self.recompute
+
+    def describe(self) -> str:
+        parts = [f"dp={self.dp}", f"tp={self.tp}", f"pp={self.pp}", f"cp={self.cp}", f"ep={self.ep}",
+                 f"zero={self.zero_stage}", f"recompute={self.recompute}",
+                 f"sp={'on' if self.sequence_parallel and self.tp > 1 else 'off'}",
+                 f"mbs={self.micro_batch_size}", f"gbs={self.global_batch_size}", f"schedule={self.schedule}"]
+        if self.virtual_stages > 1:
+            parts.append(f"v={self.virtual_stages}")
+        return " ".join(parts)
+
+
+def check_plan(profile: ModelProfile, cluster: Cluster, plan: Plan) -> None:
+    """Raise InvalidPlanError with the numbers if the plan contradicts the model or the cluster."""
+    if plan.gpus != cluster.num_gpus:
+        raise InvalidPlanError(f"dp*tp*pp*cp = {plan.dp}*{plan.tp}*{plan.pp}*{plan.cp} = {plan.gpus} "
+                               f"but the cluster has {cluster.num_gpus} GPUs")
+    if profile.num_heads and profile.num_heads % plan.tp:
+        raise InvalidPlanError(f"tp={plan.tp} does not divide {profile.num_heads} heads")
+    if profile.num_kv_heads and profile.num_kv_heads % plan.tp:
+        raise InvalidPlanError(f"tp={plan.tp} does not divide {profile.num_kv_heads} key/value heads")
+    chunks = plan.pp * plan.virtual_stages
+    if chunks > profile.num_blocks:
+        raise InvalidPlanError(f"pp*virtual_stages = {chunks} exceeds the model's {profile.num_blocks} layers")
+    if plan.layers_per_stage is not None:
+        if min(plan.layers_per_stage) < 0 or sum(plan.layers_per_stage) != profile.num_blocks:
+            raise InvalidPlanError(f"layers_per_stage sums to {sum(plan.layers_per_stage)} "
+                                   f"but the model has {profile.num_blocks} layers")
+    if plan.cp > 1 and profile.seq_len % (2 * plan.cp):
+        raise InvalidPlanError(f"cp={plan.cp} needs seq_len divisible by 2*cp = {2 * plan.cp}, got {profile.seq_len}")
+    if plan.ep > 1:
+        if not profile.num_experts:
+            raise InvalidPlanError(f"ep={plan.ep} but the model has no experts")
+        if profile.num_experts % plan.ep:
+            raise InvalidPlanError(f"ep={plan.ep} does not divide {profile.num_experts} experts")
+        if (plan.dp * plan.cp * plan.tp) % plan.ep:
+            raise InvalidPlanError(f"ep={plan.ep} does not divide dp*cp*tp = {plan.dp * plan.cp * plan.tp}")
+
+
+def parse_plan(text: str, source: str = "plan") -> Plan:
+    """A Plan from JSON text, or InvalidInputError with one line naming what is wrong."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InvalidInputError(f"{source} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+    if isinstance(data, dict) and "plan" in data and isinstance(data["plan"], dict):
+        data = data["plan"]  # a plan file that carries its origin and estimate beside the plan
+    try:
+        return Plan.model_validate(data)
+    except ValidationError as err:
+        raise InvalidInputError(f"{source}: {one_line(err)}") from None
+
+
+# ----------------------------------------------------------------------------------------- answer
+class Estimate(_Noun):
+    """What the cost model predicts for (ModelProfile, Cluster, Plan)."""
+
+    schema_version: int = Field(SCHEMA_VERSION, description="Version of this file format.")
+    step_time_s: float = Field(description="Time of one optimizer step.")
+    tokens_per_s: float = Field(description="Training throughput of the whole job.")
+    mfu: float = Field(description="Model FLOPs utilisation: model FLOPs per second / (GPUs x peak).")
+    model_flops_per_gpu_per_s: float = Field(description="Model FLOPs (no recompute) per second per GPU.")
+    hardware_flops_per_gpu_per_s: float = Field(description="FLOPs executed per second per GPU, recompute included.")
+    memory_per_gpu_bytes: int = Field(description="Peak memory of the fullest rank.")
+    memory_limit_bytes: int = Field(description="GPU memory per rank.")
+    fits: bool = Field(description="memory_per_gpu_bytes <= memory_limit_bytes.")
+    peak_stage: int = Field(0, description="Pipeline stage whose ranks hold the most memory.")
+    memory_per_stage_bytes: list[int] = Field(default_factory=list, description="Peak memory per GPU of each pipeline stage.")
+    time_breakdown: dict[str, float] = Field(description="Seconds of the step by cause (compute, recompute, tp_comm, ...).")
+    memory_breakdown: dict[str, int] = Field(description="Bytes of the peak rank by category (params, grads, optimizer, ...).")
+    notes: list[str] = Field(default_factory=list, description="Assumptions the estimate made that the user should know.")

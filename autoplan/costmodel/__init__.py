@@ -1,1 +1,5 @@
-"""Cost model: pure functions for compute, collectives on a topology, memory and pipeline schedules."""
+"""Cost model: pure functions from (ModelProfile, Cluster, Plan) to an Estimate. Never imports torch."""
+
+from autoplan.costmodel.estimate import estimate
+
+__all__ = ["estimate"]

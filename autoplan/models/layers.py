@@ -15,6 +15,34 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm with a fused kernel's memory: saves the input and the fp32 1/rms per token, nothing else.
+
+    y = x · r · w with r = (mean(x²) + eps)^-1/2; backward (per row, n = dim):
+    dx = r · (g·w − x̂ · mean(g·w · x̂)) with x̂ = x·r; dw = Σ_rows g · x̂.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = _at_least_fp32(x)
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # [.., 1] fp32
+        ctx.save_for_backward(x, weight, rstd)
+        return (x32 * rstd).type_as(x) * weight
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        x_hat = _at_least_fp32(x) * rstd
+        g_w = _at_least_fp32(grad) * weight
+        dx = rstd * (g_w - x_hat * (g_w * x_hat).mean(-1, keepdim=True))
+        dw = (_at_least_fp32(grad) * x_hat).flatten(0, -2).sum(0)
+        return dx.type_as(x), dw.type_as(weight), None
+
+
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * weight (Zhang & Sennrich 2019), computed in fp32."""
 
@@ -24,9 +52,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
 
 
 def rope_frequencies(head_dim: int, seq_len: int, theta: float = 500000.0) -> torch.Tensor:
@@ -37,13 +63,15 @@ def rope_frequencies(head_dim: int, seq_len: int, theta: float = 500000.0) -> to
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs of x [b, s, heads, d] by the angles of freqs [s, d/2, 2]."""
-    x_pairs = x.float().unflatten(-1, (-1, 2))  # [b, s, heads, d/2, 2]
-    cos = freqs[None, : x.shape[1], None, :, 0]
-    sin = freqs[None, : x.shape[1], None, :, 1]
-    real = x_pairs[..., 0] * cos - x_pairs[..., 1] * sin
-    imag = x_pairs[..., 0] * sin + x_pairs[..., 1] * cos
-    return torch.stack([real, imag], dim=-1).flatten(-2).type_as(x)
+    """Rotate pairs (x[2i], x[2i+1]) of x [b, s, heads, d] by the angles of freqs [s, d/2, 2].
+
+    Written as x·cos + swap(x)·sin in x's dtype so autograd saves only the (constant) tables.
+    """
+    cos = freqs[: x.shape[1], :, 0].repeat_interleave(2, dim=-1)[None, :, None, :].to(x.dtype)  # [1, s, 1, d]
+    sin = freqs[: x.shape[1], :, 1].repeat_interleave(2, dim=-1)[None, :, None, :].to(x.dtype)
+    pairs = x.unflatten(-1, (-1, 2))
+    swapped = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)  # (-x[2i+1], x[2i])
+    return x * cos + swapped * sin
 
 
 class Attention(nn.Module):

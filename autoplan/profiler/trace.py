@@ -175,10 +175,12 @@ def trace(module: nn.Module, args: tuple, kwargs: dict, *, vocab_size: int = 0, 
     result = TraceResult()
     frozen = {storage_id(t) for t in list(module.parameters()) + list(module.buffers())}
     args = list(args)
-    for i, value in enumerate(args):
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            args[i] = _grad_leaf(value)
-            break
+    hidden = next((i for i, v in enumerate(args) if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
+    if hidden is not None:
+        args[hidden] = _grad_leaf(args[hidden])
+        # other tensor inputs (rotary tables, masks) are constants shared by every layer, not activations
+        frozen |= {storage_id(t) for t in tree_flatten((args[hidden + 1:], kwargs))[0]
+                   if isinstance(t, torch.Tensor)}
     tracer = _Tracer(result, frozen)
     seen: set[int] = set()
 

@@ -1,0 +1,158 @@
+"""Time and memory of one layer for one micro-batch on one rank, under a plan's tp/sp/cp/ep/recompute.
+
+A profile's identical blocks share one LayerProfile template, so the estimate costs each template once
+(`ProfileDigest`) and multiplies by how many of its blocks a pipeline stage holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from autoplan.costmodel import comm
+from autoplan.costmodel.compute import (ATTENTION_BWD_FACTOR, CAUSAL_ATTENTION_WORK_FRACTION, GEMM_BWD_FACTOR,
+                                        MEMORY_BOUND_BWD_FACTOR, attention_core_time_s, gemm_time_s,
+                                        memory_bound_time_s)
+from autoplan.costmodel.memory import layer_activation_bytes, local_params
+from autoplan.schema import Cluster, LayerProfile, ModelProfile, Plan
+
+# Expected load of the busiest expert over the mean under top-k routing with a load-balancing loss:
+# Switch Transformer trains at capacity factor 1.0-1.25 with few dropped tokens (Fedus et al. 2022,
+# Table 1); we take the busiest expert at 1.1x the mean. The busiest EP rank sets the MoE layer's pace.
+ROUTING_IMBALANCE = 1.1
+
+
+@dataclass
+class LayerCost:
+    """Per micro-batch on one rank. Times in seconds, memory in bytes, FLOPs as counted by the trace."""
+
+    fwd_compute_s: float = 0.0
+    bwd_compute_s: float = 0.0
+    recompute_s: float = 0.0
+    tp_comm_s: float = 0.0
+    cp_comm_s: float = 0.0
+    ep_comm_s: float = 0.0
+    activation_bytes: float = 0.0       # kept for backward under the plan's recompute mode
+    working_bytes: float = 0.0          # activations of this layer without recompute (alive while it runs)
+    dense_params: float = 0.0
+    expert_params: float = 0.0
+    recompute_flops_per_sequence: float = 0.0  # extra forward FLOPs of the whole layer, per sequence
+
+    def add(self, other: LayerCost, times: float = 1.0) -> None:
+        for f in fields(self):
+            if f.name != "working_bytes":
+                setattr(self, f.name, getattr(self, f.name) + times * getattr(other, f.name))
+        self.working_bytes = max(self.working_bytes, other.working_bytes)
+
+    @property
+    def fwd_s(self) -> float:
+        return self.fwd_compute_s + (self.tp_comm_s + self.cp_comm_s + self.ep_comm_s) / 2
+
+    @property
+    def bwd_s(self) -> float:
+        return self.bwd_compute_s + self.recompute_s + (self.tp_comm_s + self.cp_comm_s + self.ep_comm_s) / 2
+
+
+@dataclass(frozen=True)
+class ProfileDigest:
+    """The profile regrouped: layers before the blocks, one template per distinct block, layers after."""
+
+    head_layers: tuple[LayerProfile, ...]
+    block_templates: tuple[tuple[LayerProfile, ...], ...]
+    block_template_of: tuple[int, ...]       # block index -> template index
+    tail_layers: tuple[LayerProfile, ...]
+
+
+_DIGESTS: dict[int, tuple[ModelProfile, ProfileDigest]] = {}
+
+
+def digest(profile: ModelProfile) -> ProfileDigest:
+    cached = _DIGESTS.get(id(profile))
+    if cached is not None and cached[0] is profile:
+        return cached[1]
+    head, tail, blocks = [], [], {}
+    for layer in profile.layers:
+        if layer.block is None:
+            (tail if blocks else head).append(layer)
+        else:
+            blocks.setdefault(layer.block, []).append(layer)
+    keys: dict[tuple, int] = {}
+    templates, template_of = [], []
+    for index in sorted(blocks):
+        key = tuple(layer.model_dump_json(exclude={"name", "block"}) for layer in blocks[index])
+        if key not in keys:
+            keys[key] = len(templates)
+            templates.append(tuple(blocks[index]))
+        template_of.append(keys[key])
+    result = ProfileDigest(tuple(head), tuple(templates), tuple(template_of), tuple(tail))
+    if len(_DIGESTS) > 64:
+        _DIGESTS.clear()
+    _DIGESTS[id(profile)] = (profile, result)
+    return result
+
+
+def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, plan: Plan, recompute: str,
+               block_first: bool) -> LayerCost:
+    """Time and memory of `layer` for one micro-batch of plan.micro_batch_size sequences on one rank."""
+    tp, cp, ep, mbs = plan.tp, plan.cp, plan.ep, plan.micro_batch_size
+    sp = plan.sequence_parallel and tp > 1
+    seqs = mbs / cp  # sequences' worth of tokens per rank
+    cost = LayerCost()
+    # -- compute: GEMMs (TP splits n or k), fused attention core, memory-bound ops
+    gemm_s = 0.0
+    for g in layer.gemms:
+        # experts are not split by tp (expert tensor parallel = 1); with SP each tp rank routes 1/tp of the tokens
+        split = tp if (sp if layer.kind == "moe" else g.tp_split != "none") else 1
+        gemm_s += g.count * gemm_time_s(flops=2.0 * g.m_per_sequence * g.n * g.k * seqs / split, cluster=cluster)
+    if layer.kind == "moe":
+        gemm_s *= ROUTING_IMBALANCE
+    causal = CAUSAL_ATTENTION_WORK_FRACTION if profile.attention == "flash" else 1.0
+    attn_fwd_s = attention_core_time_s(flops=layer.attention_core_fwd_flops * seqs / tp, causal_fraction=causal,
+                                       cluster=cluster)
+    sharded_fraction = layer.activation_tp_sharded_bytes / layer.activation_bytes if layer.activation_bytes else 0.0
+    mem_split = tp if sp else 1 / (sharded_fraction / tp + (1 - sharded_fraction))
+    mem_fwd_s = memory_bound_time_s(bytes_moved=layer.memory_bound_bytes * seqs / mem_split, cluster=cluster)
+    cost.fwd_compute_s = gemm_s + attn_fwd_s + mem_fwd_s
+    cost.bwd_compute_s = (GEMM_BWD_FACTOR * gemm_s + ATTENTION_BWD_FACTOR * attn_fwd_s
+                          + MEMORY_BOUND_BWD_FACTOR * mem_fwd_s)
+    if layer.block is not None and recompute == "full":
+        cost.recompute_s, cost.recompute_flops_per_sequence = cost.fwd_compute_s, layer.fwd_flops
+    elif layer.block is not None and recompute == "selective" and layer.attention_score_bytes:
+        cost.recompute_s, cost.recompute_flops_per_sequence = attn_fwd_s, layer.attention_core_fwd_flops
+    # -- communication on the critical path
+    boundary_bytes = profile.hidden * profile.seq_len * profile.dtype_bytes * seqs  # [b, s, h] per rank
+    tp_topo = comm.group_topology(group_size=tp, stride=1, gpus_per_node=cluster.gpus_per_node)
+    if tp > 1 and layer.kind in ("attention", "mlp", "moe", "embedding", "head"):
+        # Megatron: one all-reduce forward and one backward per sub-layer (Shoeybi et al. 2019, Fig. 4);
+        # with SP an all-gather + reduce-scatter pair, the same bytes on a ring (Korthikanti et al. 2022, Sec. 4.2.2).
+        one = comm.group_all_reduce_s(message_bytes=boundary_bytes, topo=tp_topo, cluster=cluster)
+        cost.tp_comm_s = 2 * one
+    if cp > 1 and layer.kind == "attention":
+        cost.cp_comm_s = _ring_attention_exposed_s(layer=layer, cluster=cluster, plan=plan, attn_fwd_s=attn_fwd_s)
+    if ep > 1 and layer.kind == "moe":
+        # dispatch + combine all-to-all forward, and both again backward (Lepikhin et al. 2020, GShard, Sec. 3.2)
+        routed_bytes = boundary_bytes * layer.top_k / (tp if sp else 1) * ROUTING_IMBALANCE
+        ep_topo = comm.group_topology(group_size=ep, stride=1, gpus_per_node=cluster.gpus_per_node)
+        cost.ep_comm_s = 4 * comm.group_all_to_all_s(message_bytes=routed_bytes, topo=ep_topo, cluster=cluster)
+    # -- memory
+    cost.activation_bytes = layer_activation_bytes(layer=layer, tp=tp, sequence_parallel=sp, cp=cp,
+                                                   recompute=recompute, micro_batch_size=mbs,
+                                                   block_first=block_first)
+    cost.working_bytes = layer_activation_bytes(layer=layer, tp=tp, sequence_parallel=sp, cp=cp, recompute="none",
+                                                micro_batch_size=mbs, block_first=block_first)
+    cost.dense_params, cost.expert_params = local_params(layer=layer, tp=tp, ep=ep)
+    return cost
+
+
+def _ring_attention_exposed_s(*, layer: LayerProfile, cluster: Cluster, plan: Plan, attn_fwd_s: float) -> float:
+    """Exposed time of ring attention's K/V exchange (Liu et al. 2023, Ring Attention, Sec. 3): cp-1 steps,
+    each sending this rank's K and V chunk to the next rank while attention runs on the current chunk;
+    backward sends K, V and their gradients (2x). A step is hidden when its transfer is shorter than the
+    attention compute of one chunk."""
+    cp = plan.cp
+    kv_fraction = layer.num_kv_heads / layer.num_heads if layer.num_heads else 1.0
+    kv_bytes = 2 * layer.output_bytes * kv_fraction * plan.micro_batch_size / cp / plan.tp  # K and V chunk
+    step_s = comm.p2p_between_stages_s(message_bytes=kv_bytes, stage_stride_ranks=plan.tp, cluster=cluster)
+    chunk_fwd_s = attn_fwd_s / cp
+    fwd_exposed = max(0.0, step_s - chunk_fwd_s) * (cp - 1)
+    bwd_exposed = max(0.0, 2 * step_s - ATTENTION_BWD_FACTOR * chunk_fwd_s) * (cp - 1)
+    return fwd_exposed + bwd_exposed

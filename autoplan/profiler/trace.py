@@ -101,11 +101,14 @@ class _Tracer(TorchDispatchMode):
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         sharded = any(self.sharded.get(storage_id(t), False) for t in inputs)
         scores = [t.shape[-2:] for t in inputs if t.dim() >= 2 and storage_id(t) in self.score]
-        if not func.is_view:
+        if not func.is_view:  # (storage ids are addresses and get reused: always overwrite)
             for t in outputs:
-                self.sharded[storage_id(t)] = sharded
+                sid = storage_id(t)
+                self.sharded[sid] = sharded
                 if t.dim() >= 2 and t.shape[-2:] in scores:
-                    self.score.add(storage_id(t))
+                    self.score.add(sid)
+                else:
+                    self.score.discard(sid)
         if self.forward:
             self._record(func, args, inputs, outputs)
         return out

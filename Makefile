@@ -1,0 +1,28 @@
+# Set-up and the two jobs a new user runs: `make search` and `make test`.
+# torch is pinned for the venv only (2.13.0: a local CPU build here); autoplan itself accepts newer torch.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv search estimate test clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# The main job: plan the bundled example model on a 64-GPU DGX H100 preset.
+search: $(STAMP)
+	$(BIN)/autoplan estimate examples/gpt_small.py --gpus 64 --cluster dgx-h100 --plan examples/plan_gpt_small.json
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,110 @@
+"""The `autoplan` command: a thin layer over the public API (parse, call, print).
+
+Exit codes: 0 done; 2 bad input (one line on stderr, no traceback); 3 no plan fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from autoplan.errors import AutoplanError, InvalidInputError
+
+DEFAULT_CLUSTER = "dgx-h100"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse would print the usage too)
+        raise InvalidInputError(f"{self.prog}: {message}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="autoplan", description="Find the fastest way to train a PyTorch model on N GPUs.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    est = sub.add_parser("estimate", help="predict step time and memory of one plan",
+                         description="Predict step time, throughput, MFU and per-GPU memory of a plan.")
+    _model_args(est)
+    est.add_argument("--plan", required=True, help="plan JSON file (as written by `autoplan search --out`)")
+    est.add_argument("--gpus", type=int, help="GPUs in the job (default: the plan's dp*tp*pp*cp)")
+    est.add_argument("--cluster", default=DEFAULT_CLUSTER,
+                     help=f"preset name or cluster JSON file (default {DEFAULT_CLUSTER})")
+    est.add_argument("--json", action="store_true", help="print the Estimate as JSON")
+    est.set_defaults(run=_estimate)
+
+    prof = sub.add_parser("profile-model", help="trace a model on meta and write its ModelProfile",
+                          description="Trace MODEL on the meta device: per-layer FLOPs, parameters, activations.")
+    _model_args(prof)
+    prof.add_argument("--out", help="write the profile JSON here (default: print a summary)")
+    prof.set_defaults(run=_profile_model)
+    return parser
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="path to a model.py (defines build_model()) or a built-in name, e.g. llama3-70b")
+    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's CONFIG)")
+
+
+def _load_profile(args):
+    from autoplan.profiler.model import profile_model
+
+    if args.seq_len is not None and args.seq_len < 1:
+        raise InvalidInputError(f"--seq-len must be positive, got {args.seq_len}")
+    return profile_model(args.model, seq_len=args.seq_len)
+
+
+def _estimate(args) -> int:
+    from autoplan.costmodel import estimate
+    from autoplan.report import estimate_table
+    from autoplan.schema import Cluster, parse_plan
+
+    plan_path = Path(args.plan)
+    if not plan_path.is_file():
+        raise InvalidInputError(f"plan file not found: {plan_path}")
+    plan = parse_plan(plan_path.read_text(), source=str(plan_path))
+    cluster = Cluster.resolve(args.cluster, gpus=args.gpus if args.gpus is not None else plan.gpus)
+    profile = _load_profile(args)
+    result = estimate(profile, cluster, plan)
+    if args.json:
+        print(result.model_dump_json(indent=2))
+    else:
+        print(estimate_table(result, plan=plan, cluster=cluster, profile=profile), end="")
+    return 0
+
+
+def _profile_model(args) -> int:
+    profile = _load_profile(args)
+    if args.out:
+        profile.save(args.out)
+        print(f"wrote {args.out}: {len(profile.layers)} layers, {profile.total_params / 1e9:.3f}B params")
+    else:
+        print(f"{profile.name}: {profile.total_params / 1e9:.3f}B params, {profile.num_blocks} blocks, "
+              f"{profile.train_flops_per_sequence / 1e12:.2f} TFLOP per sequence of {profile.seq_len} tokens")
+        for layer in profile.layers:
+            print(f"  {layer.name:32s} {layer.kind:9s} {layer.params / 1e6:10.2f}M params "
+                  f"{layer.fwd_flops / 1e9:12.2f} GFLOP fwd {layer.activation_bytes / 2**20:10.1f} MiB saved")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        return args.run(args)
+    except AutoplanError as err:
+        print(f"autoplan: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("autoplan: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug in autoplan: one line unless asked for the traceback
+        if os.environ.get("AUTOPLAN_DEBUG"):
+            raise
+        print(f"autoplan: internal error: {type(err).__name__}: {err} (set AUTOPLAN_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

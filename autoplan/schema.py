@@ -81,6 +81,8 @@ class LayerProfile(_Noun):
     output_bytes: int = Field(description="Bytes of the layer's output per sequence (what crosses the layer boundary).")
     memory_bound_bytes: float = Field(0.0, description="Bytes read+written by non-GEMM ops in forward per sequence (costed at HBM bandwidth).")
     gemms: list[GemmShape] = Field(default_factory=list, description="The forward GEMMs (attention core excluded).")
+    tp_collectives: int = Field(0, description="Collectives of the [b, s, h] activation per forward under tensor parallelism "
+                                               "(one per row-parallel GEMM; one for embedding, head and MoE dispatch).")
     num_heads: int = Field(0, description="Query heads (attention layers).")
     num_kv_heads: int = Field(0, description="Key/value heads (attention layers).")
     num_experts: int = Field(0, description="Routed experts (moe layers).")

@@ -55,24 +55,38 @@ def _rank_costs(profile: ModelProfile, cluster: Cluster, plan: Plan, dig: Profil
         return cache[key]
 
     chunk_blocks = plan.layers_per_stage or even_split(profile.num_blocks, plan.pp * plan.virtual_stages)
-    ranks = [RankCost(LayerCost()) for _ in range(plan.pp)]
+    templates_per_rank: list[Counter] = [Counter() for _ in range(plan.pp)]
     start = 0
-    for chunk, count in enumerate(chunk_blocks):
-        rank = chunk % plan.pp
-        recompute = plan.stage_recompute(rank)
-        for template, n in Counter(dig.block_template_of[start:start + count]).items():
-            block_cost, _ = cost_of(dig.block_templates[template], recompute)
-            ranks[rank].layers.add(block_cost, n)
-            params = block_cost.dense_params + block_cost.expert_params
-            ranks[rank].max_layer_params = max(ranks[rank].max_layer_params, params)
+    for chunk, count in enumerate(chunk_blocks):  # chunk c runs on pipeline rank c % pp (interleaved)
+        templates_per_rank[chunk % plan.pp].update(dig.block_template_of[start:start + count])
         start += count
-    for rank, layers in ((0, dig.head_layers), (plan.pp - 1, dig.tail_layers)):
-        if layers:
-            cost, logits = cost_of(layers, plan.stage_recompute(rank))
-            ranks[rank].layers.add(cost)
-            ranks[rank].logits_bytes += logits
-            ranks[rank].max_layer_params = max(ranks[rank].max_layer_params, cost.dense_params + cost.expert_params)
+    ends = {0: [dig.head_layers], plan.pp - 1: [dig.tail_layers]}
+    if plan.pp == 1:
+        ends = {0: [dig.head_layers, dig.tail_layers]}
+    ranks: list[RankCost] = []
+    same: dict[tuple, RankCost] = {}  # pipeline ranks with the same layers share one RankCost
+    for rank, templates in enumerate(templates_per_rank):
+        recompute = plan.stage_recompute(rank)
+        key = (tuple(sorted(templates.items())), recompute, rank if rank in ends else -1)
+        if key not in same:
+            same[key] = _one_rank(templates, ends.get(rank, []), recompute, dig, cost_of)
+        ranks.append(same[key])
     return ranks
+
+
+def _one_rank(templates: Counter, end_layers: list, recompute: str, dig: ProfileDigest, cost_of) -> RankCost:
+    rank = RankCost(LayerCost())
+    for template, n in templates.items():
+        block_cost, _ = cost_of(dig.block_templates[template], recompute)
+        rank.layers.add(block_cost, n)
+        rank.max_layer_params = max(rank.max_layer_params, block_cost.dense_params + block_cost.expert_params)
+    for layers in end_layers:
+        if layers:
+            cost, logits = cost_of(layers, recompute)
+            rank.layers.add(cost)
+            rank.logits_bytes += logits
+            rank.max_layer_params = max(rank.max_layer_params, cost.dense_params + cost.expert_params)
+    return rank
 
 
 def _dp_sync(rank: RankCost, cluster: Cluster, plan: Plan) -> tuple[float, float]:
@@ -143,8 +157,9 @@ def estimate(profile: ModelProfile, cluster: Cluster, plan: Plan, *, check: bool
     pipe = pipeline_step_s(schedule=plan.schedule, stage_fwd_s=[r.layers.fwd_s for r in ranks],
                            stage_bwd_s=[r.layers.bwd_s for r in ranks], num_micro_batches=m,
                            virtual_stages=plan.virtual_stages, p2p_s=p2p_s)
-    dp_exposed = max(_dp_sync(rank, cluster, plan)[0] for rank in ranks)
-    optimizer_s = max(_optimizer_s(rank, cluster, plan) for rank in ranks)
+    distinct = list({id(rank): rank for rank in ranks}.values())
+    dp_exposed = max(_dp_sync(rank, cluster, plan)[0] for rank in distinct)
+    optimizer_s = max(_optimizer_s(rank, cluster, plan) for rank in distinct)
     step_s = pipe.total_s + dp_exposed + optimizer_s
 
     slowest = max(ranks, key=lambda r: r.layers.fwd_s + r.layers.bwd_s).layers

@@ -38,9 +38,8 @@ class LayerCost:
     recompute_flops_per_sequence: float = 0.0  # extra forward FLOPs of the whole layer, per sequence
 
     def add(self, other: LayerCost, times: float = 1.0) -> None:
-        for f in fields(self):
-            if f.name != "working_bytes":
-                setattr(self, f.name, getattr(self, f.name) + times * getattr(other, f.name))
+        for name in _SUMMED:
+            setattr(self, name, getattr(self, name) + times * getattr(other, name))
         self.working_bytes = max(self.working_bytes, other.working_bytes)
 
     @property
@@ -50,6 +49,9 @@ class LayerCost:
     @property
     def bwd_s(self) -> float:
         return self.bwd_compute_s + self.recompute_s + (self.tp_comm_s + self.cp_comm_s + self.ep_comm_s) / 2
+
+
+_SUMMED = tuple(f.name for f in fields(LayerCost) if f.name != "working_bytes")
 
 
 @dataclass(frozen=True)
@@ -121,11 +123,11 @@ def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, 
     # -- communication on the critical path
     boundary_bytes = profile.hidden * profile.seq_len * profile.dtype_bytes * seqs  # [b, s, h] per rank
     tp_topo = comm.group_topology(group_size=tp, stride=1, gpus_per_node=cluster.gpus_per_node)
-    if tp > 1 and layer.kind in ("attention", "mlp", "moe", "embedding", "head"):
-        # Megatron: one all-reduce forward and one backward per sub-layer (Shoeybi et al. 2019, Fig. 4);
+    if tp > 1 and layer.tp_collectives:
+        # Megatron: one all-reduce forward and one backward per row-parallel GEMM (Shoeybi et al. 2019, Fig. 4);
         # with SP an all-gather + reduce-scatter pair, the same bytes on a ring (Korthikanti et al. 2022, Sec. 4.2.2).
         one = comm.group_all_reduce_s(message_bytes=boundary_bytes, topo=tp_topo, cluster=cluster)
-        cost.tp_comm_s = 2 * one
+        cost.tp_comm_s = 2 * layer.tp_collectives * one
     if cp > 1 and layer.kind == "attention":
         cost.cp_comm_s = _ring_attention_exposed_s(layer=layer, cluster=cluster, plan=plan, attn_fwd_s=attn_fwd_s)
     if ep > 1 and layer.kind == "moe":

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from autoplan.errors import InvalidInputError
-from autoplan.models.loader import LoadedModel, load_model
+from autoplan.models.loader import LoadedModel, is_model_file, load_model
 from autoplan.profiler.trace import TraceResult, trace
 from autoplan.schema import GemmShape, LayerProfile, ModelProfile
 
@@ -145,8 +145,10 @@ def _layer(name: str, kind: str, block: int | None, modules: list[nn.Module],
             kv_heads = kv_heads or _attr(sub, "kv_heads", "num_kv_heads", "n_kv_heads", "num_key_value_heads")
             experts = experts or _attr(sub, "num_experts", "n_experts", "num_local_experts")
             top_k = top_k or _attr(sub, "top_k", "num_experts_per_tok")
+    row_parallel = sum(split == "k" for r in results for split in r.linear_splits.values())
+    tp_collectives = max(row_parallel, 1) if kind in ("embedding", "head", "moe") else row_parallel
     return LayerProfile(
-        name=name, kind=kind, block=block,
+        name=name, kind=kind, block=block, tp_collectives=tp_collectives,
         fwd_flops=sum(r.fwd_flops for r in results), bwd_flops=sum(r.bwd_flops for r in results),
         attention_core_fwd_flops=sum(r.attention_core_fwd_flops for r in results),
         params=params, tp_sharded_params=tp_params, expert_params=expert_params,
@@ -171,7 +173,7 @@ def _block_layers(block: _Call, index: int, vocab: int, flash: bool) -> list[Lay
     parts_flops = sum(layer.fwd_flops for layer in layers)
     if not layers or abs(parts_flops - whole.fwd_flops) > 0.01 * max(whole.fwd_flops, 1.0):
         # work happens outside the children (or no children): keep the block as one layer
-        kinds = {module_kind(c.name, c.module) for c in block.children} - {"norm"}
+        kinds = {module_kind(n, m) for n, m in block.module.named_children()} - {"norm"}
         kind = "moe" if "moe" in kinds else ("attention" if "attention" in kinds else "other")
         return [_layer(block.name, kind, index, [block.module], [whole])]
     return layers
@@ -193,7 +195,9 @@ def profile_model(model: nn.Module | str | LoadedModel, *, seq_len: int | None =
     if attention not in ("flash", "eager"):
         raise InvalidInputError(f"attention must be flash or eager, not {attention!r}")
     if isinstance(model, (str, Path)):
-        model = load_model(str(model), device="meta")
+        spec = str(model)
+        overrides = {"seq_len": seq_len} if seq_len and not is_model_file(spec) else {}
+        model = load_model(spec, device="meta", **overrides)
     if isinstance(model, LoadedModel):
         name = name or model.name
         seq_len = seq_len or model.seq_len
@@ -207,8 +211,15 @@ def profile_model(model: nn.Module | str | LoadedModel, *, seq_len: int | None =
                                 "`with torch.device('meta'):` (or pass a model.py path or a built-in name)")
     original = {n: p.dtype for n, p in model.named_parameters()}
     model.to(dtype)
+    name = name or type(model).__name__
     try:
-        return _profile(model, seq_len, name or type(model).__name__, dtype, attention == "flash")
+        return _profile(model, seq_len, name, dtype, attention == "flash")
+    except InvalidInputError:
+        raise
+    except Exception as err:  # the model's own code failed on meta tensors: say where, in one line
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise InvalidInputError(f"{name}: tracing at seq_len={seq_len} on the meta device failed: "
+                                f"{type(err).__name__}: {message}") from None
     finally:
         for n, p in model.named_parameters():
             p.data = p.data.to(original[n])

@@ -1,0 +1,140 @@
+"""The whole estimate: its parts add up, each parallel dimension moves the numbers the way its
+formula says, and the limit cases (a dimension of size 1) cost nothing."""
+
+import pytest
+
+import autoplan as ap
+from autoplan.costmodel.memory import model_state_bytes
+
+
+def _plan(**kw):
+    base = dict(dp=1, tp=1, pp=1, cp=1, ep=1, zero_stage=0, recompute="none", sequence_parallel=False,
+                micro_batch_size=1, global_batch_size=8, schedule="1f1b", virtual_stages=1)
+    base.update(kw)
+    return ap.Plan(**base)
+
+
+def _est(profile, gpus=None, cluster="dgx-h100", **kw):
+    plan = _plan(**kw)
+    return ap.estimate(profile, ap.Cluster.preset(cluster, gpus=gpus or plan.gpus), plan)
+
+
+def test_breakdowns_add_up(gpt_eager_profile):
+    """Oracle: definition: step time is the sum of its parts; peak memory the sum of its categories."""
+    est = _est(gpt_eager_profile, dp=2, tp=2, pp=2, zero_stage=1, recompute="selective", sequence_parallel=True,
+               global_batch_size=16)
+    assert sum(est.time_breakdown.values()) == pytest.approx(est.step_time_s)
+    assert sum(est.memory_breakdown.values()) == est.memory_per_gpu_bytes
+    assert est.memory_per_gpu_bytes == max(est.memory_per_stage_bytes)
+    assert est.tokens_per_s == pytest.approx(16 * gpt_eager_profile.seq_len / est.step_time_s)
+
+
+def test_single_gpu_has_no_communication(gpt_eager_profile):
+    """Limit case: one GPU, no parallel dimension -> no communication, no bubble."""
+    est = _est(gpt_eager_profile)
+    for part in ("tp_comm", "cp_comm", "ep_comm", "pp_comm", "pp_bubble", "dp_comm_exposed"):
+        assert est.time_breakdown[part] == 0.0
+
+
+def test_zero_memory_in_estimate_matches_zero_formula(gpt_eager_profile):
+    """Oracle: Rajbhandari et al. 2020: with dp=8 and no other split, params/grads/optimizer are the
+    ZeRO formula applied to the model's parameter count."""
+    psi = gpt_eager_profile.total_params
+    for stage in range(4):
+        est = _est(gpt_eager_profile, dp=8, zero_stage=stage)
+        expected = model_state_bytes(params=psi, zero_stage=stage, shard_degree=8)
+        got = (est.memory_breakdown["params"], est.memory_breakdown["grads"], est.memory_breakdown["optimizer"])
+        assert got == pytest.approx(expected, abs=3)
+
+
+def test_tensor_parallel_group_inside_a_node_is_cheaper_than_across(gpt_eager_profile):
+    """Topology: tp=16 on 8-GPU nodes crosses the inter-node links, tp=8 stays on NVLink: the per-GPU
+    all-reduce bandwidth of the cross-node group is bound by InfiniBand (Thakur et al. 2005 ring model)."""
+    inside = _est(gpt_eager_profile, tp=8, dp=2, global_batch_size=16)
+    across = _est(gpt_eager_profile, tp=16, global_batch_size=16)
+    per_gpu_inside = inside.time_breakdown["tp_comm"]
+    per_gpu_across = across.time_breakdown["tp_comm"] * 2  # half the micro-batches per replica with dp=2
+    assert per_gpu_across > 2 * per_gpu_inside
+
+
+def test_sequence_parallel_reduces_activation_memory(gpt_eager_profile):
+    """Oracle: Korthikanti et al. 2022, eq. 2 vs 4: SP splits the 10sbh replicated part by t."""
+    no_sp = _est(gpt_eager_profile, tp=8)
+    sp = _est(gpt_eager_profile, tp=8, sequence_parallel=True)
+    assert sp.memory_breakdown["activations"] < no_sp.memory_breakdown["activations"]
+
+
+def test_recompute_trades_memory_for_time(gpt_eager_profile):
+    """Full recompute keeps 2sbh per layer and runs the forward again (Chen et al. 2016);
+    selective recomputes only the attention core (Korthikanti et al. 2022, Sec. 4.3)."""
+    none, sel, full = (_est(gpt_eager_profile, recompute=r) for r in ("none", "selective", "full"))
+    act = [e.memory_breakdown["activations"] for e in (none, sel, full)]
+    assert act[0] > act[1] > act[2]
+    assert none.time_breakdown["recompute"] == 0.0
+    assert 0.0 < sel.time_breakdown["recompute"] < full.time_breakdown["recompute"]
+    assert full.hardware_flops_per_gpu_per_s > full.model_flops_per_gpu_per_s
+
+
+def test_one_f_one_b_first_stage_holds_most(gpt_eager_profile):
+    """Oracle: Narayanan et al. 2021 (PipeDream-Flush): stage i of p keeps p - i micro-batches in flight,
+    GPipe keeps all m (Huang et al. 2019)."""
+    onef = _est(gpt_eager_profile, pp=2, global_batch_size=8)
+    gpipe = _est(gpt_eager_profile, pp=2, global_batch_size=8, schedule="gpipe")
+    assert onef.peak_stage == 0
+    assert gpipe.memory_breakdown["activations"] > onef.memory_breakdown["activations"]
+
+
+def test_micro_batch_size_scales_activations(gpt_eager_profile):
+    """Activations are linear in micro-batch size (Korthikanti et al. 2022: every term has a factor b)."""
+    one = _est(gpt_eager_profile, micro_batch_size=1)
+    four = _est(gpt_eager_profile, micro_batch_size=4)
+    assert four.memory_breakdown["activations"] == pytest.approx(4 * one.memory_breakdown["activations"], rel=1e-6)
+
+
+def test_interleaving_shrinks_the_bubble():
+    """Oracle: Narayanan et al. 2021, Sec. 2.2.2: the interleaved bubble is (p-1)/(v·m), v times smaller."""
+    profile = ap.profile_model("llama3-8b")
+    plain = _est(profile, pp=4, global_batch_size=16)
+    inter = _est(profile, pp=4, global_batch_size=16, schedule="interleaved-1f1b", virtual_stages=2)
+    assert inter.time_breakdown["pp_bubble"] == pytest.approx(plain.time_breakdown["pp_bubble"] / 2, rel=0.1)
+
+
+def test_context_parallel_splits_activations_and_adds_ring_exchange():
+    """Ring attention (Liu et al. 2023): each of cp ranks keeps 1/cp of the sequence's activations and
+    exchanges K/V chunks; attention on a long sequence hides part of the exchange."""
+    profile = ap.profile_model("llama3-8b", seq_len=32768)
+    base = _est(profile, dp=2, global_batch_size=8)
+    cp = _est(profile, cp=2, global_batch_size=8)
+    assert cp.memory_breakdown["activations"] == pytest.approx(base.memory_breakdown["activations"] / 2, rel=0.01)
+    assert cp.time_breakdown["cp_comm"] >= 0.0
+    assert base.time_breakdown["cp_comm"] == 0.0
+
+
+def test_expert_parallel_shards_experts_and_adds_all_to_all(moe_tiny_profile):
+    """EP (Lepikhin et al. 2020): experts split over ep ranks, tokens dispatched and combined by all-to-all."""
+    dp_only = _est(moe_tiny_profile, dp=4, global_batch_size=8)
+    ep = _est(moe_tiny_profile, dp=4, ep=4, global_batch_size=8)
+    assert dp_only.time_breakdown["ep_comm"] == 0.0
+    assert ep.time_breakdown["ep_comm"] > 0.0
+    assert ep.memory_breakdown["params"] < dp_only.memory_breakdown["params"]
+    experts = sum(layer.expert_params for layer in moe_tiny_profile.layers)
+    saved = 2 * experts * (1 - 1 / 4)  # bf16 expert weights, 3/4 of them live on other ranks
+    assert dp_only.memory_breakdown["params"] - ep.memory_breakdown["params"] == pytest.approx(saved, abs=4)
+
+
+def test_invalid_plans_are_refused(gpt_eager_profile, moe_tiny_profile):
+    with pytest.raises(ap.InvalidPlanError, match="tp=3 does not divide 16 heads"):
+        _est(gpt_eager_profile, tp=3)
+    with pytest.raises(ap.InvalidPlanError, match="48 but the cluster has 64 GPUs"):
+        ap.estimate(gpt_eager_profile, ap.Cluster.preset("dgx-h100", gpus=64), _plan(dp=48, global_batch_size=48))
+    with pytest.raises(ap.InvalidPlanError, match="ep=3 does not divide 4 experts"):
+        _est(moe_tiny_profile, dp=3, ep=3, global_batch_size=3)
+    with pytest.raises(ap.InvalidPlanError, match="exceeds the model's 2 layers"):
+        _est(gpt_eager_profile, pp=4)
+
+
+def test_memory_does_not_fit_is_reported():
+    """A 70B model on one GPU cannot fit: 16 bytes x 70.6e9 parameters of model states alone."""
+    est = _est(ap.profile_model("llama3-70b"), global_batch_size=1)
+    assert not est.fits
+    assert est.memory_per_gpu_bytes > 16 * 70e9

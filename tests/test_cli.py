@@ -1,0 +1,112 @@
+"""The CLI contract: results on stdout; bad input is one line on stderr with exit code 2, never a traceback."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from autoplan.cli import main
+from autoplan.schema import Estimate
+
+PLAN = {"dp": 2, "tp": 2, "pp": 1, "zero_stage": 1, "micro_batch_size": 1, "global_batch_size": 8}
+
+
+@pytest.fixture
+def plan_file(tmp_path):
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(PLAN))
+    return path
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_estimate_prints_breakdowns(plan_file, capsys):
+    code, out, err = _run(["estimate", "gpt-tiny", "--plan", str(plan_file), "--gpus", "4", "--cluster", "dgx-a100-80gb"],
+                          capsys)
+    assert code == 0, err
+    for word in ("step time", "MFU", "tp_comm", "pp_bubble", "optimizer", "activations", "reserve", "fits"):
+        assert word in out
+
+
+def test_estimate_json_is_an_estimate(plan_file, capsys):
+    code, out, _ = _run(["estimate", "gpt-tiny", "--plan", str(plan_file), "--json"], capsys)
+    assert code == 0
+    est = Estimate.model_validate_json(out)
+    assert est.step_time_s > 0 and est.fits
+
+
+def test_plan_file_with_origin_wrapper_is_accepted(tmp_path, capsys):
+    path = tmp_path / "wrapped.json"
+    path.write_text(json.dumps({"plan": PLAN, "model": "gpt-tiny"}))
+    assert _run(["estimate", "gpt-tiny", "--plan", str(path)], capsys)[0] == 0
+
+
+def _bad_model_file(tmp_path, body):
+    path = tmp_path / "model.py"
+    path.write_text(body)
+    return str(path)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("unknown_preset", "unknown cluster preset 'dgx-z9'"),
+    ("malformed_plan", "is not valid JSON"),
+    ("tp_not_dividing_heads", "tp=3 does not divide 4 heads"),
+    ("pp_above_layers", "exceeds the model's 4 layers"),
+    ("ep_not_dividing_experts", "ep=3 does not divide 4 experts"),
+    ("wrong_gpu_count", "but the cluster has 16 GPUs"),
+    ("missing_model", "model file not found"),
+    ("raising_model", "build_model() raised ZeroDivisionError"),
+    ("no_build_model", "does not define build_model()"),
+    ("unknown_model", "unknown model 'gpt-huge'"),
+    ("missing_plan", "plan file not found"),
+    ("bad_field", "micro_batch_size"),
+    ("bad_flag", "unrecognized arguments"),
+])
+def test_bad_input_is_one_line_and_exit_2(case, expected, tmp_path, plan_file, capsys):
+    model, plan, extra = "gpt-tiny", str(plan_file), []
+    if case == "unknown_preset":
+        extra = ["--cluster", "dgx-z9"]
+    elif case == "malformed_plan":
+        (tmp_path / "bad.json").write_text("{dp: 2")
+        plan = str(tmp_path / "bad.json")
+    elif case in ("tp_not_dividing_heads", "pp_above_layers", "ep_not_dividing_experts", "bad_field"):
+        fields = {"tp_not_dividing_heads": {"dp": 1, "tp": 3, "global_batch_size": 3},
+                  "pp_above_layers": {"dp": 1, "pp": 8, "global_batch_size": 8},
+                  "ep_not_dividing_experts": {"dp": 3, "ep": 3, "global_batch_size": 3},
+                  "bad_field": {"dp": 2, "micro_batch_size": 3, "global_batch_size": 8}}[case]
+        (tmp_path / "p.json").write_text(json.dumps(fields))
+        plan = str(tmp_path / "p.json")
+        model = "moe-tiny" if case == "ep_not_dividing_experts" else model
+    elif case == "wrong_gpu_count":
+        extra = ["--gpus", "16"]
+    elif case == "missing_model":
+        model = str(tmp_path / "nope.py")
+    elif case == "raising_model":
+        model = _bad_model_file(tmp_path, "def build_model():\n    return 1 / 0\n")
+    elif case == "no_build_model":
+        model = _bad_model_file(tmp_path, "x = 1\n")
+    elif case == "unknown_model":
+        model = "gpt-huge"
+    elif case == "missing_plan":
+        plan = str(tmp_path / "none.json")
+    elif case == "bad_flag":
+        extra = ["--frobnicate"]
+    code, out, err = _run(["estimate", model, "--plan", plan, *extra], capsys)
+    assert code == 2
+    assert expected in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_console_script_has_no_traceback(tmp_path):
+    """End to end through a real process: a model.py that raises at import."""
+    model = _bad_model_file(tmp_path, "raise RuntimeError('boom')\n")
+    (tmp_path / "plan.json").write_text(json.dumps(PLAN))
+    proc = subprocess.run([sys.executable, "-m", "autoplan", "estimate", model, "--plan", str(tmp_path / "plan.json")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"autoplan: error: {model} raised while importing: RuntimeError: boom"

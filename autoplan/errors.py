@@ -1,6 +1,13 @@
 """Named errors. Each message carries the numbers; the CLI turns them into one line and an exit code."""
 
 
+def first_line(err: BaseException) -> str:
+    """`Type: first line of the message` of an exception raised by a user's code."""
+    lines = str(err).strip().splitlines()
+    more = " ..." if len(lines) > 1 else ""
+    return f"{type(err).__name__}: {lines[0]}{more}" if lines else type(err).__name__
+
+
 class AutoplanError(Exception):
     """Base of every error autoplan raises on purpose. `exit_code` is what the CLI exits with."""
 

@@ -26,7 +26,7 @@ TpSplit = Literal["n", "k", "none"]
 
 
 class _Noun(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)  # values: change with model_copy(update=...)
 
     @classmethod
     def load(cls, path: str | Path):

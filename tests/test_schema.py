@@ -101,16 +101,15 @@ def test_one_line_counts_further_errors():
         "tp: Input should be greater than or equal to 1 (and 1 more)"
 
 
-def test_plan_assignment_is_validated():
-    """Oracle: validate_assignment=True: an assignment that breaks the plan raises."""
+def test_plans_are_values():
+    """Oracle: frozen=True: a plan cannot be changed in place; a changed copy is validated again."""
     plan = Plan(dp=2, global_batch_size=8)
+    with pytest.raises(ValidationError, match="frozen"):
+        plan.dp = 4
     with pytest.raises(ValidationError, match="not divisible by dp=3"):
-        plan.dp = 3
+        Plan.model_validate({**plan.model_dump(), "dp": 3})
 
 
-@pytest.mark.xfail(strict=True, reason="schema.py _Noun uses validate_assignment with Plan's mode='after' "
-                                       "model_validator: pydantic assigns before validating and never rolls back "
-                                       "(pydantic/pydantic#7105), so a rejected assignment leaves an invalid Plan")
 def test_rejected_assignment_leaves_plan_unchanged():
     """Oracle: the plan before the rejected assignment (a planner that catches the error keeps a valid plan)."""
     plan = Plan(dp=2, global_batch_size=8)

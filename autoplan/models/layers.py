@@ -166,7 +166,7 @@ class MoE(nn.Module):
 
     def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k experts of each token and their renormalised softmax weights: ([T, k], [T, k])."""
-        probs = self.router(tokens).float().softmax(dim=-1)
+        probs = _at_least_fp32(self.router(tokens)).softmax(dim=-1)
         weights, experts = probs.topk(self.top_k, dim=-1)
         return experts, (weights / weights.sum(-1, keepdim=True)).type_as(tokens)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from autoplan.errors import ModelLoadError
+from autoplan.errors import ModelLoadError, first_line
 from autoplan.models.configs import NAMED_CONFIGS, build_named, named_config
 
 
@@ -53,7 +53,7 @@ def _load_file(path: Path, device: str | torch.device) -> LoadedModel:
     try:
         spec.loader.exec_module(user)
     except Exception as err:  # the user's code: report it in one line
-        raise ModelLoadError(f"{path} raised while importing: {type(err).__name__}: {err}") from None
+        raise ModelLoadError(f"{path} raised while importing: {first_line(err)}") from None
     build = getattr(user, "build_model", None)
     if not callable(build):
         raise ModelLoadError(f"{path} does not define build_model()")
@@ -62,7 +62,7 @@ def _load_file(path: Path, device: str | torch.device) -> LoadedModel:
         with torch.device(device):
             module = build()
     except Exception as err:
-        raise ModelLoadError(f"{path}: build_model() raised {type(err).__name__}: {err}") from None
+        raise ModelLoadError(f"{path}: build_model() raised {first_line(err)}") from None
     if not isinstance(module, nn.Module):
         raise ModelLoadError(f"{path}: build_model() returned {type(module).__name__}, not a torch.nn.Module")
     return LoadedModel(module, str(path), config)

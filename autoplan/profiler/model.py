@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from autoplan.errors import InvalidInputError
+from autoplan.errors import InvalidInputError, first_line
 from autoplan.models.loader import LoadedModel, is_model_file, load_model
 from autoplan.profiler.trace import TraceResult, trace
 from autoplan.schema import GemmShape, LayerProfile, ModelProfile
@@ -119,8 +119,13 @@ def _parts(block: _Call) -> list[list[_Call]]:
     return parts
 
 
+def _is_token_table(module: nn.Module, owner: str, vocab: int) -> bool:
+    sub = module.get_submodule(owner) if owner else module
+    return isinstance(sub, nn.Embedding) and sub.num_embeddings == vocab
+
+
 def _layer(name: str, kind: str, block: int | None, modules: list[nn.Module],
-           results: list[TraceResult]) -> LayerProfile:
+           results: list[TraceResult], vocab: int) -> LayerProfile:
     """Sum traced children into one LayerProfile; shape facts come from the modules themselves."""
     gemms: OrderedDict[tuple, int] = OrderedDict()
     for r in results:
@@ -138,8 +143,8 @@ def _layer(name: str, kind: str, block: int | None, modules: list[nn.Module],
                 expert_params += p.numel()  # stacked expert weights [experts, ...]: split by ep
             elif split == "n" or (split == "k" and leaf != "bias"):
                 tp_params += p.numel()  # column-parallel weight and bias, row-parallel weight
-            elif split is None and kind == "embedding" and p.dim() == 2:
-                tp_params += p.numel()  # vocab-parallel embedding table
+            elif split is None and _is_token_table(module, owner, vocab):
+                tp_params += p.numel()  # vocab-parallel embedding table (positions stay whole)
         for sub in module.modules():
             heads = heads or _attr(sub, "heads", "num_heads", "n_heads", "num_attention_heads")
             kv_heads = kv_heads or _attr(sub, "kv_heads", "num_kv_heads", "n_kv_heads", "num_key_value_heads")
@@ -169,13 +174,14 @@ def _block_layers(block: _Call, index: int, vocab: int, flash: bool) -> list[Lay
     for part in _parts(block):
         main = next((c for c in part if module_kind(c.name, c.module) != "norm"), part[-1])
         results = [trace(c.module, c.args, c.kwargs, vocab_size=vocab, flash=flash) for c in part]
-        layers.append(_layer(main.name, module_kind(main.name, main.module), index, [c.module for c in part], results))
+        kind = module_kind(main.name, main.module)
+        layers.append(_layer(main.name, kind, index, [c.module for c in part], results, vocab))
     parts_flops = sum(layer.fwd_flops for layer in layers)
     if not layers or abs(parts_flops - whole.fwd_flops) > 0.01 * max(whole.fwd_flops, 1.0):
         # work happens outside the children (or no children): keep the block as one layer
         kinds = {module_kind(n, m) for n, m in block.module.named_children()} - {"norm"}
         kind = "moe" if "moe" in kinds else ("attention" if "attention" in kinds else "other")
-        return [_layer(block.name, kind, index, [block.module], [whole])]
+        return [_layer(block.name, kind, index, [block.module], [whole], vocab)]
     return layers
 
 
@@ -209,7 +215,7 @@ def profile_model(model: nn.Module | str | LoadedModel, *, seq_len: int | None =
     if any(not p.is_meta for p in model.parameters()):
         raise InvalidInputError("profile_model traces on the meta device: build the model under "
                                 "`with torch.device('meta'):` (or pass a model.py path or a built-in name)")
-    original = {n: p.dtype for n, p in model.named_parameters()}
+    original = {n: t.dtype for n, t in [*model.named_parameters(), *model.named_buffers()]}
     model.to(dtype)
     name = name or type(model).__name__
     try:
@@ -217,12 +223,11 @@ def profile_model(model: nn.Module | str | LoadedModel, *, seq_len: int | None =
     except InvalidInputError:
         raise
     except Exception as err:  # the model's own code failed on meta tensors: say where, in one line
-        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise InvalidInputError(f"{name}: tracing at seq_len={seq_len} on the meta device failed: "
-                                f"{type(err).__name__}: {message}") from None
+                                f"{first_line(err)}") from None
     finally:
-        for n, p in model.named_parameters():
-            p.data = p.data.to(original[n])
+        for n, t in [*model.named_parameters(), *model.named_buffers()]:
+            t.data = t.data.to(original[n])
 
 
 def _profile(model: nn.Module, seq_len: int, name: str, dtype: torch.dtype, flash: bool) -> ModelProfile:
@@ -246,7 +251,7 @@ def _profile(model: nn.Module, seq_len: int, name: str, dtype: torch.dtype, flas
         result = trace(call.module, call.args, call.kwargs, vocab_size=vocab, flash=flash)
         kind = module_kind(call.name, call.module)
         is_head = isinstance(call.module, nn.Linear) and vocab and call.module.out_features == vocab
-        layers.append(_layer(call.name, "head" if is_head else kind, None, [call.module], [result]))
+        layers.append(_layer(call.name, "head" if is_head else kind, None, [call.module], [result], vocab))
     if not layers:
         raise InvalidInputError(f"{name}: the model ran no submodules; autoplan needs a model built from modules")
     attn = next((layer for layer in layers if layer.kind == "attention"), None)

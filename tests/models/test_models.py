@@ -341,8 +341,6 @@ def test_moe_matches_naive_per_token_loop(top_k):
     torch.testing.assert_close(moe(x), expected.view_as(x), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="MoE.route casts router logits with .float(), which DOWNcasts float64 to "
-                                       "float32 (RMSNorm uses _at_least_fp32), so the layer cannot be gradchecked")
 def test_moe_gradcheck_in_float64():
     """Oracle: torch.autograd.gradcheck (finite differences in float64) of the MoE layer w.r.t. its input.
     Finite differences of 1e-6 cannot see through a routing softmax rounded to fp32."""
@@ -454,8 +452,6 @@ def test_build_model_raising(tmp_path):
     assert_one_line(err, "build_model() raised", "ValueError", "bad width")
 
 
-@pytest.mark.xfail(strict=True, reason="loader.py interpolates str(err) verbatim: a user's multi-line exception "
-                                       "message makes the ModelLoadError span several lines")
 def test_build_model_raising_multiline_message_is_still_one_line(tmp_path):
     """Oracle: loader.py's own promise ('report it in one line'), with an error message of two lines
     (torch and pydantic errors often are)."""

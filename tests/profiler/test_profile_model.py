@@ -222,8 +222,6 @@ def test_tp_sharded_params_follow_megatron_layout():
     assert [(g.n, g.k, g.tp_split) for g in mlp.gemms] == [(256, 64, "n"), (64, 256, "k")]
 
 
-@pytest.mark.xfail(strict=True, reason="profiler/model.py _layer counts every 2-D parameter of an embedding layer "
-                                       "as vocab-parallel, including GPT's learned position table [seq_len, h]")
 def test_embedding_tp_sharded_params_are_the_token_table_only():
     """Oracle: Megatron-LM (Shoeybi et al. 2019 Sec. 3): only the word embedding is split along the vocabulary;
     the position embedding is replicated. gpt-tiny: token table 512·64 = 32,768 of 32,768 + 64·64 = 36,864."""
@@ -329,8 +327,6 @@ def test_profile_restores_parameter_dtype():
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
-@pytest.mark.xfail(strict=True, reason="profiler/model.py profile_model calls model.to(dtype) and restores only "
-                                       "parameters: floating buffers (Llama's rotary table `freqs`) stay bfloat16")
 def test_profile_restores_buffer_dtype():
     """Oracle: the model passed in, before the call: its fp32 rotary table must stay fp32, or a later
     to_empty + init_weights trains with a bf16 RoPE table."""

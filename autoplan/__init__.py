@@ -5,10 +5,12 @@ Public API (re-exports only):
     Cluster.preset(name, gpus=N)      -> Cluster
     Plan(...)                         -> a parallelisation plan
     estimate(profile, cluster, plan)  -> Estimate
+    search(profile, cluster, global_batch_size=B, top_k=5) -> SearchResult (.best, .ranked, ...)
 """
 
 from autoplan import models
 from autoplan.costmodel import estimate
+from autoplan.planner import Constraints, SearchResult, search
 from autoplan.errors import (AutoplanError, InfeasiblePlanError, InvalidInputError, InvalidPlanError,
                              ModelLoadError)
 from autoplan.schema import (SCHEMA_VERSION, Cluster, Estimate, LayerProfile, Link, ModelProfile, Plan,
@@ -23,6 +25,6 @@ def profile_model(model, *, seq_len=None, **kwargs):
 
 
 __version__ = "0.1.0"
-__all__ = ["SCHEMA_VERSION", "AutoplanError", "Cluster", "Estimate", "InfeasiblePlanError", "InvalidInputError",
-           "InvalidPlanError", "LayerProfile", "Link", "ModelLoadError", "ModelProfile", "Plan", "check_plan",
-           "estimate", "models", "profile_model"]
+__all__ = ["SCHEMA_VERSION", "AutoplanError", "Cluster", "Constraints", "Estimate", "InfeasiblePlanError", "InvalidInputError",
+           "InvalidPlanError", "LayerProfile", "Link", "ModelLoadError", "ModelProfile", "Plan", "SearchResult",
+           "check_plan", "estimate", "models", "profile_model", "search"]

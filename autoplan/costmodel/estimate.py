@@ -38,58 +38,112 @@ def even_split(num_blocks: int, chunks: int) -> list[int]:
     return counts
 
 
-def _rank_costs(profile: ModelProfile, cluster: Cluster, plan: Plan, dig: ProfileDigest) -> list[RankCost]:
-    cache: dict[tuple, tuple[LayerCost, float]] = {}
+class Coster:
+    """Costs plans of one (profile, cluster). Layer costs depend on the plan only through
+    (tp, sp, cp, ep, micro-batch, recompute), so they are cached across the plans a search tries."""
 
-    def cost_of(layers: tuple[LayerProfile, ...], recompute: str) -> tuple[LayerCost, float]:
-        key = (id(layers), recompute)
-        if key not in cache:
+    _recent: dict[tuple[int, int], Coster] = {}
+
+    def __init__(self, profile: ModelProfile, cluster: Cluster):
+        self.profile, self.cluster = profile, cluster
+        self.digest = digest(profile)
+        self._layers: dict[tuple, tuple[LayerCost, float]] = {}
+
+    @classmethod
+    def of(cls, profile: ModelProfile, cluster: Cluster) -> Coster:
+        coster = cls._recent.get((id(profile), id(cluster)))
+        if coster is None or coster.profile is not profile or coster.cluster is not cluster:
+            if len(cls._recent) > 16:
+                cls._recent.clear()
+            coster = cls._recent[(id(profile), id(cluster))] = cls(profile, cluster)
+        return coster
+
+    def layers_cost(self, layers: tuple[LayerProfile, ...], plan: Plan, recompute: str) -> tuple[LayerCost, float]:
+        """Summed cost of consecutive layers (a block, or the layers before/after the blocks), and the
+        part of their activations that are logits."""
+        key = (id(layers), recompute, plan.tp, plan.sequence_parallel, plan.cp, plan.ep, plan.micro_batch_size)
+        cached = self._layers.get(key)
+        if cached is None:
             total, logits = LayerCost(), 0.0
             for i, layer in enumerate(layers):
-                one = layer_cost(layer=layer, profile=profile, cluster=cluster, plan=plan, recompute=recompute,
-                                 block_first=i == 0)
+                one = layer_cost(layer=layer, profile=self.profile, cluster=self.cluster, plan=plan,
+                                 recompute=recompute, block_first=i == 0)
                 total.add(one)
                 if layer.kind == "head":
                     logits += one.activation_bytes
-            cache[key] = (total, logits)
-        return cache[key]
+            cached = self._layers[key] = (total, logits)
+        return cached
 
-    chunk_blocks = plan.layers_per_stage or even_split(profile.num_blocks, plan.pp * plan.virtual_stages)
-    templates_per_rank: list[Counter] = [Counter() for _ in range(plan.pp)]
-    start = 0
-    for chunk, count in enumerate(chunk_blocks):  # chunk c runs on pipeline rank c % pp (interleaved)
-        templates_per_rank[chunk % plan.pp].update(dig.block_template_of[start:start + count])
-        start += count
-    ends = {0: [dig.head_layers], plan.pp - 1: [dig.tail_layers]}
-    if plan.pp == 1:
-        ends = {0: [dig.head_layers, dig.tail_layers]}
-    ranks: list[RankCost] = []
-    same: dict[tuple, RankCost] = {}  # pipeline ranks with the same layers share one RankCost
-    for rank, templates in enumerate(templates_per_rank):
-        recompute = plan.stage_recompute(rank)
-        key = (tuple(sorted(templates.items())), recompute, rank if rank in ends else -1)
-        if key not in same:
-            same[key] = _one_rank(templates, ends.get(rank, []), recompute, dig, cost_of)
-        ranks.append(same[key])
-    return ranks
+    def end_layers(self, plan: Plan, rank: int) -> list[tuple[LayerProfile, ...]]:
+        """Layers outside the blocks on pipeline rank `rank`: embedding on the first, head on the last."""
+        ends = []
+        if rank == 0:
+            ends.append(self.digest.head_layers)
+        if rank == plan.pp - 1:
+            ends.append(self.digest.tail_layers)
+        return [layers for layers in ends if layers]
+
+    def rank_cost(self, plan: Plan, rank: int, templates: dict[int, int], recompute: str) -> RankCost:
+        """One pipeline rank holding `templates` (block template -> count) plus its end layers."""
+        result = RankCost(LayerCost())
+        for template, n in templates.items():
+            block_cost, _ = self.layers_cost(self.digest.block_templates[template], plan, recompute)
+            result.layers.add(block_cost, n)
+            result.max_layer_params = max(result.max_layer_params, block_cost.dense_params + block_cost.expert_params)
+        for layers in self.end_layers(plan, rank):
+            cost, logits = self.layers_cost(layers, plan, recompute)
+            result.layers.add(cost)
+            result.logits_bytes += logits
+            result.max_layer_params = max(result.max_layer_params, cost.dense_params + cost.expert_params)
+        return result
+
+    def rank_costs(self, plan: Plan) -> list[RankCost]:
+        chunk_blocks = plan.layers_per_stage or even_split(self.profile.num_blocks, plan.pp * plan.virtual_stages)
+        templates_per_rank: list[Counter] = [Counter() for _ in range(plan.pp)]
+        start = 0
+        for chunk, count in enumerate(chunk_blocks):  # chunk c runs on pipeline rank c % pp (interleaved)
+            templates_per_rank[chunk % plan.pp].update(self.digest.block_template_of[start:start + count])
+            start += count
+        ranks: list[RankCost] = []
+        same: dict[tuple, RankCost] = {}  # pipeline ranks with the same layers share one RankCost
+        for rank, templates in enumerate(templates_per_rank):
+            recompute = plan.stage_recompute(rank)
+            end = rank if rank in (0, plan.pp - 1) else -1
+            key = (tuple(sorted(templates.items())), recompute, end)
+            if key not in same:
+                same[key] = self.rank_cost(plan, rank, templates, recompute)
+            ranks.append(same[key])
+        return ranks
+
+    def p2p_s(self, plan: Plan) -> float:
+        """One send of the [b, s/cp, h] boundary activation (/tp with SP) to the next pipeline rank."""
+        if plan.pp == 1:
+            return 0.0
+        profile = self.profile
+        boundary_bytes = profile.hidden * profile.seq_len * profile.dtype_bytes * plan.micro_batch_size / plan.cp
+        if plan.sequence_parallel:
+            boundary_bytes /= plan.tp
+        return comm.p2p_between_stages_s(message_bytes=boundary_bytes, stage_stride_ranks=plan.tp * plan.cp * plan.dp,
+                                         cluster=self.cluster)
+
+    def p2p_total_s(self, plan: Plan) -> float:
+        """The pipeline's send/recv time on the critical path (as costmodel.pipeline counts it)."""
+        return self.pipeline(plan, [RankCost(LayerCost())] * plan.pp).p2p_s
+
+    def pipeline(self, plan: Plan, ranks: list[RankCost]):
+        p2p_s = self.p2p_s(plan)
+        return pipeline_step_s(schedule=plan.schedule, stage_fwd_s=[r.layers.fwd_s for r in ranks],
+                               stage_bwd_s=[r.layers.bwd_s for r in ranks], num_micro_batches=plan.num_micro_batches,
+                               virtual_stages=plan.virtual_stages, p2p_s=p2p_s)
+
+    def estimate(self, plan: Plan, *, check: bool = True) -> Estimate:
+        if check:
+            check_plan(self.profile, self.cluster, plan)
+        ranks = self.rank_costs(plan)
+        return _assemble(self.profile, self.cluster, plan, ranks, self.pipeline(plan, ranks))
 
 
-def _one_rank(templates: Counter, end_layers: list, recompute: str, dig: ProfileDigest, cost_of) -> RankCost:
-    rank = RankCost(LayerCost())
-    for template, n in templates.items():
-        block_cost, _ = cost_of(dig.block_templates[template], recompute)
-        rank.layers.add(block_cost, n)
-        rank.max_layer_params = max(rank.max_layer_params, block_cost.dense_params + block_cost.expert_params)
-    for layers in end_layers:
-        if layers:
-            cost, logits = cost_of(layers, recompute)
-            rank.layers.add(cost)
-            rank.logits_bytes += logits
-            rank.max_layer_params = max(rank.max_layer_params, cost.dense_params + cost.expert_params)
-    return rank
-
-
-def _dp_sync(rank: RankCost, cluster: Cluster, plan: Plan) -> tuple[float, float]:
+def dp_sync_s(rank: RankCost, cluster: Cluster, plan: Plan) -> tuple[float, float]:
     """(exposed seconds per step, seconds on the link per step) of data-parallel synchronisation.
 
     ZeRO 0/1: gradient all-reduce; 2: reduce-scatter; both overlap with the last micro-batch's backward
@@ -121,7 +175,7 @@ def _dp_sync(rank: RankCost, cluster: Cluster, plan: Plan) -> tuple[float, float
     return max(0.0, reduce_s - bwd_s) + max(0.0, gather_s - fwd_s), reduce_s + gather_s
 
 
-def _memory(rank: RankCost, index: int, cluster: Cluster, plan: Plan) -> dict[str, int]:
+def rank_memory(rank: RankCost, index: int, cluster: Cluster, plan: Plan) -> dict[str, int]:
     in_flight = micro_batches_in_flight(schedule=plan.schedule, pp=plan.pp, stage=index,
                                         num_micro_batches=plan.num_micro_batches,
                                         virtual_stages=plan.virtual_stages)
@@ -144,22 +198,14 @@ def _memory(rank: RankCost, index: int, cluster: Cluster, plan: Plan) -> dict[st
 
 def estimate(profile: ModelProfile, cluster: Cluster, plan: Plan, *, check: bool = True) -> Estimate:
     """Predict step time, throughput, MFU and per-GPU memory of training `profile` on `cluster` with `plan`."""
-    if check:
-        check_plan(profile, cluster, plan)
-    dig = digest(profile)
-    ranks = _rank_costs(profile, cluster, plan, dig)
+    return Coster.of(profile, cluster).estimate(plan, check=check)
+
+
+def _assemble(profile: ModelProfile, cluster: Cluster, plan: Plan, ranks: list[RankCost], pipe) -> Estimate:
     m = plan.num_micro_batches
-    boundary_bytes = profile.hidden * profile.seq_len * profile.dtype_bytes * plan.micro_batch_size / plan.cp
-    if plan.sequence_parallel:
-        boundary_bytes /= plan.tp
-    p2p_s = comm.p2p_between_stages_s(message_bytes=boundary_bytes, stage_stride_ranks=plan.tp * plan.cp * plan.dp,
-                                      cluster=cluster) if plan.pp > 1 else 0.0
-    pipe = pipeline_step_s(schedule=plan.schedule, stage_fwd_s=[r.layers.fwd_s for r in ranks],
-                           stage_bwd_s=[r.layers.bwd_s for r in ranks], num_micro_batches=m,
-                           virtual_stages=plan.virtual_stages, p2p_s=p2p_s)
     distinct = list({id(rank): rank for rank in ranks}.values())
-    dp_exposed = max(_dp_sync(rank, cluster, plan)[0] for rank in distinct)
-    optimizer_s = max(_optimizer_s(rank, cluster, plan) for rank in distinct)
+    dp_exposed = max(dp_sync_s(rank, cluster, plan)[0] for rank in distinct)
+    optimizer_s = max(optimizer_step_s(rank, cluster, plan) for rank in distinct)
     step_s = pipe.total_s + dp_exposed + optimizer_s
 
     slowest = max(ranks, key=lambda r: r.layers.fwd_s + r.layers.bwd_s).layers
@@ -168,7 +214,7 @@ def estimate(profile: ModelProfile, cluster: Cluster, plan: Plan, *, check: bool
         "tp_comm": m * slowest.tp_comm_s, "cp_comm": m * slowest.cp_comm_s, "ep_comm": m * slowest.ep_comm_s,
         "pp_comm": pipe.p2p_s, "pp_bubble": pipe.bubble_s, "dp_comm_exposed": dp_exposed, "optimizer": optimizer_s,
     }
-    memories = [_memory(rank, i, cluster, plan) for i, rank in enumerate(ranks)]
+    memories = [rank_memory(rank, i, cluster, plan) for i, rank in enumerate(ranks)]
     totals = [sum(mem.values()) for mem in memories]
     peak = max(range(len(totals)), key=totals.__getitem__)
     gpus = plan.gpus
@@ -185,7 +231,7 @@ def estimate(profile: ModelProfile, cluster: Cluster, plan: Plan, *, check: bool
     )
 
 
-def _optimizer_s(rank: RankCost, cluster: Cluster, plan: Plan) -> float:
+def optimizer_step_s(rank: RankCost, cluster: Cluster, plan: Plan) -> float:
     """Adam is bandwidth-bound: ADAM_STEP_BYTES per parameter of this rank's optimizer shard."""
     dense = rank.layers.dense_params / (plan.dp * plan.cp if plan.zero_stage >= 1 else 1)
     expert = rank.layers.expert_params / (plan.dp * plan.cp * plan.tp // plan.ep if plan.zero_stage >= 1 else 1)

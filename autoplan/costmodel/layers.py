@@ -153,7 +153,9 @@ def _ring_attention_exposed_s(*, layer: LayerProfile, cluster: Cluster, plan: Pl
     cp = plan.cp
     kv_fraction = layer.num_kv_heads / layer.num_heads if layer.num_heads else 1.0
     kv_bytes = 2 * layer.output_bytes * kv_fraction * plan.micro_batch_size / cp / plan.tp  # K and V chunk
-    step_s = comm.p2p_between_stages_s(message_bytes=kv_bytes, stage_stride_ranks=plan.tp, cluster=cluster)
+    # the ring is as slow as its slowest hop: an inter-node one once the tp*cp ranks span nodes
+    link = cluster.intra_node if plan.tp * cp <= cluster.gpus_per_node else cluster.inter_node
+    step_s = comm.p2p_s(message_bytes=kv_bytes, link=link)
     chunk_fwd_s = attn_fwd_s / cp
     fwd_exposed = max(0.0, step_s - chunk_fwd_s) * (cp - 1)
     bwd_exposed = max(0.0, 2 * step_s - ATTENTION_BWD_FACTOR * chunk_fwd_s) * (cp - 1)

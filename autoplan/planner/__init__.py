@@ -1,0 +1,6 @@
+"""Planner: search space, lower bounds, the partition ILP (OR-Tools CP-SAT), expert defaults."""
+
+from autoplan.planner.search import SearchResult, search
+from autoplan.planner.space import Constraints
+
+__all__ = ["Constraints", "SearchResult", "search"]

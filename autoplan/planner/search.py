@@ -1,0 +1,301 @@
+"""ap.search: the fastest plans that fit, by branch and bound over the space with an ILP inside.
+
+Four steps:
+1. enumerate: every layout (planner.space) x micro-batch x schedule x ZeRO stage is a configuration;
+2. bound: each configuration gets a lower bound on its step time (the pipeline formula with the work
+   spread perfectly over the stages and nothing recomputed) and on its memory (the model states spread
+   perfectly); configurations whose memory bound exceeds the GPU are pruned;
+3. evaluate in order of the time bound: the even partition with each uniform recompute mode, then the
+   ILP (planner.partition) where uneven stages or per-stage recompute can still gain; stop as soon as
+   the next bound is no better than the k-th best plan found (nothing left can enter the top k);
+4. decode: the ranked plans with their estimates, the proven lower bound, and the expert defaults.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from autoplan.costmodel.estimate import Coster, RankCost, dp_sync_s, optimizer_step_s
+from autoplan.costmodel.layers import LayerCost
+from autoplan.costmodel.memory import model_state_bytes
+from autoplan.errors import InfeasiblePlanError, InvalidInputError
+from autoplan.planner.baselines import expert_defaults
+from autoplan.planner.partition import solve_partition
+from autoplan.planner.space import Constraints, Layout, layouts, micro_batch_sizes, schedules
+from autoplan.schema import Cluster, Estimate, ModelProfile, Plan
+
+# An evaluated configuration whose best uniform plan is within this fraction of its lower bound is not
+# worth an ILP: uneven stages could at most close that gap.
+ILP_MIN_GAIN = 1e-3
+
+
+@dataclass
+class SearchResult:
+    """What ap.search found. `ranked` holds the top plans that fit, fastest first."""
+
+    ranked: list[tuple[Plan, Estimate]]
+    baselines: dict[str, tuple[Plan, Estimate] | None]
+    solve_time_s: float
+    candidates_considered: int
+    candidates_pruned: dict[str, int]
+    ilp_solves: int
+    lower_bound_s: float                 # no plan of the space is faster than this (proven)
+    closest_infeasible: tuple[Plan, Estimate] | None = None
+    global_batch_size: int = 0
+
+    @property
+    def best(self) -> Plan:
+        return self.ranked[0][0]
+
+    @property
+    def best_estimate(self) -> Estimate:
+        return self.ranked[0][1]
+
+    @property
+    def optimality_gap(self) -> float:
+        """How much faster than the best plan the optimum of the space could at most be (fraction)."""
+        return self.best_estimate.step_time_s / self.lower_bound_s - 1 if self.lower_bound_s > 0 else 0.0
+
+
+@dataclass(order=True)
+class _Config:
+    bound_s: float
+    plan: Plan = field(compare=False)
+
+
+def _whole_model(coster: Coster, plan: Plan) -> LayerCost:
+    """Cost of all layers for one micro-batch under the plan's tp/cp/ep/micro-batch, nothing recomputed."""
+    total = LayerCost()
+    dig = coster.digest
+    for template in dig.block_template_of:
+        total.add(coster.layers_cost(dig.block_templates[template], plan, "none")[0])
+    for layers in (dig.head_layers, dig.tail_layers):
+        if layers:
+            total.add(coster.layers_cost(layers, plan, "none")[0])
+    return total
+
+
+def time_bound_s(coster: Coster, plan: Plan, whole: LayerCost) -> float:
+    """A lower bound on the step time of any partition and recompute choice of `plan`'s layout.
+    With W = f + b of the whole model per micro-batch and C >= W/p the slowest rank, the pipeline time
+    m·C + (Σd_i - d_k)/v of costmodel.pipeline is at least:
+      1f1b, gpipe: (m-1)·W/p + W;  interleaved: (m - 1/v)·W/p + W/v;  zero-bubble: (m - 1/v)·W/p + F/v.
+    Recompute only adds time. The exposed data-parallel sync and the optimizer step of a rank are convex
+    in its share of parameters and compute, so the busiest rank's are at least those of the average rank
+    (Jensen), whose backward is credited with a full recompute (the widest overlap window)."""
+    m, p = plan.num_micro_batches, plan.pp
+    f, w = whole.fwd_s, whole.fwd_s + whole.bwd_s
+    v = plan.virtual_stages if plan.schedule in ("interleaved-1f1b", "zero-bubble") else 1
+    slowest = max(w / p, balanced_slowest_s(coster, plan))  # C: no partition has a faster slowest rank
+    if p == 1:
+        pipe = m * w
+    elif plan.schedule in ("1f1b", "gpipe"):
+        pipe = (m - 1) * slowest + w
+    elif plan.schedule == "interleaved-1f1b":
+        pipe = (m - 1 / v) * slowest + w / v
+    else:
+        pipe = (m - 1 / v) * slowest + f / v
+    average = RankCost(LayerCost(fwd_compute_s=whole.fwd_compute_s / p,
+                                 bwd_compute_s=(whole.bwd_compute_s + whole.fwd_compute_s) / p,
+                                 dense_params=whole.dense_params / p, expert_params=whole.expert_params / p))
+    tail = dp_sync_s(average, coster.cluster, plan)[0] + optimizer_step_s(average, coster.cluster, plan)
+    return pipe + coster.p2p_total_s(plan) + tail
+
+
+def balanced_slowest_s(coster: Coster, plan: Plan) -> float:
+    """The smallest time of the slowest pipeline rank over all partitions into whole blocks (b each, the
+    embedding e_0 on the first rank, the head e_last on the last), nothing recomputed. Feasible for C iff
+    floor((C - e_0)/b) + floor((C - e_last)/b) + (p - 2)·floor(C/b) >= L; the least such C is one of the
+    values k·b + e. 0 when the blocks are of several kinds (the caller then uses W/p)."""
+    dig, p, blocks = coster.digest, plan.pp, coster.profile.num_blocks
+    if p == 1 or len(dig.block_templates) != 1:
+        return 0.0
+    block = coster.layers_cost(dig.block_templates[0], plan, "none")[0]
+    b = block.fwd_s + block.bwd_s
+    ends = [sum(coster.layers_cost(layers, plan, "none")[0].fwd_s + coster.layers_cost(layers, plan, "none")[0].bwd_s
+                for layers in coster.end_layers(plan, rank)) for rank in (0, p - 1)]
+    if b <= 0:
+        return max(ends)
+
+    def holds(c: float) -> int:
+        first, last = ((c - e) // b if c >= e else -1 for e in ends)
+        return int(first + last + (p - 2) * (c // b)) if min(first, last) >= 0 else -1
+
+    candidates = sorted({k * b + e for k in range(blocks + 1) for e in (0.0, *ends)})
+    lo, hi = 0, len(candidates) - 1
+    while lo < hi:  # the least candidate C that holds all L blocks
+        mid = (lo + hi) // 2
+        if holds(candidates[mid] * (1 + 1e-12)) >= blocks:
+            hi = mid
+        else:
+            lo = mid + 1
+    return candidates[lo]
+
+
+def memory_bound_bytes(coster: Coster, plan: Plan, whole: LayerCost) -> float:
+    """A lower bound on the fullest rank's memory: the model states spread evenly over the pp ranks
+    (the fullest holds at least the mean), plus the reserve."""
+    dense = model_state_bytes(params=whole.dense_params, zero_stage=plan.zero_stage, shard_degree=plan.dp * plan.cp)
+    expert = model_state_bytes(params=whole.expert_params, zero_stage=plan.zero_stage,
+                               shard_degree=plan.dp * plan.cp * plan.tp // plan.ep)
+    return (sum(dense) + sum(expert)) / plan.pp + coster.cluster.memory_reserve_bytes
+
+
+def _configs(profile: ModelProfile, cluster: Cluster, coster: Coster, global_batch_size: int,
+             constraints: Constraints, pruned: dict[str, int]) -> list[_Config]:
+    configs = []
+    for layout in layouts(profile, cluster, global_batch_size=global_batch_size, constraints=constraints):
+        per_replica = global_batch_size // layout.dp
+        for mbs in micro_batch_sizes(per_replica=per_replica, constraints=constraints):
+            base = _plan(layout, mbs, global_batch_size, "1f1b", 1, 0, "none")
+            whole = _whole_model(coster, base)
+            for schedule, v in schedules(pp=layout.pp, num_blocks=profile.num_blocks, constraints=constraints):
+                if schedule == "gpipe":  # same time as 1f1b in the cost model, more micro-batches in flight
+                    pruned["dominated"] += len(constraints.zero_stages)
+                    continue
+                for zero in constraints.zero_stages:
+                    plan = _plan(layout, mbs, global_batch_size, schedule, v, zero, "none")
+                    if memory_bound_bytes(coster, plan, whole) > cluster.memory_bytes:
+                        pruned["memory_bound"] += 1
+                        continue
+                    configs.append(_Config(time_bound_s(coster, plan, whole), plan))
+    return configs
+
+
+def _plan(layout: Layout, mbs: int, gbs: int, schedule: str, v: int, zero: int, recompute: str) -> Plan:
+    return Plan(dp=layout.dp, tp=layout.tp, pp=layout.pp, cp=layout.cp, ep=layout.ep, zero_stage=zero,
+                recompute=recompute, sequence_parallel=layout.tp > 1, micro_batch_size=mbs,
+                global_batch_size=gbs, schedule=schedule, virtual_stages=v)
+
+
+class _TopK:
+    """The k fastest distinct plans that fit, and the closest plan that does not."""
+
+    def __init__(self, k: int, limit_bytes: int):
+        self.k, self.limit = k, limit_bytes
+        self.heap: list[tuple[float, int, Plan, Estimate]] = []   # max-heap on step time via negation
+        self.seen: set[str] = set()
+        self.closest: tuple[Plan, Estimate] | None = None
+
+    def offer(self, plan: Plan, est: Estimate) -> None:
+        if not est.fits:
+            if self.closest is None or est.memory_per_gpu_bytes < self.closest[1].memory_per_gpu_bytes:
+                self.closest = (plan, est)
+            return
+        key = plan.model_dump_json()
+        if key in self.seen:
+            return
+        self.seen.add(key)
+        heapq.heappush(self.heap, (_rank_key(plan, est), len(self.seen), plan, est))
+        if len(self.heap) > self.k:
+            heapq.heappop(self.heap)
+
+    @property
+    def kth_s(self) -> float:
+        return self.heap[0][3].step_time_s if len(self.heap) >= self.k else float("inf")
+
+    def ranked(self) -> list[tuple[Plan, Estimate]]:
+        return [(plan, est) for _, _, plan, est in sorted(self.heap, key=lambda item: item[0], reverse=True)]
+
+
+def _rank_key(plan: Plan, est: Estimate) -> tuple:
+    """Max-heap key (negated): faster first; among plans within 1e-6 s, the simpler one (fewer and smaller
+    parallel dimensions, no recompute, less sharding), then the one with more memory to spare."""
+    simplicity = (plan.cp, plan.pp, plan.virtual_stages, plan.tp, plan.ep, plan.zero_stage,
+                  plan.recompute != "none", plan.layers_per_stage is not None, plan.micro_batch_size)
+    return (-round(est.step_time_s, 6), tuple(-x for x in simplicity), -est.memory_per_gpu_bytes)
+
+
+def search(profile: ModelProfile, cluster: Cluster, *, global_batch_size: int, top_k: int = 5,
+           constraints: Constraints | None = None, progress: Callable[[int, int], None] | None = None,
+           ilp_time_limit_s: float = 5.0, **fixed) -> SearchResult:
+    """The `top_k` fastest plans of `profile` on `cluster` that fit in GPU memory.
+
+    `fixed` pins plan fields (e.g. tp=8, zero_stage=1). Raises InfeasiblePlanError (with the closest plan
+    and its overflow in bytes) when nothing fits.
+    """
+    start = time.perf_counter()
+    if global_batch_size < 1 or top_k < 1:
+        raise InvalidInputError(f"global_batch_size and top_k must be positive, got {global_batch_size} and {top_k}")
+    constraints = constraints or Constraints()
+    if fixed:
+        constraints = Constraints(**{**constraints.__dict__, "fixed": {**constraints.fixed, **fixed}})
+    coster = Coster.of(profile, cluster)
+    pruned = {"memory_bound": 0, "time_bound": 0, "dominated": 0}
+    configs = sorted(_configs(profile, cluster, coster, global_batch_size, constraints, pruned))
+    recompute = tuple(r for r in constraints.recompute
+                      if r != "selective" or any(layer.attention_score_bytes for layer in profile.layers))
+    pruned["dominated"] += len(configs) * (len(constraints.recompute) - len(recompute))
+    top = _TopK(top_k, cluster.memory_bytes)
+    # phase 1: the even partition with each uniform recompute mode, in order of the bound
+    uniform: list[tuple[_Config, float]] = []
+    for index, config in enumerate(configs):
+        if config.bound_s >= top.kth_s:
+            pruned["time_bound"] += len(configs) - index
+            break
+        uniform.append((config, _evaluate_uniform(coster, config, recompute, top)))
+        if progress and index % 64 == 0:
+            progress(index, len(configs))
+    considered = len(uniform)
+    # phase 2: the ILP where uneven stages or per-stage recompute could still enter the top k
+    bounds = [configs[considered].bound_s] if considered < len(configs) else []
+    ilp_solves = 0
+    for config, best_uniform in uniform:
+        if config.plan.pp == 1:  # one stage: the uniform recompute modes are the whole space
+            bounds.append(max(config.bound_s, best_uniform))
+            continue
+        if config.bound_s >= top.kth_s or best_uniform <= config.bound_s * (1 + ILP_MIN_GAIN):
+            bounds.append(config.bound_s)
+            continue
+        ilp_solves += 1
+        solved = solve_partition(coster, config.plan, recompute=recompute, time_limit_s=ilp_time_limit_s,
+                                 cutoff_s=top.kth_s)
+        if solved is None:  # nothing in this configuration fits, or nothing beats the k-th best
+            bounds.append(top.kth_s)
+            continue
+        top.offer(solved.plan, coster.estimate(solved.plan, check=False))
+        bounds.append(max(config.bound_s, solved.bound_s) if solved.optimal else config.bound_s)
+    if progress:
+        progress(len(configs), len(configs))
+    ranked = top.ranked()
+    result = SearchResult(
+        ranked=ranked, baselines=expert_defaults(coster, global_batch_size),
+        solve_time_s=time.perf_counter() - start, candidates_considered=considered, candidates_pruned=pruned,
+        ilp_solves=ilp_solves, lower_bound_s=min(bounds + [ranked[0][1].step_time_s]) if ranked else 0.0,
+        closest_infeasible=top.closest, global_batch_size=global_batch_size)
+    if not ranked:
+        raise _infeasible(result, cluster)
+    return result
+
+
+def _evaluate_uniform(coster: Coster, config: _Config, recompute: tuple[str, ...], top: _TopK) -> float:
+    """Estimate the configuration with its even partition and each uniform recompute mode; offer each plan
+    to the top k and return the fastest step time that fits (inf if none fits)."""
+    best = float("inf")
+    for mode in recompute:
+        plan = config.plan if mode == "none" else Plan.model_validate({**config.plan.model_dump(), "recompute": mode})
+        est = coster.estimate(plan, check=False)
+        top.offer(plan, est)
+        if est.fits:
+            best = min(best, est.step_time_s)
+    return best
+
+
+def _infeasible(result: SearchResult, cluster: Cluster) -> InfeasiblePlanError:
+    gib = 1024**3
+    if result.closest_infeasible is None:
+        err = InfeasiblePlanError(f"no valid plan for {cluster.num_gpus} GPUs with global batch "
+                                  f"{result.global_batch_size}: no layout dp*tp*pp*cp = {cluster.num_gpus} fits "
+                                  f"the model's heads, layers and batch (and every memory bound exceeds "
+                                  f"{cluster.memory_bytes / gib:.1f} GiB)")
+    else:
+        plan, est = result.closest_infeasible
+        over = est.memory_per_gpu_bytes - cluster.memory_bytes
+        err = InfeasiblePlanError(f"no plan fits in {cluster.memory_bytes / gib:.1f} GiB per GPU; closest: "
+                                  f"{plan.describe()} needs {est.memory_per_gpu_bytes / gib:.1f} GiB "
+                                  f"({over:,} bytes over)")
+    err.result = result
+    return err

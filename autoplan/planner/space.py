@@ -1,0 +1,92 @@
+"""The search space: every layout dp*tp*pp*cp = GPUs the model and cluster allow, and the knobs on top.
+
+Divisor generators only; what is worth evaluating is decided in planner.search with lower bounds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from autoplan.schema import Cluster, ModelProfile
+
+SCHEDULES_PP = ("1f1b", "gpipe", "zero-bubble", "interleaved-1f1b")
+RECOMPUTE = ("none", "selective", "full")
+
+
+def divisors(n: int) -> list[int]:
+    small = [d for d in range(1, int(n**0.5) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """What the user allows. Defaults keep tp inside a node, where its per-layer collectives belong."""
+
+    max_tp: int | None = None                 # default: GPUs per node
+    max_cp: int = 16
+    max_pp: int | None = None                 # default: number of blocks
+    max_micro_batch_size: int = 16
+    max_virtual_stages: int = 8
+    zero_stages: tuple[int, ...] = (0, 1, 2, 3)
+    schedules: tuple[str, ...] = SCHEDULES_PP
+    recompute: tuple[str, ...] = RECOMPUTE
+    fixed: dict = field(default_factory=dict)  # e.g. {"tp": 8, "pp": 4}: only plans with these values
+
+    def allows(self, name: str, value) -> bool:
+        return name not in self.fixed or self.fixed[name] == value
+
+
+@dataclass(frozen=True)
+class Layout:
+    dp: int
+    tp: int
+    pp: int
+    cp: int
+    ep: int
+
+
+def layouts(profile: ModelProfile, cluster: Cluster, *, global_batch_size: int, constraints: Constraints) -> Iterator[Layout]:
+    """Every (dp, tp, pp, cp, ep) with dp*tp*pp*cp = GPUs that the model's shape admits: tp divides the
+    heads and key/value heads, cp splits the sequence in 2*cp chunks, pp at most the blocks, dp divides
+    the global batch, ep divides the experts and the dp*cp*tp ranks it folds over."""
+    gpus = cluster.num_gpus
+    max_tp = constraints.max_tp or cluster.gpus_per_node
+    max_pp = min(constraints.max_pp or profile.num_blocks, profile.num_blocks)
+    ok = constraints.allows
+    for tp in divisors(gpus):
+        if tp > max_tp or not ok("tp", tp) or (profile.num_heads and profile.num_heads % tp) \
+                or (profile.num_kv_heads and profile.num_kv_heads % tp):
+            continue
+        for cp in divisors(gpus // tp):
+            if cp > constraints.max_cp or not ok("cp", cp) or (cp > 1 and profile.seq_len % (2 * cp)):
+                continue
+            for pp in divisors(gpus // (tp * cp)):
+                dp = gpus // (tp * cp * pp)
+                if pp > max_pp or not ok("pp", pp) or not ok("dp", dp) or global_batch_size % dp:
+                    continue
+                for ep in expert_degrees(profile, dp * cp * tp):
+                    if ok("ep", ep):
+                        yield Layout(dp, tp, pp, cp, ep)
+
+
+def expert_degrees(profile: ModelProfile, folded_ranks: int) -> list[int]:
+    if not profile.num_experts:
+        return [1]
+    return [e for e in divisors(profile.num_experts) if folded_ranks % e == 0]
+
+
+def micro_batch_sizes(*, per_replica: int, constraints: Constraints) -> list[int]:
+    return [b for b in divisors(per_replica) if b <= constraints.max_micro_batch_size and
+            constraints.allows("micro_batch_size", b)]
+
+
+def schedules(*, pp: int, num_blocks: int, constraints: Constraints) -> list[tuple[str, int]]:
+    """(schedule, virtual stages) pairs for a pipeline of pp ranks; one plain entry when pp = 1."""
+    if pp == 1:
+        return [("1f1b", 1)]
+    options = [(s, 1) for s in constraints.schedules if s != "interleaved-1f1b"]
+    if "interleaved-1f1b" in constraints.schedules:
+        options += [("interleaved-1f1b", v) for v in range(2, constraints.max_virtual_stages + 1)
+                    if pp * v <= num_blocks]
+    return [(s, v) for s, v in options if constraints.allows("schedule", s) and constraints.allows("virtual_stages", v)]

@@ -6,6 +6,7 @@ Exit codes: 0 done; 2 bad input (one line on stderr, no traceback); 3 no plan fi
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -23,6 +24,22 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="autoplan", description="Find the fastest way to train a PyTorch model on N GPUs.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    srch = sub.add_parser("search", help="find the fastest plans that fit",
+                          description="Search dp/tp/pp/cp/ep, ZeRO, recompute, micro-batch and pipeline schedule "
+                                      "for the fastest plans that fit in GPU memory.")
+    _model_args(srch)
+    srch.add_argument("--gpus", type=int, required=True, help="GPUs in the job")
+    srch.add_argument("--cluster", default=DEFAULT_CLUSTER,
+                      help=f"preset name or cluster JSON file (default {DEFAULT_CLUSTER})")
+    srch.add_argument("--global-batch", type=int, help="sequences per optimizer step (default: 512, or the "
+                                                       "next power of two >= GPUs)")
+    srch.add_argument("--top", type=int, default=5, help="how many plans to rank (default 5)")
+    srch.add_argument("--fix", action="append", default=[], metavar="FIELD=VALUE",
+                      help="pin a plan field, e.g. --fix tp=8 --fix zero_stage=1 (repeatable)")
+    srch.add_argument("--out", help="write the best plan here (a plan file `estimate` and `run` accept)")
+    srch.add_argument("--json", action="store_true", help="print the SearchResult as JSON")
+    srch.set_defaults(run=_search)
 
     est = sub.add_parser("estimate", help="predict step time and memory of one plan",
                          description="Predict step time, throughput, MFU and per-GPU memory of a plan.")
@@ -58,19 +75,83 @@ def _load_profile(args):
 def _estimate(args) -> int:
     from autoplan.costmodel import estimate
     from autoplan.report import estimate_table
-    from autoplan.schema import Cluster, parse_plan
+    from autoplan.schema import Cluster, parse_plan_file
 
     plan_path = Path(args.plan)
     if not plan_path.is_file():
         raise InvalidInputError(f"plan file not found: {plan_path}")
-    plan = parse_plan(plan_path.read_text(), source=str(plan_path))
+    plan, origin = parse_plan_file(plan_path.read_text(), source=str(plan_path))
     cluster = Cluster.resolve(args.cluster, gpus=args.gpus if args.gpus is not None else plan.gpus)
     profile = _load_profile(args)
+    if origin is not None:
+        _warn_if_other_target(plan_path, origin, args.model, profile.seq_len, cluster)
     result = estimate(profile, cluster, plan)
     if args.json:
         print(result.model_dump_json(indent=2))
     else:
         print(estimate_table(result, plan=plan, cluster=cluster, profile=profile), end="")
+    return 0
+
+
+def _warn_if_other_target(path: Path, origin, model: str, seq_len: int, cluster) -> None:
+    made = f"{origin.model} (seq_len {origin.seq_len}) on {origin.gpus} x {origin.gpu}"
+    used = f"{model} (seq_len {seq_len}) on {cluster.num_gpus} x {cluster.gpu}"
+    if made != used:
+        print(f"autoplan: warning: {path} was made for {made}, not {used}", file=sys.stderr)
+
+
+def _default_batch(gpus: int) -> int:
+    """The GPU count's odd part times the smallest power of two reaching 512: every GPU count then has
+    data-parallel degrees that divide the batch (1000 GPUs -> 1000, 96 -> 768, 64 -> 512)."""
+    odd = gpus // (gpus & -gpus)
+    batch = odd
+    while batch < 512:
+        batch *= 2
+    return batch
+
+
+def _fixed_fields(pairs: list[str]) -> dict:
+    from autoplan.schema import Plan
+
+    fixed = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or name not in Plan.model_fields or name in ("layers_per_stage", "recompute_per_stage"):
+            raise InvalidInputError(f"--fix takes FIELD=VALUE with a plan field (dp, tp, pp, cp, ep, zero_stage, "
+                                    f"recompute, micro_batch_size, schedule, virtual_stages), got {pair!r}")
+        fixed[name] = int(value) if value.isdigit() else value
+    return fixed
+
+
+def _search(args) -> int:
+    from rich.progress import Progress
+
+    from autoplan.planner import search
+    from autoplan.report import search_report
+    from autoplan.schema import Cluster, PlanFile
+
+    if args.gpus < 1 or args.top < 1:
+        raise InvalidInputError(f"--gpus and --top must be positive, got {args.gpus} and {args.top}")
+    fixed = _fixed_fields(args.fix)
+    cluster = Cluster.resolve(args.cluster, gpus=args.gpus)
+    profile = _load_profile(args)
+    batch = args.global_batch or _default_batch(args.gpus)
+    if batch < 1:
+        raise InvalidInputError(f"--global-batch must be positive, got {batch}")
+    with Progress(transient=True, disable=args.json or not sys.stderr.isatty()) as bar:
+        task = bar.add_task("searching", total=None)
+        result = search(profile, cluster, global_batch_size=batch, top_k=args.top,
+                        progress=lambda done, total: bar.update(task, completed=done, total=total), **fixed)
+    if args.out:
+        command = "autoplan " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("autoplan") else None
+        PlanFile(plan=result.best, model=args.model, seq_len=profile.seq_len, cluster=args.cluster, gpu=cluster.gpu,
+                 gpus=cluster.num_gpus, estimate=result.best_estimate, command=command).save(args.out)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(search_report(result, profile=profile, cluster=cluster), end="")
+        if args.out:
+            print(f"wrote the best plan to {args.out}")
     return 0
 
 

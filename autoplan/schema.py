@@ -272,18 +272,40 @@ def check_plan(profile: ModelProfile, cluster: Cluster, plan: Plan) -> None:
             raise InvalidPlanError(f"ep={plan.ep} does not divide dp*cp*tp = {plan.dp * plan.cp * plan.tp}")
 
 
-def parse_plan(text: str, source: str = "plan") -> Plan:
-    """A Plan from JSON text, or InvalidInputError with one line naming what is wrong."""
+class PlanFile(_Noun):
+    """A plan as `autoplan search --out` writes it: the plan, what it was made for, and its estimate."""
+
+    schema_version: int = Field(SCHEMA_VERSION, description="Version of this file format.")
+    plan: Plan = Field(description="The plan to run.")
+    model: str = Field(description="Model (built-in name or model.py path) the plan was made for.")
+    seq_len: int = Field(description="Sequence length it was planned at.")
+    cluster: str = Field(description="Cluster preset or file it was planned on.")
+    gpu: str = Field(description="GPU model of that cluster.")
+    gpus: int = Field(description="GPUs it was planned for.")
+    estimate: Estimate | None = Field(None, description="The cost model's estimate at planning time.")
+    command: str | None = Field(None, description="The command that made it.")
+
+
+def parse_plan_file(text: str, source: str = "plan") -> tuple[Plan, PlanFile | None]:
+    """A Plan from JSON text (a bare plan or a PlanFile), or InvalidInputError naming what is wrong."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise InvalidInputError(f"{source} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
-    if isinstance(data, dict) and "plan" in data and isinstance(data["plan"], dict):
-        data = data["plan"]  # a plan file that carries its origin and estimate beside the plan
     try:
-        return Plan.model_validate(data)
+        if isinstance(data, dict) and isinstance(data.get("plan"), dict):
+            if {"model", "gpus"} <= data.keys():
+                origin = PlanFile.model_validate(data)
+                return origin.plan, origin
+            return Plan.model_validate(data["plan"]), None
+        return Plan.model_validate(data), None
     except ValidationError as err:
         raise InvalidInputError(f"{source}: {one_line(err)}") from None
+
+
+def parse_plan(text: str, source: str = "plan") -> Plan:
+    """A Plan from JSON text (a bare plan or a plan file), or InvalidInputError with one line."""
+    return parse_plan_file(text, source)[0]
 
 
 # ----------------------------------------------------------------------------------------- answer
@@ -304,3 +326,6 @@ class Estimate(_Noun):
     time_breakdown: dict[str, float] = Field(description="Seconds of the step by cause (compute, recompute, tp_comm, ...).")
     memory_breakdown: dict[str, int] = Field(description="Bytes of the peak rank by category (params, grads, optimizer, ...).")
     notes: list[str] = Field(default_factory=list, description="Assumptions the estimate made that the user should know.")
+
+
+PlanFile.model_rebuild()

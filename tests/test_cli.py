@@ -110,3 +110,54 @@ def test_console_script_has_no_traceback(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"autoplan: error: {model} raised while importing: RuntimeError: boom"
+
+
+def test_search_prints_table_and_writes_a_plan_file_estimate_accepts(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    code, stdout, err = _run(["search", "gpt-tiny", "--gpus", "4", "--global-batch", "16", "--out", str(out)], capsys)
+    assert code == 0, err
+    for words in ("top plans", "expert defaults", "why the best plan wins", "proven lower bound", "MFU"):
+        assert words in stdout
+    saved = json.loads(out.read_text())
+    assert saved["model"] == "gpt-tiny" and saved["gpus"] == 4 and saved["estimate"]["fits"]
+    code, stdout, err = _run(["estimate", "gpt-tiny", "--plan", str(out)], capsys)
+    assert code == 0 and err == "" and "step time" in stdout
+    code, _, err = _run(["estimate", "moe-tiny", "--plan", str(out)], capsys)
+    assert code == 0 and "warning: " in err and "was made for gpt-tiny" in err
+
+
+def test_search_json(capsys):
+    code, stdout, _ = _run(["search", "gpt-tiny", "--gpus", "2", "--global-batch", "8", "--top", "2", "--json"], capsys)
+    assert code == 0
+    data = json.loads(stdout)
+    assert len(data["ranked"]) == 2 and data["best"] == data["ranked"][0]["plan"]
+    assert data["lower_bound_s"] <= data["ranked"][0]["estimate"]["step_time_s"]
+
+
+@pytest.mark.parametrize("gpus", [7, 96, 1000])
+def test_odd_gpu_counts_get_a_plan(gpus, capsys):
+    """The default global batch suits any GPU count (its odd part times a power of two)."""
+    code, stdout, err = _run(["search", "llama3-8b", "--gpus", str(gpus), "--top", "1"], capsys)
+    assert code == 0, err
+    assert "top plans" in stdout
+
+
+def test_nothing_fits_exits_3_with_closest_plan(capsys):
+    code, _, err = _run(["search", "llama3-405b", "--gpus", "8"], capsys)
+    assert code == 3
+    assert "closest:" in err and "bytes over" in err and err.count("\n") == 1
+
+
+def test_no_layout_exits_3(capsys):
+    code, _, err = _run(["search", "gpt-tiny", "--gpus", "7", "--global-batch", "3"], capsys)
+    assert code == 3 and "no layout dp*tp*pp*cp = 7" in err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["search", "gpt-tiny", "--gpus", "4", "--fix", "tp"], "--fix takes FIELD=VALUE"),
+    (["search", "gpt-tiny", "--gpus", "0"], "--gpus and --top must be positive"),
+    (["search", "gpt-tiny"], "the following arguments are required: --gpus"),
+])
+def test_search_bad_input(argv, expected, capsys):
+    code, _, err = _run(argv, capsys)
+    assert code == 2 and expected in err and err.count("\n") == 1

@@ -54,6 +54,15 @@ class SearchResult:
     def best_estimate(self) -> Estimate:
         return self.ranked[0][1]
 
+    def to_dict(self) -> dict:
+        pair = lambda found: {"plan": found[0].model_dump(), "estimate": found[1].model_dump()} if found else None
+        return {"best": self.best.model_dump(), "ranked": [pair(found) for found in self.ranked],
+                "baselines": {name: pair(found) for name, found in self.baselines.items()},
+                "global_batch_size": self.global_batch_size, "solve_time_s": self.solve_time_s,
+                "candidates_considered": self.candidates_considered, "candidates_pruned": self.candidates_pruned,
+                "ilp_solves": self.ilp_solves, "lower_bound_s": self.lower_bound_s,
+                "optimality_gap": self.optimality_gap}
+
     @property
     def optimality_gap(self) -> float:
         """How much faster than the best plan the optimum of the space could at most be (fraction)."""
@@ -145,8 +154,10 @@ def memory_bound_bytes(coster: Coster, plan: Plan, whole: LayerCost) -> float:
 
 
 def _configs(profile: ModelProfile, cluster: Cluster, coster: Coster, global_batch_size: int,
-             constraints: Constraints, pruned: dict[str, int]) -> list[_Config]:
-    configs = []
+             constraints: Constraints, pruned: dict[str, int]) -> tuple[list[_Config], _Config | None]:
+    """Every configuration with its time bound, and the one with the smallest memory bound (the closest
+    to fitting, for the message when nothing fits)."""
+    configs, leanest = [], None
     for layout in layouts(profile, cluster, global_batch_size=global_batch_size, constraints=constraints):
         per_replica = global_batch_size // layout.dp
         for mbs in micro_batch_sizes(per_replica=per_replica, constraints=constraints):
@@ -156,13 +167,16 @@ def _configs(profile: ModelProfile, cluster: Cluster, coster: Coster, global_bat
                 if schedule == "gpipe":  # same time as 1f1b in the cost model, more micro-batches in flight
                     pruned["dominated"] += len(constraints.zero_stages)
                     continue
-                for zero in constraints.zero_stages:
+                for zero in (z for z in constraints.zero_stages if constraints.allows("zero_stage", z)):
                     plan = _plan(layout, mbs, global_batch_size, schedule, v, zero, "none")
-                    if memory_bound_bytes(coster, plan, whole) > cluster.memory_bytes:
+                    memory = memory_bound_bytes(coster, plan, whole)
+                    if leanest is None or memory < leanest.bound_s:
+                        leanest = _Config(memory, plan)
+                    if memory > cluster.memory_bytes:
                         pruned["memory_bound"] += 1
                         continue
                     configs.append(_Config(time_bound_s(coster, plan, whole), plan))
-    return configs
+    return configs, leanest
 
 
 def _plan(layout: Layout, mbs: int, gbs: int, schedule: str, v: int, zero: int, recompute: str) -> Plan:
@@ -225,10 +239,12 @@ def search(profile: ModelProfile, cluster: Cluster, *, global_batch_size: int, t
         constraints = Constraints(**{**constraints.__dict__, "fixed": {**constraints.fixed, **fixed}})
     coster = Coster.of(profile, cluster)
     pruned = {"memory_bound": 0, "time_bound": 0, "dominated": 0}
-    configs = sorted(_configs(profile, cluster, coster, global_batch_size, constraints, pruned))
-    recompute = tuple(r for r in constraints.recompute
+    configs, leanest = _configs(profile, cluster, coster, global_batch_size, constraints, pruned)
+    configs.sort()
+    allowed = tuple(r for r in constraints.recompute if constraints.allows("recompute", r))
+    recompute = tuple(r for r in allowed
                       if r != "selective" or any(layer.attention_score_bytes for layer in profile.layers))
-    pruned["dominated"] += len(configs) * (len(constraints.recompute) - len(recompute))
+    pruned["dominated"] += len(configs) * (len(allowed) - len(recompute))
     top = _TopK(top_k, cluster.memory_bytes)
     # phase 1: the even partition with each uniform recompute mode, in order of the bound
     uniform: list[tuple[_Config, float]] = []
@@ -267,7 +283,10 @@ def search(profile: ModelProfile, cluster: Cluster, *, global_batch_size: int, t
         ilp_solves=ilp_solves, lower_bound_s=min(bounds + [ranked[0][1].step_time_s]) if ranked else 0.0,
         closest_infeasible=top.closest, global_batch_size=global_batch_size)
     if not ranked:
-        raise _infeasible(result, cluster)
+        if result.closest_infeasible is None and leanest is not None:  # everything was pruned on memory
+            plan = Plan.model_validate({**leanest.plan.model_dump(), "recompute": "full"})
+            result.closest_infeasible = (plan, coster.estimate(plan, check=False))
+        raise _infeasible(result, profile, cluster)
     return result
 
 
@@ -284,13 +303,14 @@ def _evaluate_uniform(coster: Coster, config: _Config, recompute: tuple[str, ...
     return best
 
 
-def _infeasible(result: SearchResult, cluster: Cluster) -> InfeasiblePlanError:
+def _infeasible(result: SearchResult, profile: ModelProfile, cluster: Cluster) -> InfeasiblePlanError:
     gib = 1024**3
     if result.closest_infeasible is None:
-        err = InfeasiblePlanError(f"no valid plan for {cluster.num_gpus} GPUs with global batch "
-                                  f"{result.global_batch_size}: no layout dp*tp*pp*cp = {cluster.num_gpus} fits "
-                                  f"the model's heads, layers and batch (and every memory bound exceeds "
-                                  f"{cluster.memory_bytes / gib:.1f} GiB)")
+        err = InfeasiblePlanError(
+            f"no layout dp*tp*pp*cp = {cluster.num_gpus} suits the model ({profile.num_heads} heads, "
+            f"{profile.num_kv_heads} key/value heads, {profile.num_blocks} layers, seq_len {profile.seq_len}) "
+            f"with global batch {result.global_batch_size} (dp must divide it): try another --global-batch "
+            f"or GPU count")
     else:
         plan, est = result.closest_infeasible
         over = est.memory_per_gpu_bytes - cluster.memory_bytes

@@ -1,5 +1,5 @@
 """Reports: tables now; markdown reports and plots with the benchmark work."""
 
-from autoplan.report.tables import estimate_table
+from autoplan.report.tables import comparison_table, estimate_table, plans_table, search_report
 
-__all__ = ["estimate_table"]
+__all__ = ["comparison_table", "estimate_table", "plans_table", "search_report"]

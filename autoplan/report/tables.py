@@ -50,3 +50,75 @@ def _breakdown(title: str, parts: dict[str, float], unit: str, total: float) -> 
         table.add_row(name, f"{value:,.2f}", f"{value / total * 100:5.1f}%" if total else "-")
     table.add_row("total", f"{total:,.2f}", "100.0%", style="bold")
     return table
+
+
+def _short(plan: Plan) -> str:
+    extra = f" v={plan.virtual_stages}" if plan.virtual_stages > 1 else ""
+    uneven = " uneven" if plan.layers_per_stage else ""
+    rec = "/".join(plan.recompute_per_stage) if plan.recompute_per_stage else plan.recompute
+    return f"{plan.schedule}{extra}{uneven}", rec
+
+
+def plans_table(rows: list[tuple[str, Plan, Estimate]], *, title: str) -> Table:
+    """One line per plan: parallel sizes, ZeRO, recompute, micro-batch, schedule, time, MFU, memory."""
+    table = Table(title=title, title_justify="left")
+    for name, justify in (("#", "left"), ("dp", "right"), ("tp", "right"), ("pp", "right"), ("cp", "right"),
+                          ("ep", "right"), ("zero", "right"), ("recompute", "left"), ("mbs", "right"),
+                          ("schedule", "left"), ("step ms", "right"), ("tokens/s", "right"), ("MFU", "right"),
+                          ("mem GiB / limit", "right")):
+        table.add_column(name, justify=justify)
+    for label, plan, est in rows:
+        schedule, rec = _short(plan)
+        table.add_row(label, str(plan.dp), str(plan.tp), str(plan.pp), str(plan.cp), str(plan.ep),
+                      str(plan.zero_stage), rec, str(plan.micro_batch_size), schedule,
+                      f"{est.step_time_s * 1e3:,.1f}", f"{est.tokens_per_s:,.0f}", f"{est.mfu * 100:.1f}%",
+                      f"{est.memory_per_gpu_bytes / GIB:.1f} / {est.memory_limit_bytes / GIB:.1f}")
+    return table
+
+
+def comparison_table(columns: list[tuple[str, Estimate]], *, title: str) -> Table:
+    """Time (ms) and memory (GiB) breakdowns of a few plans side by side."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("part")
+    for name, _ in columns:
+        table.add_column(name, justify="right")
+    for key in columns[0][1].time_breakdown:
+        table.add_row(f"{key} ms", *(f"{est.time_breakdown[key] * 1e3:,.1f}" for _, est in columns))
+    table.add_row("step ms", *(f"{est.step_time_s * 1e3:,.1f}" for _, est in columns), style="bold")
+    for key in columns[0][1].memory_breakdown:
+        table.add_row(f"{key} GiB", *(f"{est.memory_breakdown[key] / GIB:.2f}" for _, est in columns))
+    table.add_row("memory GiB", *(f"{est.memory_per_gpu_bytes / GIB:.2f}" for _, est in columns), style="bold")
+    return table
+
+
+def search_report(result, *, profile: ModelProfile, cluster: Cluster) -> str:
+    """The top plans, the expert defaults, and why the best plan wins."""
+    console, buffer = _console(width=140)
+    console.print(f"model   {profile.name}  ({profile.total_params / 1e9:.2f}B params, seq_len {profile.seq_len}); "
+                  f"global batch {result.global_batch_size} sequences")
+    console.print(f"cluster {cluster.name}: {cluster.num_gpus} x {cluster.gpu}, {cluster.gpus_per_node} per node")
+    pruned = ", ".join(f"{n:,} {k.replace('_', ' ')}" for k, n in result.candidates_pruned.items())
+    console.print(f"search  {result.solve_time_s:.2f} s: {result.candidates_considered:,} configurations evaluated, "
+                  f"{result.ilp_solves} partition ILPs; pruned {pruned}; proven lower bound "
+                  f"{result.lower_bound_s * 1e3:,.1f} ms (best is within {result.optimality_gap * 100:.2f}%)")
+    rows = [(str(i + 1), plan, est) for i, (plan, est) in enumerate(result.ranked)]
+    console.print(plans_table(rows, title="top plans"))
+    defaults = [(name, *found) for name, found in result.baselines.items() if found]
+    if defaults:
+        console.print(plans_table(defaults, title="expert defaults (best fitting variant of each)"))
+    missing = [name for name, found in result.baselines.items() if not found]
+    if missing:
+        console.print(f"no fitting plan for: {', '.join(missing)}")
+    columns = [("best", result.ranked[0][1])]
+    if len(result.ranked) > 1:
+        columns.append(("runner-up", result.ranked[1][1]))
+    if defaults:
+        name, _, est = min(defaults, key=lambda row: row[2].step_time_s)
+        columns.append((name, est))
+    console.print(comparison_table(columns, title="why the best plan wins"))
+    best = result.ranked[0][0]
+    if best.layers_per_stage:
+        console.print(f"best plan's blocks per pipeline chunk: {best.layers_per_stage}")
+    if best.recompute_per_stage:
+        console.print(f"best plan's recompute per stage: {best.recompute_per_stage}")
+    return buffer.getvalue()

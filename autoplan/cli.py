@@ -51,6 +51,25 @@ def _parser() -> argparse.ArgumentParser:
     est.add_argument("--json", action="store_true", help="print the Estimate as JSON")
     est.set_defaults(run=_estimate)
 
+    run = sub.add_parser("run", help="train with a plan (under torchrun)",
+                         description="Apply the plan to the model and train on a synthetic stream; run it under "
+                                     "torchrun with dp*tp*pp*cp processes (or use `autoplan launch`).")
+    _model_args(run)
+    run.add_argument("--plan", required=True, help="plan JSON file")
+    run.add_argument("--steps", type=int, default=10, help="optimizer steps (default 10)")
+    run.add_argument("--metrics", help="append one JSON line per step, then a summary, to this file")
+    run.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    run.add_argument("--seed", type=int, default=0, help="seed of the weights and the data (default 0)")
+    run.set_defaults(run=_run)
+
+    launch = sub.add_parser("launch", help="start torchrun on this node and run a plan",
+                            description="Start torchrun with --nproc-per-node processes running `autoplan run`.")
+    launch.add_argument("--nproc-per-node", type=int, required=True, help="processes (GPUs) on this node")
+    launch.add_argument("--nnodes", default="1", help="nodes, passed to torchrun (default 1)")
+    launch.add_argument("--rdzv-endpoint", help="rendezvous host:port for several nodes, passed to torchrun")
+    launch.add_argument("rest", nargs=argparse.REMAINDER, help="MODEL --plan ... (the arguments of `run`)")
+    launch.set_defaults(run=_launch)
+
     prof = sub.add_parser("profile-model", help="trace a model on meta and write its ModelProfile",
                           description="Trace MODEL on the meta device: per-layer FLOPs, parameters, activations.")
     _model_args(prof)
@@ -153,6 +172,58 @@ def _search(args) -> int:
         if args.out:
             print(f"wrote the best plan to {args.out}")
     return 0
+
+
+def _run(args) -> int:
+    import torch.distributed as dist
+
+    from autoplan.executor import apply, init_distributed, train
+    from autoplan.models.loader import load_model
+    from autoplan.schema import parse_plan_file
+
+    if args.steps < 1:
+        raise InvalidInputError(f"--steps must be positive, got {args.steps}")
+    plan_path = Path(args.plan)
+    if not plan_path.is_file():
+        raise InvalidInputError(f"plan file not found: {plan_path}")
+    plan, _ = parse_plan_file(plan_path.read_text(), source=str(plan_path))
+    device = init_distributed()
+    try:
+        import torch
+
+        torch.manual_seed(args.seed)
+        overrides = {"seq_len": args.seq_len} if args.seq_len else {}
+        loaded = load_model(args.model, device=device, **({} if args.model.endswith(".py") else overrides))
+        model = loaded.module
+        if hasattr(model, "init_weights"):
+            model.init_weights(seed=args.seed)
+        seq_len = args.seq_len or loaded.seq_len
+        vocab = loaded.config.get("vocab") or getattr(getattr(model, "config", None), "vocab", None)
+        if not seq_len or not vocab:
+            raise InvalidInputError(f"{args.model}: set CONFIG['seq_len'] and CONFIG['vocab'] in the model file")
+        par = apply(model, plan, device_type=device.type, tp_plan=loaded.tp_plan)
+        train(par, steps=args.steps, seq_len=seq_len, vocab=vocab, device=device, lr=args.lr, seed=args.seed,
+              metrics_path=args.metrics)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def _launch(args) -> int:
+    import subprocess
+
+    if args.nproc_per_node < 1:
+        raise InvalidInputError(f"--nproc-per-node must be positive, got {args.nproc_per_node}")
+    rest = [a for a in args.rest if a != "--"]
+    if not rest:
+        raise InvalidInputError("autoplan launch: give the model and the run arguments, e.g. gpt-tiny --plan plan.json")
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node}",
+               f"--nnodes={args.nnodes}"]
+    if args.rdzv_endpoint:
+        command += ["--rdzv-backend=c10d", f"--rdzv-endpoint={args.rdzv_endpoint}"]
+    command += ["-m", "autoplan", "run", *rest]
+    return subprocess.call(command)
 
 
 def _profile_model(args) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ class LoadedModel:
     module: nn.Module
     name: str
     config: dict = field(default_factory=dict)  # at least seq_len when known
+    tp_plan: Callable | None = None              # model.py's tp_plan(model, sequence_parallel) -> layout
 
     @property
     def seq_len(self) -> int | None:
@@ -65,4 +67,5 @@ def _load_file(path: Path, device: str | torch.device) -> LoadedModel:
         raise ModelLoadError(f"{path}: build_model() raised {first_line(err)}") from None
     if not isinstance(module, nn.Module):
         raise ModelLoadError(f"{path}: build_model() returned {type(module).__name__}, not a torch.nn.Module")
-    return LoadedModel(module, str(path), config)
+    tp_plan = getattr(user, "tp_plan", None)
+    return LoadedModel(module, str(path), config, tp_plan if callable(tp_plan) else None)

@@ -1,0 +1,32 @@
+"""The DeviceMesh of a plan: axes ("pp", "dp", "cp", "tp"), tp innermost, built once and passed around.
+
+tp innermost keeps a tensor-parallel group on consecutive ranks, i.e. inside a node (torchrun numbers a
+node's processes consecutively), which is the layout the cost model assumes (costmodel.comm).
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from autoplan.errors import InvalidPlanError
+from autoplan.schema import Plan
+
+MESH_AXES = ("pp", "dp", "cp", "tp")
+
+
+def build_mesh(plan: Plan, device_type: str) -> DeviceMesh:
+    """A 4-D mesh over all ranks of the initialised process group, shaped by the plan."""
+    world = dist.get_world_size()
+    if plan.gpus != world:
+        raise InvalidPlanError(f"dp*tp*pp*cp = {plan.gpus} but the job has {world} ranks")
+    return init_device_mesh(device_type, (plan.pp, plan.dp, plan.cp, plan.tp), mesh_dim_names=MESH_AXES)
+
+
+def rank_coordinates(rank: int, plan: Plan) -> dict[str, int]:
+    """Where global rank `rank` sits on each axis: rank = ((pp_i*dp + dp_i)*cp + cp_i)*tp + tp_i."""
+    coords = {}
+    for axis, size in zip(reversed(MESH_AXES), (plan.tp, plan.cp, plan.dp, plan.pp)):
+        coords[axis] = rank % size
+        rank //= size
+    return coords

@@ -1,0 +1,145 @@
+"""Apply a plan to a model and train it: the loop behind `autoplan run`.
+
+Order of the appliers (torchtitan's): mesh from the plan -> tensor/sequence parallel -> recompute ->
+data parallel / ZeRO. Pipeline, context and expert parallelism are not applied by this executor yet
+and are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from autoplan.errors import InvalidPlanError
+from autoplan.executor.data import global_batch, replica_micro_batches
+from autoplan.executor.data_parallel import apply_data_parallel, build_optimizer, set_gradient_sync
+from autoplan.executor.mesh import build_mesh, rank_coordinates
+from autoplan.executor.recompute import apply_recompute
+from autoplan.executor.tensor_parallel import apply_tensor_parallel
+from autoplan.schema import Plan
+
+UNSUPPORTED = {"pp": "pipeline parallelism", "cp": "context parallelism", "ep": "expert parallelism"}
+
+
+@dataclass
+class Parallelized:
+    model: nn.Module
+    plan: Plan
+    mesh: object | None
+    coords: dict = field(default_factory=dict)
+
+
+def apply(model: nn.Module, plan: Plan, *, device_type: str = "cpu", tp_plan=None) -> Parallelized:
+    """Parallelise `model` in place for `plan` on the initialised process group (or one process)."""
+    for axis, what in UNSUPPORTED.items():
+        if getattr(plan, axis) > 1:
+            raise InvalidPlanError(f"{axis}={getattr(plan, axis)}: {what} is not supported by the executor yet")
+    if not dist.is_initialized():
+        if plan.gpus != 1:
+            raise InvalidPlanError(f"the plan needs {plan.gpus} ranks: run it under torchrun (autoplan launch)")
+        apply_recompute(model, plan.recompute)
+        return Parallelized(model, plan, None, {"pp": 0, "dp": 0, "cp": 0, "tp": 0})
+    mesh = build_mesh(plan, device_type)
+    if plan.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"], sequence_parallel=plan.sequence_parallel, user_plan=tp_plan)
+    apply_recompute(model, plan.recompute)
+    if plan.dp > 1:
+        model = apply_data_parallel(model, mesh["dp"], zero_stage=plan.zero_stage, tp=plan.tp)
+    return Parallelized(model, plan, mesh, rank_coordinates(dist.get_rank(), plan))
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # CPU: the process's peak RSS
+
+
+def _max_over_ranks(value: float) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def _mean_over_dp(value: torch.Tensor, par: Parallelized) -> float:
+    if par.mesh is None or par.plan.dp == 1:
+        return float(value)
+    t = value.detach().to(torch.float64).reshape(1)
+    dist.all_reduce(t, group=par.mesh["dp"].get_group())
+    return float(t.item()) / par.plan.dp
+
+
+def train(par: Parallelized, *, steps: int, seq_len: int, vocab: int, device: torch.device, lr: float = 1e-3,
+          seed: int = 0, metrics_path: str | None = None, log=print) -> list[dict]:
+    """Run `steps` optimizer steps on the synthetic stream; one metrics dict per step (and a summary)."""
+    plan, model = par.plan, par.model
+    dp_mesh = par.mesh["dp"] if par.mesh is not None else None
+    optimizer = build_optimizer(model, zero_stage=plan.zero_stage, tp=plan.tp, dp_mesh=dp_mesh, lr=lr,
+                                weight_decay=0.0)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    sink = open(metrics_path, "a") if metrics_path and rank0 else None
+    records = []
+    try:
+        for step in range(steps):
+            start = time.perf_counter()
+            batch = global_batch(step=step, global_batch_size=plan.global_batch_size, seq_len=seq_len, vocab=vocab,
+                                 seed=seed)
+            micro = replica_micro_batches(batch, dp=plan.dp, dp_rank=par.coords["dp"],
+                                          micro_batch_size=plan.micro_batch_size)
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            for i, tokens in enumerate(micro):
+                set_gradient_sync(model, i == len(micro) - 1)
+                tokens = tokens.to(device)
+                logits = model(tokens[:, :-1])
+                loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()) / len(micro)
+                loss.backward()
+                loss_sum += loss.detach().to(torch.float64).cpu()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            step_s = _max_over_ranks(time.perf_counter() - start)
+            record = {"step": step, "loss": _mean_over_dp(loss_sum, par), "step_time_s": step_s,
+                      "tokens_per_s": plan.global_batch_size * seq_len / step_s,
+                      "max_memory_bytes": int(_max_over_ranks(_peak_memory_bytes(device)))}
+            records.append(record)
+            if sink:
+                sink.write(json.dumps(record) + "\n")
+                sink.flush()
+            if rank0 and log:
+                log(f"step {step:4d}  loss {record['loss']:.4f}  {step_s * 1e3:8.1f} ms  "
+                    f"{record['tokens_per_s']:,.0f} tokens/s")
+        if records:
+            times = [r["step_time_s"] for r in records[1:]] or [records[0]["step_time_s"]]
+            summary = {"summary": True, "steps": steps, "median_step_time_s": statistics.median(times),
+                       "tokens_per_s": plan.global_batch_size * seq_len / statistics.median(times),
+                       "max_memory_bytes": max(r["max_memory_bytes"] for r in records),
+                       "final_loss": records[-1]["loss"], "plan": plan.model_dump()}
+            if sink:
+                sink.write(json.dumps(summary) + "\n")
+    finally:
+        if sink:
+            sink.close()
+    return records
+
+
+def init_distributed() -> torch.device:
+    """Initialise the process group from torchrun's environment (gloo on CPU, nccl on CUDA)."""
+    cuda = torch.cuda.is_available()
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")

@@ -70,6 +70,18 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("rest", nargs=argparse.REMAINDER, help="MODEL --plan ... (the arguments of `run`)")
     launch.set_defaults(run=_launch)
 
+    hw = sub.add_parser("profile", help="measure this machine (under torchrun for the interconnect) -> cluster.json",
+                        description="Measure GEMM throughput, memory bandwidth, attention, collectives and (with "
+                                    "MODEL) per-layer times; fit the cost model's parameters; write a Cluster file "
+                                    "that search, estimate and bench accept with --cluster.")
+    hw.add_argument("model", nargs="?", help="also time this model's blocks (a built-in name or model.py)")
+    hw.add_argument("--out", default="cluster.json", help="cluster file to write (default cluster.json)")
+    hw.add_argument("--quick", action="store_true", help="small sizes, few repeats: seconds instead of minutes")
+    hw.add_argument("--name", help="label of the measured cluster")
+    hw.add_argument("--peak-flops", type=float, help="declared peak FLOP/s of one device (default: known GPUs' "
+                                                     "datasheet value, or the best measured GEMM on CPU)")
+    hw.set_defaults(run=_profile_hardware)
+
     prof = sub.add_parser("profile-model", help="trace a model on meta and write its ModelProfile",
                           description="Trace MODEL on the meta device: per-layer FLOPs, parameters, activations.")
     _model_args(prof)
@@ -224,6 +236,17 @@ def _launch(args) -> int:
         command += ["--rdzv-backend=c10d", f"--rdzv-endpoint={args.rdzv_endpoint}"]
     command += ["-m", "autoplan", "run", *rest]
     return subprocess.call(command)
+
+
+def _profile_hardware(args) -> int:
+    from autoplan.profiler.calibrate import run_profile, summary
+
+    cluster = run_profile(out=args.out, quick=args.quick, model=args.model, name=args.name,
+                          peak_flops_per_s=args.peak_flops, show_progress=sys.stderr.isatty())
+    if os.environ.get("RANK", "0") == "0":
+        print(summary(cluster))
+        print(f"wrote {args.out}")
+    return 0
 
 
 def _profile_model(args) -> int:

@@ -1,4 +1,5 @@
-"""Executor: Plan + nn.Module -> DeviceMesh, TP/SP, recompute, DP/ZeRO; the training loop of `autoplan run`."""
+"""Executor: Plan + nn.Module -> DeviceMesh, pipeline stages and schedule, TP/SP, recompute, DP/ZeRO;
+the training loop of `autoplan run`."""
 
 from autoplan.executor.train import Parallelized, apply, init_distributed, train
 

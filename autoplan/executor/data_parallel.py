@@ -22,9 +22,19 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 
 
-def apply_data_parallel(model: nn.Module, dp_mesh: DeviceMesh, *, zero_stage: int, tp: int) -> nn.Module:
-    """Wrap the model for data parallelism over `dp_mesh` (in place; returns the module to train)."""
-    if zero_stage == 0 or (zero_stage == 1 and tp == 1):
+def uses_ddp(*, zero_stage: int, tp: int) -> bool:
+    return zero_stage == 0 or (zero_stage == 1 and tp == 1)
+
+
+def apply_data_parallel(model: nn.Module, dp_mesh: DeviceMesh, *, zero_stage: int, tp: int,
+                        pipelined: bool = False) -> nn.Module:
+    """Wrap the model for data parallelism over `dp_mesh` (in place; returns the module to train).
+    Under a pipeline schedule DDP's hooks see several forwards before their backwards and reduce
+    wrong gradients, so there the DDP stages leave the module as is and the caller averages the
+    gradients over the dp ranks after the step (`all_reduce_gradients`): DDP's arithmetic, no hooks."""
+    if uses_ddp(zero_stage=zero_stage, tp=tp) and pipelined:
+        return model
+    if uses_ddp(zero_stage=zero_stage, tp=tp):
         from torch.distributed._composable.replicate import replicate
 
         return replicate(model, device_mesh=dp_mesh)
@@ -45,6 +55,17 @@ def build_optimizer(model: nn.Module, *, zero_stage: int, tp: int, dp_mesh: Devi
         return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, process_group=dp_mesh.get_group(),
                                        lr=lr, weight_decay=weight_decay)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=False)
+
+
+def all_reduce_gradients(model: nn.Module, dp_mesh: DeviceMesh) -> None:
+    """Average every gradient over the dp ranks (the local shard of a tensor-parallel DTensor)."""
+    group, size = dp_mesh.get_group(), dp_mesh.size()
+    for param in model.parameters():
+        if param.grad is None:
+            continue
+        grad = param.grad._local_tensor if hasattr(param.grad, "_local_tensor") else param.grad
+        torch.distributed.all_reduce(grad, group=group)
+        grad.div_(size)
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:

@@ -38,14 +38,19 @@ def block_layout(block: nn.Module, *, sequence_parallel: bool) -> dict:
 
 
 def model_layout(model: nn.Module, *, sequence_parallel: bool) -> dict:
-    """The whole reference transformer: embedding, every block, final norm, output."""
-    layout = {"embed.tok": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())}
-    if sequence_parallel:  # positions are added on the full sequence, then it is split
-        layout["embed"] = PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1))
+    """The reference transformer, or one pipeline stage of it (parts a stage lacks are None):
+    embedding, every block it holds, final norm, output. With SP, a stage passes the sequence-sharded
+    activation on to the next; the first stage splits it after the embedding."""
+    layout = {}
+    if model.embed is not None:
+        layout["embed.tok"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+        if sequence_parallel:  # positions are added on the full sequence, then it is split
+            layout["embed"] = PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1))
+    if model.norm is not None and sequence_parallel:
         layout["norm"] = SequenceParallel()
-        layout["output"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())
-    else:
-        layout["output"] = ColwiseParallel(output_layouts=Replicate())
+    if model.output is not None:
+        layout["output"] = ColwiseParallel(input_layouts=Shard(1) if sequence_parallel else Replicate(),
+                                           output_layouts=Replicate())
     for name, block in model.layers.items():
         layout.update({f"layers.{name}.{path}": style
                        for path, style in block_layout(block, sequence_parallel=sequence_parallel).items()})

@@ -1,8 +1,9 @@
 """Apply a plan to a model and train it: the loop behind `autoplan run`.
 
-Order of the appliers (torchtitan's): mesh from the plan -> tensor/sequence parallel -> recompute ->
-data parallel / ZeRO. Pipeline, context and expert parallelism are not applied by this executor yet
-and are refused with a clear error.
+Order of the appliers (torchtitan's): mesh from the plan -> pipeline split (each rank keeps its chunks)
+-> per chunk: tensor/sequence parallel -> recompute (the stage's mode) -> data parallel / ZeRO -> the
+pipeline schedule. Context and expert parallelism are not applied by this executor yet and are refused
+with a clear error.
 """
 
 from __future__ import annotations
@@ -21,21 +22,26 @@ from torch import nn
 
 from autoplan.errors import InvalidPlanError
 from autoplan.executor.data import global_batch, replica_micro_batches
-from autoplan.executor.data_parallel import apply_data_parallel, build_optimizer, set_gradient_sync
+from autoplan.executor.data_parallel import (all_reduce_gradients, apply_data_parallel, build_optimizer,
+                                             set_gradient_sync, uses_ddp)
 from autoplan.executor.mesh import build_mesh, rank_coordinates
+from autoplan.executor.pipeline import build_schedule, split_model
 from autoplan.executor.recompute import apply_recompute
 from autoplan.executor.tensor_parallel import apply_tensor_parallel
 from autoplan.schema import Plan
 
-UNSUPPORTED = {"pp": "pipeline parallelism", "cp": "context parallelism", "ep": "expert parallelism"}
+UNSUPPORTED = {"cp": "context parallelism", "ep": "expert parallelism"}
 
 
 @dataclass
 class Parallelized:
-    model: nn.Module
+    model: nn.Module                 # the module to train (a ModuleList of this rank's chunks with pp > 1)
     plan: Plan
     mesh: object | None
     coords: dict = field(default_factory=dict)
+    schedule: object | None = None   # the pipeline schedule (pp > 1)
+    first: bool = True               # this rank holds the first / last pipeline chunk
+    last: bool = True
 
 
 def apply(model: nn.Module, plan: Plan, *, device_type: str = "cpu", tp_plan=None) -> Parallelized:
@@ -49,12 +55,26 @@ def apply(model: nn.Module, plan: Plan, *, device_type: str = "cpu", tp_plan=Non
         apply_recompute(model, plan.recompute)
         return Parallelized(model, plan, None, {"pp": 0, "dp": 0, "cp": 0, "tp": 0})
     mesh = build_mesh(plan, device_type)
+    coords = rank_coordinates(dist.get_rank(), plan)
+    if plan.pp == 1:
+        return Parallelized(_apply_per_stage(model, plan, mesh, 0, tp_plan), plan, mesh, coords)
+    device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+    chunks = [(chunk, _apply_per_stage(part, plan, mesh, coords["pp"], tp_plan))
+              for chunk, part in split_model(model, plan, coords["pp"])]
+    schedule = build_schedule(plan, chunks, device=device, pp_group=mesh["pp"].get_group())
+    indices = [chunk for chunk, _ in chunks]
+    return Parallelized(nn.ModuleList([part for _, part in chunks]), plan, mesh, coords, schedule,
+                        first=0 in indices, last=plan.pp * plan.virtual_stages - 1 in indices)
+
+
+def _apply_per_stage(model: nn.Module, plan: Plan, mesh, pp_rank: int, tp_plan) -> nn.Module:
+    """TP/SP -> recompute -> DP/ZeRO on one pipeline chunk (or the whole model)."""
     if plan.tp > 1:
         apply_tensor_parallel(model, mesh["tp"], sequence_parallel=plan.sequence_parallel, user_plan=tp_plan)
-    apply_recompute(model, plan.recompute)
+    apply_recompute(model, plan.stage_recompute(pp_rank))
     if plan.dp > 1:
-        model = apply_data_parallel(model, mesh["dp"], zero_stage=plan.zero_stage, tp=plan.tp)
-    return Parallelized(model, plan, mesh, rank_coordinates(dist.get_rank(), plan))
+        model = apply_data_parallel(model, mesh["dp"], zero_stage=plan.zero_stage, tp=plan.tp, pipelined=plan.pp > 1)
+    return model
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
@@ -83,6 +103,9 @@ def train(par: Parallelized, *, steps: int, seq_len: int, vocab: int, device: to
           seed: int = 0, metrics_path: str | None = None, log=print) -> list[dict]:
     """Run `steps` optimizer steps on the synthetic stream; one metrics dict per step (and a summary)."""
     plan, model = par.plan, par.model
+    if plan.pp > 1 and plan.num_micro_batches < plan.pp and plan.schedule != "gpipe":
+        raise InvalidPlanError(f"{plan.schedule} needs at least pp={plan.pp} micro-batches per replica, "
+                               f"got {plan.num_micro_batches}")
     dp_mesh = par.mesh["dp"] if par.mesh is not None else None
     optimizer = build_optimizer(model, zero_stage=plan.zero_stage, tp=plan.tp, dp_mesh=dp_mesh, lr=lr,
                                 weight_decay=0.0)
@@ -96,14 +119,19 @@ def train(par: Parallelized, *, steps: int, seq_len: int, vocab: int, device: to
                                  seed=seed)
             micro = replica_micro_batches(batch, dp=plan.dp, dp_rank=par.coords["dp"],
                                           micro_batch_size=plan.micro_batch_size)
-            loss_sum = torch.zeros((), dtype=torch.float64)
-            for i, tokens in enumerate(micro):
-                set_gradient_sync(model, i == len(micro) - 1)
-                tokens = tokens.to(device)
-                logits = model(tokens[:, :-1])
-                loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()) / len(micro)
-                loss.backward()
-                loss_sum += loss.detach().to(torch.float64).cpu()
+            if par.schedule is not None:
+                loss_sum = _pipeline_step(par, torch.cat(micro).to(device))
+                if plan.dp > 1 and uses_ddp(zero_stage=plan.zero_stage, tp=plan.tp):
+                    all_reduce_gradients(model, par.mesh["dp"])
+            else:
+                loss_sum = torch.zeros((), dtype=torch.float64)
+                for i, tokens in enumerate(micro):
+                    set_gradient_sync(model, i == len(micro) - 1)
+                    tokens = tokens.to(device)
+                    logits = model(tokens[:, :-1])
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()) / len(micro)
+                    loss.backward()
+                    loss_sum += loss.detach().to(torch.float64).cpu()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":
@@ -131,6 +159,21 @@ def train(par: Parallelized, *, steps: int, seq_len: int, vocab: int, device: to
         if sink:
             sink.close()
     return records
+
+
+def _pipeline_step(par: Parallelized, tokens: torch.Tensor) -> torch.Tensor:
+    """One schedule step over this replica's micro-batches; the mean loss, known on every pp rank."""
+    losses: list[torch.Tensor] = []
+    kwargs = {"target": tokens[:, 1:], "losses": losses} if par.last else {}
+    if par.first:
+        par.schedule.step(tokens[:, :-1], **kwargs)
+    else:
+        par.schedule.step(**kwargs)
+    loss = torch.zeros((), dtype=torch.float64)
+    if par.last:
+        loss += sum(float(x.detach()) for x in losses) / len(losses)
+    dist.all_reduce(loss, group=par.mesh["pp"].get_group())  # only the last stage holds it
+    return loss
 
 
 def init_distributed() -> torch.device:

@@ -155,7 +155,7 @@ def measure_memory_bandwidth(*, dtype: torch.dtype, sizes_bytes: Sequence[int], 
     device = torch.device(device)
     entries = []
     for size_bytes in sizes_bytes:
-        numel = max(4096, size_bytes // torch.finfo(dtype).bits * 8 // 4096 * 4096)
+        numel = max(4096, size_bytes // (torch.finfo(dtype).bits // 8) // 4096 * 4096)  # whole rows of 4096
         x = torch.randn(numel, dtype=dtype, device=device)
         y, z = torch.empty_like(x), torch.empty_like(x)
         rows = x.view(-1, 4096)
@@ -184,8 +184,8 @@ def measure_attention(*, dtype: torch.dtype, shapes: Sequence[tuple[int, int, in
         q, k, v = (torch.randn(b, h, s, d, dtype=dtype, device=device, requires_grad=True) for _ in range(3))
         grad = torch.randn(b, h, s, d, dtype=dtype, device=device)
 
-        def fwd_bwd():
-            F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
+        def fwd_bwd():  # autograd.grad: no accumulation into .grad (an extra elementwise add) is timed
+            torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), grad)
 
         samples, inner = time_s(fwd_bwd, device=device, repeats=repeats)
         flops = 4.0 * b * h * s * s * d * (1 + SDPA_BWD_FACTOR)

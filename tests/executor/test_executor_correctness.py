@@ -19,6 +19,13 @@ TWO_RANK_PLANS = {
     "dp2 full recompute": Plan(dp=2, recompute="full", global_batch_size=GBS, micro_batch_size=MBS),
     "tp2 sp selective": Plan(tp=2, sequence_parallel=True, recompute="selective", global_batch_size=GBS,
                              micro_batch_size=MBS),
+    "pp2 gpipe": Plan(pp=2, schedule="gpipe", global_batch_size=GBS, micro_batch_size=MBS),
+    "pp2 1f1b": Plan(pp=2, schedule="1f1b", global_batch_size=GBS, micro_batch_size=MBS),
+    "pp2 interleaved v2": Plan(pp=2, schedule="interleaved-1f1b", virtual_stages=2, global_batch_size=GBS,
+                               micro_batch_size=MBS),
+    "pp2 zero-bubble": Plan(pp=2, schedule="zero-bubble", global_batch_size=GBS, micro_batch_size=MBS),
+    "pp2 uneven 1+3, recompute full/none": Plan(pp=2, layers_per_stage=[1, 3], recompute_per_stage=["full", "none"],
+                                                global_batch_size=GBS, micro_batch_size=MBS),
 }
 EAGER = {"attn_impl": "eager"}  # explicit scores, so selective recompute has something to recompute
 
@@ -43,11 +50,22 @@ def test_two_ranks_match_single_process(name, two_rank_losses, reference):
     assert two_rank_losses[name][-1] < two_rank_losses[name][0]  # it trains
 
 
-def test_dp_by_tp_on_four_ranks(reference):
-    """dp=2 x tp=2 (sequence parallel, ZeRO-3) on 4 ranks."""
-    plan = Plan(dp=2, tp=2, sequence_parallel=True, zero_stage=3, global_batch_size=GBS, micro_batch_size=MBS)
-    (losses,) = run_on_ranks(4, [("gpt-tiny", plan, {})])
-    assert losses == pytest.approx(reference["gpt"], rel=TOL)
+FOUR_RANK_PLANS = {
+    "dp2 x tp2 sp zero3": Plan(dp=2, tp=2, sequence_parallel=True, zero_stage=3, global_batch_size=GBS,
+                               micro_batch_size=MBS),
+    "pp2 x dp2 zero1": Plan(pp=2, dp=2, zero_stage=1, global_batch_size=GBS, micro_batch_size=MBS),
+    "tp2 x pp2 sp": Plan(tp=2, pp=2, sequence_parallel=True, global_batch_size=GBS, micro_batch_size=MBS),
+}
+
+
+@pytest.fixture(scope="module")
+def four_rank_losses():
+    return dict(zip(FOUR_RANK_PLANS, run_on_ranks(4, [("gpt-tiny", plan, {}) for plan in FOUR_RANK_PLANS.values()])))
+
+
+@pytest.mark.parametrize("name", list(FOUR_RANK_PLANS))
+def test_four_ranks_match_single_process(name, four_rank_losses, reference):
+    assert four_rank_losses[name] == pytest.approx(reference["gpt"], rel=TOL)
 
 
 def test_unsupported_dimensions_are_refused():
@@ -55,5 +73,5 @@ def test_unsupported_dimensions_are_refused():
     from autoplan.executor import apply
     import autoplan as ap
 
-    with pytest.raises(InvalidPlanError, match="pipeline parallelism is not supported by the executor yet"):
-        apply(ap.models.build_named("gpt-tiny"), Plan(pp=2, global_batch_size=4))
+    with pytest.raises(InvalidPlanError, match="context parallelism is not supported by the executor yet"):
+        apply(ap.models.build_named("gpt-tiny"), Plan(cp=2, global_batch_size=4))

@@ -23,6 +23,13 @@ def build_mesh(plan: Plan, device_type: str) -> DeviceMesh:
     return init_device_mesh(device_type, (plan.pp, plan.dp, plan.cp, plan.tp), mesh_dim_names=MESH_AXES)
 
 
+def build_expert_mesh(plan: Plan, device_type: str) -> DeviceMesh:
+    """The same ranks with dp split into (edp, ep), ep innermost: an ep group is ep consecutive dp ranks,
+    an edp group the ranks holding the same experts."""
+    return init_device_mesh(device_type, (plan.pp, plan.dp // plan.ep, plan.ep, plan.cp, plan.tp),
+                            mesh_dim_names=("pp", "edp", "ep", "cp", "tp"))
+
+
 def rank_coordinates(rank: int, plan: Plan) -> dict[str, int]:
     """Where global rank `rank` sits on each axis: rank = ((pp_i*dp + dp_i)*cp + cp_i)*tp + tp_i."""
     coords = {}

@@ -24,13 +24,14 @@ from autoplan.errors import InvalidPlanError
 from autoplan.executor.data import global_batch, replica_micro_batches
 from autoplan.executor.data_parallel import (all_reduce_gradients, apply_data_parallel, build_optimizer,
                                              set_gradient_sync, uses_ddp)
-from autoplan.executor.mesh import build_mesh, rank_coordinates
+from autoplan.executor.expert_parallel import apply_expert_parallel, average_gradients
+from autoplan.executor.mesh import build_expert_mesh, build_mesh, rank_coordinates
 from autoplan.executor.pipeline import build_schedule, split_model
 from autoplan.executor.recompute import apply_recompute
 from autoplan.executor.tensor_parallel import apply_tensor_parallel
 from autoplan.schema import Plan
 
-UNSUPPORTED = {"cp": "context parallelism", "ep": "expert parallelism"}
+UNSUPPORTED = {"cp": "context parallelism"}
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Parallelized:
     schedule: object | None = None   # the pipeline schedule (pp > 1)
     first: bool = True               # this rank holds the first / last pipeline chunk
     last: bool = True
+    expert_mesh: object | None = None  # (pp, edp, ep, cp, tp) when ep > 1
 
 
 def apply(model: nn.Module, plan: Plan, *, device_type: str = "cpu", tp_plan=None) -> Parallelized:
@@ -56,23 +58,27 @@ def apply(model: nn.Module, plan: Plan, *, device_type: str = "cpu", tp_plan=Non
         return Parallelized(model, plan, None, {"pp": 0, "dp": 0, "cp": 0, "tp": 0})
     mesh = build_mesh(plan, device_type)
     coords = rank_coordinates(dist.get_rank(), plan)
+    expert_mesh = build_expert_mesh(plan, device_type) if plan.ep > 1 else None
     if plan.pp == 1:
-        return Parallelized(_apply_per_stage(model, plan, mesh, 0, tp_plan), plan, mesh, coords)
+        return Parallelized(_apply_per_stage(model, plan, mesh, 0, tp_plan, expert_mesh), plan, mesh, coords,
+                            expert_mesh=expert_mesh)
     device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
-    chunks = [(chunk, _apply_per_stage(part, plan, mesh, coords["pp"], tp_plan))
+    chunks = [(chunk, _apply_per_stage(part, plan, mesh, coords["pp"], tp_plan, expert_mesh))
               for chunk, part in split_model(model, plan, coords["pp"])]
     schedule = build_schedule(plan, chunks, device=device, pp_group=mesh["pp"].get_group())
     indices = [chunk for chunk, _ in chunks]
     return Parallelized(nn.ModuleList([part for _, part in chunks]), plan, mesh, coords, schedule,
-                        first=0 in indices, last=plan.pp * plan.virtual_stages - 1 in indices)
+                        first=0 in indices, last=plan.pp * plan.virtual_stages - 1 in indices, expert_mesh=expert_mesh)
 
 
-def _apply_per_stage(model: nn.Module, plan: Plan, mesh, pp_rank: int, tp_plan) -> nn.Module:
-    """TP/SP -> recompute -> DP/ZeRO on one pipeline chunk (or the whole model)."""
+def _apply_per_stage(model: nn.Module, plan: Plan, mesh, pp_rank: int, tp_plan, expert_mesh=None) -> nn.Module:
+    """TP/SP -> EP -> recompute -> DP/ZeRO on one pipeline chunk (or the whole model)."""
     if plan.tp > 1:
         apply_tensor_parallel(model, mesh["tp"], sequence_parallel=plan.sequence_parallel, user_plan=tp_plan)
+    if expert_mesh is not None:  # experts differ per rank: gradients are averaged by hand (average_gradients)
+        apply_expert_parallel(model, expert_mesh["ep"], plan)
     apply_recompute(model, plan.stage_recompute(pp_rank))
-    if plan.dp > 1:
+    if plan.dp > 1 and expert_mesh is None:
         model = apply_data_parallel(model, mesh["dp"], zero_stage=plan.zero_stage, tp=plan.tp, pipelined=plan.pp > 1)
     return model
 
@@ -121,7 +127,7 @@ def train(par: Parallelized, *, steps: int, seq_len: int, vocab: int, device: to
                                           micro_batch_size=plan.micro_batch_size)
             if par.schedule is not None:
                 loss_sum = _pipeline_step(par, torch.cat(micro).to(device))
-                if plan.dp > 1 and uses_ddp(zero_stage=plan.zero_stage, tp=plan.tp):
+                if plan.dp > 1 and plan.ep == 1 and uses_ddp(zero_stage=plan.zero_stage, tp=plan.tp):
                     all_reduce_gradients(model, par.mesh["dp"])
             else:
                 loss_sum = torch.zeros((), dtype=torch.float64)
@@ -132,6 +138,8 @@ def train(par: Parallelized, *, steps: int, seq_len: int, vocab: int, device: to
                     loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()) / len(micro)
                     loss.backward()
                     loss_sum += loss.detach().to(torch.float64).cpu()
+            if par.expert_mesh is not None:
+                average_gradients(model, par.mesh["dp"], par.expert_mesh["edp"], plan.dp)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":

@@ -34,18 +34,31 @@ EAGER = {"attn_impl": "eager"}  # explicit scores, so selective recompute has so
 def reference():
     """Oracle: the single-process run of the same model, seed and global batches."""
     single = Plan(global_batch_size=GBS, micro_batch_size=MBS)
-    return {"gpt": run_plan("gpt-tiny", single, {}), "gpt-eager": run_plan("gpt-tiny", single, EAGER)}
+    return {"gpt": run_plan("gpt-tiny", single, {}), "gpt-eager": run_plan("gpt-tiny", single, EAGER),
+            "moe": run_plan("moe-tiny", single, {})}
+
+
+TWO_RANK_PLANS["moe dp2 ep2"] = Plan(dp=2, ep=2, global_batch_size=GBS, micro_batch_size=MBS)
+TWO_RANK_PLANS["moe dp2"] = Plan(dp=2, global_batch_size=GBS, micro_batch_size=MBS)
+
+
+def _model(name: str) -> str:
+    return "moe-tiny" if name.startswith("moe") else "gpt-tiny"
+
+
+def _reference_key(name: str) -> str:
+    return "moe" if name.startswith("moe") else "gpt-eager" if "selective" in name else "gpt"
 
 
 @pytest.fixture(scope="module")
 def two_rank_losses():
-    jobs = [("gpt-tiny", plan, EAGER if "selective" in name else {}) for name, plan in TWO_RANK_PLANS.items()]
+    jobs = [(_model(name), plan, EAGER if "selective" in name else {}) for name, plan in TWO_RANK_PLANS.items()]
     return dict(zip(TWO_RANK_PLANS, run_on_ranks(2, jobs)))
 
 
 @pytest.mark.parametrize("name", list(TWO_RANK_PLANS))
 def test_two_ranks_match_single_process(name, two_rank_losses, reference):
-    expected = reference["gpt-eager" if "selective" in name else "gpt"]
+    expected = reference[_reference_key(name)]
     assert two_rank_losses[name] == pytest.approx(expected, rel=TOL)
     assert two_rank_losses[name][-1] < two_rank_losses[name][0]  # it trains
 
@@ -55,17 +68,20 @@ FOUR_RANK_PLANS = {
                                micro_batch_size=MBS),
     "pp2 x dp2 zero1": Plan(pp=2, dp=2, zero_stage=1, global_batch_size=GBS, micro_batch_size=MBS),
     "tp2 x pp2 sp": Plan(tp=2, pp=2, sequence_parallel=True, global_batch_size=GBS, micro_batch_size=MBS),
+    "moe dp4 ep2": Plan(dp=4, ep=2, global_batch_size=GBS, micro_batch_size=MBS),
+    "moe pp2 x dp2 ep2": Plan(pp=2, dp=2, ep=2, global_batch_size=GBS, micro_batch_size=MBS),
 }
 
 
 @pytest.fixture(scope="module")
 def four_rank_losses():
-    return dict(zip(FOUR_RANK_PLANS, run_on_ranks(4, [("gpt-tiny", plan, {}) for plan in FOUR_RANK_PLANS.values()])))
+    jobs = [(_model(name), plan, {}) for name, plan in FOUR_RANK_PLANS.items()]
+    return dict(zip(FOUR_RANK_PLANS, run_on_ranks(4, jobs)))
 
 
 @pytest.mark.parametrize("name", list(FOUR_RANK_PLANS))
 def test_four_ranks_match_single_process(name, four_rank_losses, reference):
-    assert four_rank_losses[name] == pytest.approx(reference["gpt"], rel=TOL)
+    assert four_rank_losses[name] == pytest.approx(reference[_reference_key(name)], rel=TOL)
 
 
 def test_unsupported_dimensions_are_refused():

@@ -1,0 +1,88 @@
+"""Expert parallelism for the reference MoE layers: experts sharded over the ep ranks, tokens dispatched
+to their experts' owners and combined back with all-to-all (GShard, Lepikhin et al. 2020, Sec. 3.2).
+
+The ep group is ep consecutive data-parallel ranks (the cost model's layout: ep folded over the dp
+ranks); rank i of a group keeps experts [i·E/ep, (i+1)·E/ep). The model code is not changed: each MoE
+module's class is swapped for a subclass whose `run_experts` dispatches, runs its local experts and
+combines, with torch's autograd-aware all_to_all_single. Gradients: expert weights are averaged over
+the ranks holding the same experts (the expert-data-parallel group), everything else over all dp ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.nn.functional import all_to_all_single
+
+from autoplan.errors import InvalidPlanError
+from autoplan.schema import Plan
+
+EXPERT_ATTR = "_autoplan_expert"  # marks expert weights (averaged over the expert-data-parallel ranks)
+
+
+class ExpertParallelMixin:
+    """run_experts(grouped, counts) over all experts, with only this rank's experts stored."""
+
+    ep_group = None
+    ep_size = 1
+
+    def run_experts(self, grouped: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        ep, local = self.ep_size, self.num_experts // self.ep_size
+        send = [sum(counts[r * local:(r + 1) * local]) for r in range(ep)]
+        # how many tokens each source rank sends to each of my local experts: [ep, local]
+        counts_in = torch.empty(self.num_experts, dtype=torch.long)
+        dist.all_to_all_single(counts_in, torch.tensor(counts, dtype=torch.long), group=self.ep_group)
+        per_source = counts_in.view(ep, local).tolist()
+        recv = [sum(row) for row in per_source]
+        received = all_to_all_single(grouped.new_empty(sum(recv), grouped.shape[1]), grouped, recv, send,
+                                     group=self.ep_group)
+        # received is source-major (rank, then expert): reorder it expert-major for the local experts
+        offsets, start = [], 0
+        for row in per_source:
+            offsets.append([])
+            for count in row:
+                offsets[-1].append(start)
+                start += count
+        order = [i for j in range(local) for r in range(ep)
+                 for i in range(offsets[r][j], offsets[r][j] + per_source[r][j])]
+        index = torch.tensor(order, dtype=torch.long)
+        local_counts = [sum(per_source[r][j] for r in range(ep)) for j in range(local)]
+        out = super().run_experts(received[index], local_counts)
+        back = torch.empty_like(out).index_copy(0, index, out)  # source-major again
+        return all_to_all_single(grouped.new_empty(grouped.shape[0], out.shape[1]), back, send, recv,
+                                 group=self.ep_group)
+
+
+def _expert_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "num_experts") and hasattr(m, "run_experts")]
+
+
+def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, plan: Plan) -> None:
+    """Shard every MoE layer's experts over `ep_mesh` and route tokens through all-to-all (in place)."""
+    if plan.tp > 1 or plan.cp > 1 or plan.zero_stage > 0:
+        raise InvalidPlanError("ep > 1 is supported by the executor with tp=1, cp=1 and zero_stage=0 so far")
+    rank, size = ep_mesh.get_local_rank(), ep_mesh.size()
+    for moe in _expert_modules(model):
+        if moe.num_experts % size:
+            raise InvalidPlanError(f"ep={size} does not divide {moe.num_experts} experts")
+        local = moe.num_experts // size
+        for name in ("w1", "w2", "w3"):
+            shard = nn.Parameter(getattr(moe, name).data[rank * local:(rank + 1) * local].clone())
+            setattr(shard, EXPERT_ATTR, True)
+            setattr(moe, name, shard)
+        moe.__class__ = type(f"ExpertParallel{type(moe).__name__}", (ExpertParallelMixin, type(moe)), {})
+        moe.ep_group, moe.ep_size = ep_mesh.get_group(), size
+
+
+def average_gradients(model: nn.Module, dp_mesh: DeviceMesh, edp_mesh: DeviceMesh, dp: int) -> None:
+    """Average over the dp ranks: the sum over the dp group, or for expert weights over the ranks that
+    hold the same experts (their gradient already gathers every ep rank's tokens), divided by dp."""
+    for param in model.parameters():
+        if param.grad is None:
+            continue
+        group = edp_mesh.get_group() if getattr(param, EXPERT_ATTR, False) else dp_mesh.get_group()
+        if not getattr(param, EXPERT_ATTR, False) or edp_mesh.size() > 1:
+            dist.all_reduce(param.grad, group=group)
+        param.grad.div_(dp)

@@ -60,6 +60,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics", help="append one JSON line per step, then a summary, to this file")
     run.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     run.add_argument("--seed", type=int, default=0, help="seed of the weights and the data (default 0)")
+    run.add_argument("--track-memory", action="store_true",
+                     help="count every tensor byte of the second step (not timed); adds tensor_memory_bytes to the summary")
+    run.add_argument("--checkpoint-dir", help="resume from the newest checkpoint here, if any, and save into it")
+    run.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
+                     help="save every K steps (and always after the last step) when --checkpoint-dir is given")
+    run.add_argument("--keep-checkpoints", type=int, default=2, metavar="N",
+                     help="keep the newest N complete checkpoints (default 2)")
     run.set_defaults(run=_run)
 
     launch = sub.add_parser("launch", help="start torchrun on this node and run a plan",
@@ -67,8 +74,26 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("--nproc-per-node", type=int, required=True, help="processes (GPUs) on this node")
     launch.add_argument("--nnodes", default="1", help="nodes, passed to torchrun (default 1)")
     launch.add_argument("--rdzv-endpoint", help="rendezvous host:port for several nodes, passed to torchrun")
+    launch.add_argument("--max-restarts", type=int, default=0,
+                        help="restart every rank this many times if one fails (torchrun's; resume with --checkpoint-dir)")
     launch.add_argument("rest", nargs=argparse.REMAINDER, help="MODEL --plan ... (the arguments of `run`)")
     launch.set_defaults(run=_launch)
+
+    bench = sub.add_parser("bench", help="run candidate plans and compare measured with predicted",
+                           description="Run the search's top plans, the expert defaults (and with --every-plan "
+                                       "every plan that fits) through the executor for a few steps each; write "
+                                       "DIR/report.md, DIR/results.json and plots.")
+    _model_args(bench)
+    bench.add_argument("--gpus", type=int, required=True, help="ranks to run on (processes on this node)")
+    bench.add_argument("--cluster", default=DEFAULT_CLUSTER,
+                       help="cluster JSON file measured by `autoplan profile` on this machine, or a preset")
+    bench.add_argument("--global-batch", type=int, help="sequences per optimizer step (default as search)")
+    bench.add_argument("--top", type=int, default=5, help="top plans of the search to run (default 5)")
+    bench.add_argument("--every-plan", action="store_true", help="run every plan of the space that fits")
+    bench.add_argument("--fix", action="append", default=[], metavar="FIELD=VALUE", help="pin a plan field")
+    bench.add_argument("--steps", type=int, default=8, help="steps per plan (default 8; at least 3)")
+    bench.add_argument("--out", required=True, help="directory for report.md, results.json and the plots")
+    bench.set_defaults(run=_bench)
 
     hw = sub.add_parser("profile", help="measure this machine (under torchrun for the interconnect) -> cluster.json",
                         description="Measure GEMM throughput, memory bandwidth, attention, collectives and (with "
@@ -186,6 +211,41 @@ def _search(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from autoplan.profiler.model import profile_model
+    from autoplan.report.bench import bench
+    from autoplan.schema import Cluster
+
+    if args.gpus < 1 or args.top < 1:
+        raise InvalidInputError(f"--gpus and --top must be positive, got {args.gpus} and {args.top}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InvalidInputError(f"--out {out} exists and is not a directory")
+    cluster = Cluster.resolve(args.cluster, gpus=args.gpus)
+    dtype = _profile_dtype(cluster)
+    profile = profile_model(args.model, seq_len=args.seq_len, dtype=dtype)
+    batch = args.global_batch or _default_batch(args.gpus)
+    command = "autoplan " + " ".join(sys.argv[1:])
+    results = bench(args.model, profile, cluster, out=out, global_batch_size=batch, top_k=args.top,
+                    steps=args.steps, every_plan=args.every_plan, seq_len=args.seq_len, command=command,
+                    progress=lambda line: print(line, file=sys.stderr, flush=True), **_fixed_fields(args.fix))
+    acc = results["accuracy"]
+    print(f"{acc['measured']} of {acc['plans']} plans ran; report in {out / 'report.md'}")
+    for key in ("step_time_mape", "memory_mape", "spearman", "regret"):
+        if acc.get(key) is not None:
+            print(f"  {key:15s} {acc[key]:.3f}")
+    return 0
+
+
+def _profile_dtype(cluster):
+    """The dtype the executor trains in on the cluster's devices: what a profile run measured (fp32 on CPU),
+    else bf16 (the presets' GPUs)."""
+    import torch
+
+    measured = (cluster.measurements or {}).get("dtype")
+    return getattr(torch, measured) if measured in ("float32", "bfloat16", "float16") else torch.bfloat16
+
+
 def _run(args) -> int:
     import torch.distributed as dist
 
@@ -195,6 +255,12 @@ def _run(args) -> int:
 
     if args.steps < 1:
         raise InvalidInputError(f"--steps must be positive, got {args.steps}")
+    if args.checkpoint_every < 0 or args.keep_checkpoints < 1:
+        raise InvalidInputError("--checkpoint-every must be >= 0 and --keep-checkpoints >= 1")
+    if args.checkpoint_every and not args.checkpoint_dir:
+        raise InvalidInputError("--checkpoint-every needs --checkpoint-dir")
+    if args.checkpoint_dir and Path(args.checkpoint_dir).exists() and not Path(args.checkpoint_dir).is_dir():
+        raise InvalidInputError(f"--checkpoint-dir {args.checkpoint_dir} exists and is not a directory")
     plan_path = Path(args.plan)
     if not plan_path.is_file():
         raise InvalidInputError(f"plan file not found: {plan_path}")
@@ -215,11 +281,21 @@ def _run(args) -> int:
             raise InvalidInputError(f"{args.model}: set CONFIG['seq_len'] and CONFIG['vocab'] in the model file")
         par = apply(model, plan, device_type=device.type, tp_plan=loaded.tp_plan)
         train(par, steps=args.steps, seq_len=seq_len, vocab=vocab, device=device, lr=args.lr, seed=args.seed,
-              metrics_path=args.metrics)
+              metrics_path=args.metrics, checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+              keep_checkpoints=args.keep_checkpoints, model_name=_model_name(args.model, seq_len),
+              track_memory=args.track_memory)
+        if dist.is_initialized():
+            dist.barrier()  # every rank done with its last collective before any tears the group down (FSDP2)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def _model_name(model: str, seq_len: int) -> str:
+    """What a checkpoint records of the model: the built-in name, or the model file's resolved path."""
+    name = str(Path(model).resolve()) if model.endswith(".py") else model
+    return f"{name} seq_len={seq_len}"
 
 
 def _launch(args) -> int:
@@ -231,7 +307,7 @@ def _launch(args) -> int:
     if not rest:
         raise InvalidInputError("autoplan launch: give the model and the run arguments, e.g. gpt-tiny --plan plan.json")
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node}",
-               f"--nnodes={args.nnodes}"]
+               f"--nnodes={args.nnodes}", f"--max-restarts={args.max_restarts}"]
     if args.rdzv_endpoint:
         command += ["--rdzv-backend=c10d", f"--rdzv-endpoint={args.rdzv_endpoint}"]
     command += ["-m", "autoplan", "run", *rest]

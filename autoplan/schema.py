@@ -78,6 +78,16 @@ class LayerProfile(_Noun):
     activation_bytes: int = Field(description="Bytes autograd saves for backward per sequence (measured, deduplicated by storage).")
     activation_tp_sharded_bytes: int = Field(0, description="Part of activation_bytes between a column- and a row-parallel GEMM (split by tp without SP).")
     attention_score_bytes: int = Field(0, description="Part of activation_bytes shaped [.., seq, seq] (what flash attention and selective recompute drop).")
+    activation_column_input_bytes: int = Field(0, description="Part of activation_bytes saved as the input of a column-parallel "
+                                                              "GEMM (replicated over tp; all-gathered, whole, under DTensor sequence parallelism).")
+    selective_bytes: int = Field(0, description="Bytes per sequence that the executor's selective recompute keeps: the output of "
+                                                "every forward op except those square in their last two dims.")
+    selective_tp_sharded_bytes: int = Field(0, description="Part of selective_bytes between a column- and a row-parallel GEMM.")
+    forward_peak_bytes: int = Field(0, description="Most bytes forward through the layer holds at once beyond what it leaves "
+                                                   "saved, per sequence (its temporaries).")
+    backward_peak_bytes: int = Field(0, description="Most bytes backward through the layer holds at once beyond the activations "
+                                                    "saved when it starts: activation gradients and temporaries (less saved ones "
+                                                    "already freed), per sequence, gradient accumulation's steady state.")
     output_bytes: int = Field(description="Bytes of the layer's output per sequence (what crosses the layer boundary).")
     memory_bound_bytes: float = Field(0.0, description="Bytes read+written by non-GEMM ops in forward per sequence (costed at HBM bandwidth).")
     gemms: list[GemmShape] = Field(default_factory=list, description="The forward GEMMs (attention core excluded).")
@@ -151,6 +161,8 @@ class Cluster(_Noun):
     gemm_efficiency: list[EfficiencyPoint] = Field(description="Achieved fraction of peak against GEMM size; interpolated in log FLOPs.")
     attention_efficiency: float = Field(gt=0, le=1, description="Achieved fraction of peak in the attention core (flash attention fwd+bwd).")
     memory_bound_efficiency: float = Field(gt=0, le=1, description="Achieved fraction of HBM bandwidth in elementwise/normalisation kernels.")
+    layer_overhead_fwd_s: float = Field(0.0, ge=0, description="Fixed seconds per layer and micro-batch in forward beyond its kernels' work (framework dispatch, kernel launches); fitted by `autoplan profile` from measured layer times, 0 in the presets.")
+    layer_overhead_bwd_s: float = Field(0.0, ge=0, description="The same in backward.")
     sources: dict[str, str] = Field(default_factory=dict, description="Where each number comes from.")
     measurements: dict | None = Field(None, description="Raw measurements a profile run fitted the numbers from.")
 
@@ -326,6 +338,43 @@ class Estimate(_Noun):
     time_breakdown: dict[str, float] = Field(description="Seconds of the step by cause (compute, recompute, tp_comm, ...).")
     memory_breakdown: dict[str, int] = Field(description="Bytes of the peak rank by category (params, grads, optimizer, ...).")
     notes: list[str] = Field(default_factory=list, description="Assumptions the estimate made that the user should know.")
+
+
+
+class StageMemory(_Noun):
+    """One pipeline stage's fullest rank in a dry run: its peak tensor memory and what it holds then."""
+
+    stage: int = Field(description="Pipeline stage (0 for a plan without pipeline).")
+    rank: int = Field(description="Global rank that was run (dp, cp, tp and ep coordinates 0: the largest shards).")
+    peak_memory_bytes: int = Field(description="Peak bytes of tensors on this rank's GPU.")
+    memory_breakdown: dict[str, int] = Field(description="Bytes at the peak by category: params, grads, optimizer, "
+                                                         "activations, temporaries, buffers.")
+    peak_phase: str = Field(description="When the peak happened, e.g. 'step 2 backward'.")
+
+
+class DryRunResult(_Noun):
+    """What a dry run measured: the executor's own code run for one rank of an N-rank job on a fake process
+    group with fake tensors, every tensor byte counted (executor.dryrun)."""
+
+    schema_version: int = Field(SCHEMA_VERSION, description="Version of this file format.")
+    model: str = Field(description="Model that was run (built-in name, model.py path or class name).")
+    plan: Plan = Field(description="The plan that was applied.")
+    gpus: int = Field(description="Ranks of the simulated job (dp*tp*pp*cp).")
+    seq_len: int = Field(description="Tokens per sequence.")
+    precision: str = Field(description="Dtypes of the run: parameters, gradients, optimizer states.")
+    steps: int = Field(description="Training steps run (forward, backward, optimizer).")
+    micro_batches_per_step: int = Field(description="Micro-batches run per step (a memory-equivalent number; "
+                                                    "the plan's may be larger).")
+    peak_memory_bytes: int = Field(description="Peak tensor bytes per GPU of the fullest rank (no reserve).")
+    memory_breakdown: dict[str, int] = Field(description="Bytes of the fullest rank at its peak by category.")
+    peak_stage: int = Field(0, description="Pipeline stage of the fullest rank.")
+    stages: list[StageMemory] = Field(default_factory=list, description="Each pipeline stage that was run.")
+    wall_s: float = Field(0.0, description="Seconds the dry run took.")
+    notes: list[str] = Field(default_factory=list, description="How the dry run departed from a real run.")
+
+    def fits(self, cluster: Cluster) -> bool:
+        """Peak tensor memory plus the cluster's reserve (context, NCCL, fragmentation) within GPU memory."""
+        return self.peak_memory_bytes + cluster.memory_reserve_bytes <= cluster.memory_bytes
 
 
 PlanFile.model_rebuild()

@@ -249,7 +249,7 @@ def test_numeric_fields_are_the_expected_set():
         "num_gpus", "gpus_per_node", "peak_flops_per_s", "memory_bytes", "memory_bandwidth_bytes_per_s",
         "memory_reserve_bytes", "intra_node.bandwidth_bytes_per_s", "intra_node.latency_s",
         "inter_node.bandwidth_bytes_per_s", "inter_node.latency_s", "gemm_efficiency", "attention_efficiency",
-        "memory_bound_efficiency"}
+        "memory_bound_efficiency", "layer_overhead_fwd_s", "layer_overhead_bwd_s"}
 
 
 @pytest.mark.parametrize("name", PRESETS)

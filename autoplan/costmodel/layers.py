@@ -113,9 +113,10 @@ def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, 
     sharded_fraction = layer.activation_tp_sharded_bytes / layer.activation_bytes if layer.activation_bytes else 0.0
     mem_split = tp if sp else 1 / (sharded_fraction / tp + (1 - sharded_fraction))
     mem_fwd_s = memory_bound_time_s(bytes_moved=layer.memory_bound_bytes * seqs / mem_split, cluster=cluster)
-    cost.fwd_compute_s = gemm_s + attn_fwd_s + mem_fwd_s
+    # a fixed cost per layer call on top (dispatch, launches): 0 in presets, fitted on measured machines
+    cost.fwd_compute_s = gemm_s + attn_fwd_s + mem_fwd_s + cluster.layer_overhead_fwd_s
     cost.bwd_compute_s = (GEMM_BWD_FACTOR * gemm_s + ATTENTION_BWD_FACTOR * attn_fwd_s
-                          + MEMORY_BOUND_BWD_FACTOR * mem_fwd_s)
+                          + MEMORY_BOUND_BWD_FACTOR * mem_fwd_s + cluster.layer_overhead_bwd_s)
     if layer.block is not None and recompute == "full":
         cost.recompute_s, cost.recompute_flops_per_sequence = cost.fwd_compute_s, layer.fwd_flops
     elif layer.block is not None and recompute == "selective" and layer.attention_score_bytes:

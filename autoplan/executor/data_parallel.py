@@ -2,7 +2,8 @@
 
 | ZeRO stage | torch feature                                          | what it shards                       |
 |------------|--------------------------------------------------------|--------------------------------------|
-| 0          | composable DDP `replicate`                             | nothing (gradients all-reduced)      |
+| 0          | composable DDP `replicate` (with tp or pp: the same    | nothing (gradients all-reduced)      |
+|            | all-reduce after backward, `all_reduce_gradients`)     |                                      |
 | 1          | DDP + `ZeroRedundancyOptimizer` (tp = 1);              | optimizer states                     |
 |            | with tp > 1: FSDP2, reshard_after_forward=False        | optimizer states + gradients (= 2)   |
 | 2          | FSDP2 `fully_shard(reshard_after_forward=False)`       | optimizer states + gradients; params |
@@ -19,20 +20,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 
 def uses_ddp(*, zero_stage: int, tp: int) -> bool:
     return zero_stage == 0 or (zero_stage == 1 and tp == 1)
 
 
+def averages_by_hand(*, zero_stage: int, tp: int, pipelined: bool) -> bool:
+    """DDP's arithmetic without DDP's hooks (the caller runs `all_reduce_gradients` after backward): under a
+    pipeline schedule, whose several forwards before their backwards confuse the hooks, and with tensor
+    parallelism, whose DTensor gradients DDP's `replicate` reduces wrongly (dp=2 x tp=2 missed the
+    single-process loss by 1.6% at step 2)."""
+    return uses_ddp(zero_stage=zero_stage, tp=tp) and (pipelined or tp > 1)
+
+
 def apply_data_parallel(model: nn.Module, dp_mesh: DeviceMesh, *, zero_stage: int, tp: int,
                         pipelined: bool = False) -> nn.Module:
     """Wrap the model for data parallelism over `dp_mesh` (in place; returns the module to train).
-    Under a pipeline schedule DDP's hooks see several forwards before their backwards and reduce
-    wrong gradients, so there the DDP stages leave the module as is and the caller averages the
-    gradients over the dp ranks after the step (`all_reduce_gradients`): DDP's arithmetic, no hooks."""
-    if uses_ddp(zero_stage=zero_stage, tp=tp) and pipelined:
+    Where DDP's hooks would reduce wrong gradients (`averages_by_hand`: pipelines, tensor parallelism) the
+    DDP stages leave the module as is and the caller averages the gradients over the dp ranks after the
+    step (`all_reduce_gradients`): DDP's arithmetic, no hooks."""
+    if averages_by_hand(zero_stage=zero_stage, tp=tp, pipelined=pipelined):
         return model
     if uses_ddp(zero_stage=zero_stage, tp=tp):
         from torch.distributed._composable.replicate import replicate
@@ -46,15 +55,22 @@ def apply_data_parallel(model: nn.Module, dp_mesh: DeviceMesh, *, zero_stage: in
 
 
 def build_optimizer(model: nn.Module, *, zero_stage: int, tp: int, dp_mesh: DeviceMesh | None,
-                    lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW; sharded across the dp ranks with ZeroRedundancyOptimizer for ZeRO-1 on plain DDP."""
+                    lr: float, weight_decay: float, master_weights: bool = False) -> torch.optim.Optimizer:
+    """AdamW; sharded across the dp ranks with ZeroRedundancyOptimizer for ZeRO-1 on plain DDP.
+    master_weights: fp32 master copies of low-precision parameters (executor.precision.MasterWeightAdamW)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if master_weights:
+        from autoplan.executor.precision import MasterWeightAdamW
+
+        optimizer_class, extra = MasterWeightAdamW, {}
+    else:
+        optimizer_class, extra = torch.optim.AdamW, {"foreach": False}
     if zero_stage == 1 and tp == 1 and dp_mesh is not None and dp_mesh.size() > 1:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
-        return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, process_group=dp_mesh.get_group(),
+        return ZeroRedundancyOptimizer(params, optimizer_class=optimizer_class, process_group=dp_mesh.get_group(),
                                        lr=lr, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=False)
+    return optimizer_class(params, lr=lr, weight_decay=weight_decay, **extra)
 
 
 def all_reduce_gradients(model: nn.Module, dp_mesh: DeviceMesh) -> None:
@@ -69,7 +85,9 @@ def all_reduce_gradients(model: nn.Module, dp_mesh: DeviceMesh) -> None:
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
-    """Skip the gradient reduction on all but the last micro-batch (gradient accumulation) where the
-    wrapper offers it (FSDP2); DDP's `replicate` then reduces every micro-batch: same numbers, more traffic."""
-    if hasattr(model, "set_requires_gradient_sync"):
+    """Skip the gradient all-reduce on all but the last micro-batch (gradient accumulation) under DDP,
+    whose full gradients are there anyway. FSDP (ZeRO 2/3) reduce-scatters every micro-batch instead:
+    skipping it would accumulate unsharded gradients, 2 bytes per parameter of the whole stage, the memory
+    ZeRO-2/3 exist to save (the dry run measured it: tests/dryrun)."""
+    if hasattr(model, "set_requires_gradient_sync") and not isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(enabled)

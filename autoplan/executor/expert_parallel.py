@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.nn.functional import all_to_all_single
 
@@ -34,7 +35,11 @@ class ExpertParallelMixin:
         # how many tokens each source rank sends to each of my local experts: [ep, local]
         counts_in = torch.empty(self.num_experts, dtype=torch.long)
         dist.all_to_all_single(counts_in, torch.tensor(counts, dtype=torch.long), group=self.ep_group)
-        per_source = counts_in.view(ep, local).tolist()
+        if is_fake(counts_in):  # a dry run: nothing came back; balanced routing sends each rank what this one sends
+            mine = dist.get_rank(self.ep_group)
+            per_source = [counts[mine * local:(mine + 1) * local] for _ in range(ep)]
+        else:
+            per_source = counts_in.view(ep, local).tolist()
         recv = [sum(row) for row in per_source]
         received = all_to_all_single(grouped.new_empty(sum(recv), grouped.shape[1]), grouped, recv, send,
                                      group=self.ep_group)

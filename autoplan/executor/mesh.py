@@ -30,6 +30,15 @@ def build_expert_mesh(plan: Plan, device_type: str) -> DeviceMesh:
                             mesh_dim_names=("pp", "edp", "ep", "cp", "tp"))
 
 
+def replica_mesh(mesh: DeviceMesh, plan: Plan) -> DeviceMesh:
+    """The ranks that hold the same parameters and average their gradients: the dp axis, or with cp > 1
+    the dp x cp ranks flattened into one axis "dp_cp" (context parallelism replicates the parameters over
+    cp; torchtitan's dp_shard_cp). The flattened mesh is made once and cached by the root mesh."""
+    if plan.cp == 1:
+        return mesh["dp"]
+    return mesh["dp", "cp"]._flatten("dp_cp")
+
+
 def rank_coordinates(rank: int, plan: Plan) -> dict[str, int]:
     """Where global rank `rank` sits on each axis: rank = ((pp_i*dp + dp_i)*cp + cp_i)*tp + tp_i."""
     coords = {}

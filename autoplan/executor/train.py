@@ -2,8 +2,8 @@
 
 Order of the appliers (torchtitan's): mesh from the plan -> pipeline split (each rank keeps its chunks)
 -> per chunk: tensor/sequence parallel -> recompute (the stage's mode) -> data parallel / ZeRO -> the
-pipeline schedule. Context and expert parallelism are not applied by this executor yet and are refused
-with a clear error.
+pipeline schedule. Context parallelism (executor.context_parallel) shards each micro-batch's sequence over
+the cp ranks inside the step and averages gradients over dp x cp. Checkpoints: executor.checkpoint.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import resource
 import statistics
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -21,17 +22,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoplan.errors import InvalidPlanError
+from autoplan.executor.checkpoint import KEEP_LAST, latest_checkpoint, load_checkpoint, save_checkpoint
+from autoplan.executor.context_parallel import ContextParallel, check_context_parallel, sequence_shard
 from autoplan.executor.data import global_batch, replica_micro_batches
-from autoplan.executor.data_parallel import (all_reduce_gradients, apply_data_parallel, build_optimizer,
-                                             set_gradient_sync, uses_ddp)
+from autoplan.executor.data_parallel import (all_reduce_gradients, apply_data_parallel, averages_by_hand,
+                                             build_optimizer, set_gradient_sync)
 from autoplan.executor.expert_parallel import apply_expert_parallel, average_gradients
-from autoplan.executor.mesh import build_expert_mesh, build_mesh, rank_coordinates
+from autoplan.executor.mesh import build_expert_mesh, build_mesh, rank_coordinates, replica_mesh
 from autoplan.executor.pipeline import build_schedule, split_model
 from autoplan.executor.recompute import apply_recompute
 from autoplan.executor.tensor_parallel import apply_tensor_parallel
 from autoplan.schema import Plan
-
-UNSUPPORTED = {"cp": "context parallelism"}
 
 
 @dataclass
@@ -44,13 +45,13 @@ class Parallelized:
     first: bool = True               # this rank holds the first / last pipeline chunk
     last: bool = True
     expert_mesh: object | None = None  # (pp, edp, ep, cp, tp) when ep > 1
+    cp: ContextParallel | None = None  # shards micro-batches over the cp ranks when cp > 1
 
 
 def apply(model: nn.Module, plan: Plan, *, device_type: str = "cpu", tp_plan=None) -> Parallelized:
     """Parallelise `model` in place for `plan` on the initialised process group (or one process)."""
-    for axis, what in UNSUPPORTED.items():
-        if getattr(plan, axis) > 1:
-            raise InvalidPlanError(f"{axis}={getattr(plan, axis)}: {what} is not supported by the executor yet")
+    if plan.cp > 1:
+        check_context_parallel(model, plan)
     if not dist.is_initialized():
         if plan.gpus != 1:
             raise InvalidPlanError(f"the plan needs {plan.gpus} ranks: run it under torchrun (autoplan launch)")
@@ -60,15 +61,18 @@ def apply(model: nn.Module, plan: Plan, *, device_type: str = "cpu", tp_plan=Non
     coords = rank_coordinates(dist.get_rank(), plan)
     expert_mesh = build_expert_mesh(plan, device_type) if plan.ep > 1 else None
     if plan.pp == 1:
+        cp = ContextParallel(model, mesh["cp"], device_type) if plan.cp > 1 else None
         return Parallelized(_apply_per_stage(model, plan, mesh, 0, tp_plan, expert_mesh), plan, mesh, coords,
-                            expert_mesh=expert_mesh)
+                            expert_mesh=expert_mesh, cp=cp)
     device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
     chunks = [(chunk, _apply_per_stage(part, plan, mesh, coords["pp"], tp_plan, expert_mesh))
               for chunk, part in split_model(model, plan, coords["pp"])]
     schedule = build_schedule(plan, chunks, device=device, pp_group=mesh["pp"].get_group())
     indices = [chunk for chunk, _ in chunks]
-    return Parallelized(nn.ModuleList([part for _, part in chunks]), plan, mesh, coords, schedule,
-                        first=0 in indices, last=plan.pp * plan.virtual_stages - 1 in indices, expert_mesh=expert_mesh)
+    parts = nn.ModuleList([part for _, part in chunks])
+    cp = ContextParallel(parts, mesh["cp"], device_type) if plan.cp > 1 else None
+    return Parallelized(parts, plan, mesh, coords, schedule, first=0 in indices,
+                        last=plan.pp * plan.virtual_stages - 1 in indices, expert_mesh=expert_mesh, cp=cp)
 
 
 def _apply_per_stage(model: nn.Module, plan: Plan, mesh, pp_rank: int, tp_plan, expert_mesh=None) -> nn.Module:
@@ -78,8 +82,9 @@ def _apply_per_stage(model: nn.Module, plan: Plan, mesh, pp_rank: int, tp_plan, 
     if expert_mesh is not None:  # experts differ per rank: gradients are averaged by hand (average_gradients)
         apply_expert_parallel(model, expert_mesh["ep"], plan)
     apply_recompute(model, plan.stage_recompute(pp_rank))
-    if plan.dp > 1 and expert_mesh is None:
-        model = apply_data_parallel(model, mesh["dp"], zero_stage=plan.zero_stage, tp=plan.tp, pipelined=plan.pp > 1)
+    if plan.dp * plan.cp > 1 and expert_mesh is None:  # parameters are replicated over dp and cp
+        model = apply_data_parallel(model, replica_mesh(mesh, plan), zero_stage=plan.zero_stage, tp=plan.tp,
+                                    pipelined=plan.pp > 1)
     return model
 
 
@@ -98,56 +103,95 @@ def _max_over_ranks(value: float) -> float:
 
 
 def _mean_over_dp(value: torch.Tensor, par: Parallelized) -> float:
-    if par.mesh is None or par.plan.dp == 1:
+    """The mean over the replicas (dp, and cp: each cp rank's loss is the mean over its share of the tokens)."""
+    replicas = par.plan.dp * par.plan.cp
+    if par.mesh is None or replicas == 1:
         return float(value)
     t = value.detach().to(torch.float64).reshape(1)
-    dist.all_reduce(t, group=par.mesh["dp"].get_group())
-    return float(t.item()) / par.plan.dp
+    dist.all_reduce(t, group=replica_mesh(par.mesh, par.plan).get_group())
+    return float(t.item()) / replicas
+
+
+def train_step(par: Parallelized, optimizer: torch.optim.Optimizer, step: int, *, seq_len: int, vocab: int,
+               device: torch.device, seed: int = 0) -> float:
+    """One optimizer step on batch `step` of the synthetic stream; the loss, averaged over the replicas."""
+    plan, model = par.plan, par.model
+    batch = global_batch(step=step, global_batch_size=plan.global_batch_size, seq_len=seq_len, vocab=vocab, seed=seed)
+    micro = replica_micro_batches(batch, dp=plan.dp, dp_rank=par.coords["dp"], micro_batch_size=plan.micro_batch_size)
+    if par.schedule is not None:
+        loss_sum = _pipeline_step(par, torch.cat(micro).to(device))
+    else:
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for i, tokens in enumerate(micro):
+            set_gradient_sync(model, i == len(micro) - 1)
+            with sequence_shard(par.cp, tokens.to(device)) as (inputs, targets):
+                logits = model(inputs)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()) / len(micro)
+                loss.backward()
+            loss_sum += loss.detach().to(torch.float64).cpu()
+    if plan.dp * plan.cp > 1 and plan.ep == 1 and averages_by_hand(zero_stage=plan.zero_stage, tp=plan.tp,
+                                                                   pipelined=par.schedule is not None):
+        all_reduce_gradients(model, replica_mesh(par.mesh, plan))
+    if par.expert_mesh is not None:
+        average_gradients(model, par.mesh["dp"], par.expert_mesh["edp"], plan.dp)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return _mean_over_dp(loss_sum, par)
+
+
+def make_optimizer(par: Parallelized, *, lr: float = 1e-3) -> torch.optim.Optimizer:
+    """AdamW for the plan's ZeRO stage (ZeroRedundancyOptimizer for stage 1 on DDP, plain AdamW otherwise)."""
+    plan = par.plan
+    dp_mesh = replica_mesh(par.mesh, plan) if par.mesh is not None else None
+    return build_optimizer(par.model, zero_stage=plan.zero_stage, tp=plan.tp, dp_mesh=dp_mesh, lr=lr,
+                           weight_decay=0.0)
 
 
 def train(par: Parallelized, *, steps: int, seq_len: int, vocab: int, device: torch.device, lr: float = 1e-3,
-          seed: int = 0, metrics_path: str | None = None, log=print) -> list[dict]:
-    """Run `steps` optimizer steps on the synthetic stream; one metrics dict per step (and a summary)."""
-    plan, model = par.plan, par.model
+          seed: int = 0, metrics_path: str | None = None, log=print, checkpoint_dir: str | None = None,
+          checkpoint_every: int = 0, keep_checkpoints: int = KEEP_LAST, model_name: str = "model",
+          track_memory: bool = False) -> list[dict]:
+    """Run optimizer steps 0..steps-1 on the synthetic stream; one metrics dict per step run (and a summary).
+
+    With `checkpoint_dir`, the run first resumes from the newest complete checkpoint there (a restarted job
+    goes on where it stopped), then saves after every `checkpoint_every` steps and after the last step,
+    keeping the newest `keep_checkpoints`.
+
+    With `track_memory`, the second step run counts every tensor byte (executor.memtrack) and is left out of
+    the median step time; the summary gets `tensor_memory_bytes` (the maximum over ranks) and its breakdown."""
+    plan = par.plan
     if plan.pp > 1 and plan.num_micro_batches < plan.pp and plan.schedule != "gpipe":
         raise InvalidPlanError(f"{plan.schedule} needs at least pp={plan.pp} micro-batches per replica, "
                                f"got {plan.num_micro_batches}")
-    dp_mesh = par.mesh["dp"] if par.mesh is not None else None
-    optimizer = build_optimizer(model, zero_stage=plan.zero_stage, tp=plan.tp, dp_mesh=dp_mesh, lr=lr,
-                                weight_decay=0.0)
+    optimizer = make_optimizer(par, lr=lr)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    start = 0
+    if checkpoint_dir:
+        latest = latest_checkpoint(checkpoint_dir)
+        if latest is not None:
+            start = load_checkpoint(latest, par=par, optimizer=optimizer, model_name=model_name)
+            if rank0 and log:
+                log(f"resumed from {latest} (steps 0-{start - 1} done)")
     sink = open(metrics_path, "a") if metrics_path and rank0 else None
     records = []
     try:
-        for step in range(steps):
-            start = time.perf_counter()
-            batch = global_batch(step=step, global_batch_size=plan.global_batch_size, seq_len=seq_len, vocab=vocab,
-                                 seed=seed)
-            micro = replica_micro_batches(batch, dp=plan.dp, dp_rank=par.coords["dp"],
-                                          micro_batch_size=plan.micro_batch_size)
-            if par.schedule is not None:
-                loss_sum = _pipeline_step(par, torch.cat(micro).to(device))
-                if plan.dp > 1 and plan.ep == 1 and uses_ddp(zero_stage=plan.zero_stage, tp=plan.tp):
-                    all_reduce_gradients(model, par.mesh["dp"])
+        for step in range(start, steps):
+            begin = time.perf_counter()
+            tracked = track_memory and step == start + 1
+            if tracked:
+                tensor_memory = _tracked_step(par, optimizer, step, seq_len=seq_len, vocab=vocab, device=device,
+                                              seed=seed)
+                loss = tensor_memory.pop("loss")
             else:
-                loss_sum = torch.zeros((), dtype=torch.float64)
-                for i, tokens in enumerate(micro):
-                    set_gradient_sync(model, i == len(micro) - 1)
-                    tokens = tokens.to(device)
-                    logits = model(tokens[:, :-1])
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()) / len(micro)
-                    loss.backward()
-                    loss_sum += loss.detach().to(torch.float64).cpu()
-            if par.expert_mesh is not None:
-                average_gradients(model, par.mesh["dp"], par.expert_mesh["edp"], plan.dp)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                loss = train_step(par, optimizer, step, seq_len=seq_len, vocab=vocab, device=device, seed=seed)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            step_s = _max_over_ranks(time.perf_counter() - start)
-            record = {"step": step, "loss": _mean_over_dp(loss_sum, par), "step_time_s": step_s,
+            step_s = _max_over_ranks(time.perf_counter() - begin)
+            record = {"step": step, "loss": loss, "step_time_s": step_s,
                       "tokens_per_s": plan.global_batch_size * seq_len / step_s,
                       "max_memory_bytes": int(_max_over_ranks(_peak_memory_bytes(device)))}
+            if tracked:
+                record["tracked"] = True
             records.append(record)
             if sink:
                 sink.write(json.dumps(record) + "\n")
@@ -155,12 +199,21 @@ def train(par: Parallelized, *, steps: int, seq_len: int, vocab: int, device: to
             if rank0 and log:
                 log(f"step {step:4d}  loss {record['loss']:.4f}  {step_s * 1e3:8.1f} ms  "
                     f"{record['tokens_per_s']:,.0f} tokens/s")
+            if checkpoint_dir and (step == steps - 1 or (checkpoint_every and (step + 1) % checkpoint_every == 0)):
+                path = save_checkpoint(checkpoint_dir, par=par, optimizer=optimizer, step=step,
+                                       model_name=model_name, keep=keep_checkpoints)
+                if rank0 and log:
+                    log(f"saved {path}")
         if records:
-            times = [r["step_time_s"] for r in records[1:]] or [records[0]["step_time_s"]]
-            summary = {"summary": True, "steps": steps, "median_step_time_s": statistics.median(times),
+            timed = [r for r in records[1:] if not r.get("tracked")] or records[:1]
+            times = [r["step_time_s"] for r in timed]
+            summary = {"summary": True, "steps": len(records), "first_step": start,
+                       "median_step_time_s": statistics.median(times),
                        "tokens_per_s": plan.global_batch_size * seq_len / statistics.median(times),
                        "max_memory_bytes": max(r["max_memory_bytes"] for r in records),
                        "final_loss": records[-1]["loss"], "plan": plan.model_dump()}
+            if track_memory and len(records) > 1:
+                summary.update(tensor_memory)
             if sink:
                 sink.write(json.dumps(summary) + "\n")
     finally:
@@ -169,14 +222,30 @@ def train(par: Parallelized, *, steps: int, seq_len: int, vocab: int, device: to
     return records
 
 
+def _tracked_step(par: Parallelized, optimizer: torch.optim.Optimizer, step: int, **kwargs) -> dict:
+    """train_step under the tensor-memory tracker: {"loss", "tensor_memory_bytes", "tensor_memory_breakdown"},
+    the bytes those of the rank that holds the most."""
+    from autoplan.executor.memtrack import RankMemoryTracker
+
+    with RankMemoryTracker(par.model, optimizer) as tracker:
+        loss = train_step(par, optimizer, step, **kwargs)
+    peak, breakdown = tracker.peak_bytes, tracker.peak_breakdown()
+    if dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (peak, breakdown))
+        peak, breakdown = max(gathered, key=lambda item: item[0])
+    return {"loss": loss, "tensor_memory_bytes": int(peak), "tensor_memory_breakdown": breakdown}
+
+
 def _pipeline_step(par: Parallelized, tokens: torch.Tensor) -> torch.Tensor:
     """One schedule step over this replica's micro-batches; the mean loss, known on every pp rank."""
     losses: list[torch.Tensor] = []
-    kwargs = {"target": tokens[:, 1:], "losses": losses} if par.last else {}
-    if par.first:
-        par.schedule.step(tokens[:, :-1], **kwargs)
-    else:
-        par.schedule.step(**kwargs)
+    with sequence_shard(par.cp, tokens) as (inputs, targets):
+        kwargs = {"target": targets, "losses": losses} if par.last else {}
+        if par.first:
+            par.schedule.step(inputs, **kwargs)
+        else:
+            par.schedule.step(**kwargs)
     loss = torch.zeros((), dtype=torch.float64)
     if par.last:
         loss += sum(float(x.detach()) for x in losses) / len(losses)
@@ -188,9 +257,27 @@ def init_distributed() -> torch.device:
     """Initialise the process group from torchrun's environment (gloo on CPU, nccl on CUDA)."""
     cuda = torch.cuda.is_available()
     if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        store = _restart_safe_store()
+        if store is None:
+            dist.init_process_group("nccl" if cuda else "gloo")
+        else:
+            dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]))
     if cuda:
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
+
+
+def _restart_safe_store():
+    """torchrun's agent store under a prefix of this restart attempt, or None where torch's default is safe.
+
+    torchrun (--max-restarts) keeps one agent-hosted TCPStore for all attempts; in torch 2.13 the workers
+    of a restarted attempt read the dead workers' addresses there and the gloo connect hangs or fails.
+    Keys under `autoplan/attempt_<n>/` cannot be stale."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                          is_master=False, timeout=timedelta(minutes=10))
+    return dist.PrefixStore(f"autoplan/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)

@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -148,7 +149,7 @@ class MoE(nn.Module):
     """Top-k routed SwiGLU experts (Shazeer et al. 2017; Mixtral, Jiang et al. 2024).
 
     Expert weights are stacked [experts, ...] so expert parallelism shards dim 0. Tokens are sorted by
-    expert and each expert runs on its contiguous slice. On the meta device the per-expert counts are
+    expert and each expert runs on its contiguous slice. On the meta device (or with fake tensors, in a dry run) the per-expert counts are
     unknown, so routing is taken as perfectly balanced (tokens*top_k/experts each): the profile then
     holds the expected cost, and the cost model adds the imbalance.
     """
@@ -171,7 +172,7 @@ class MoE(nn.Module):
         return experts, (weights / weights.sum(-1, keepdim=True)).type_as(tokens)
 
     def expert_counts(self, flat_experts: torch.Tensor) -> list[int]:
-        if flat_experts.is_meta:  # balanced routing: the expected load of each expert
+        if flat_experts.is_meta or is_fake(flat_experts):  # no values: balanced routing, each expert's expected load
             base, extra = divmod(flat_experts.numel(), self.num_experts)
             return [base + (e < extra) for e in range(self.num_experts)]
         return torch.bincount(flat_experts, minlength=self.num_experts).tolist()

@@ -277,11 +277,49 @@ def calibrated_cluster(*, name: str, measurements: dict, gpus_per_node: int, num
     sources.update({f"note.{i}": note for i, note in enumerate(measurements.get("notes") or [])})
     if any(p["achieved_flops_per_s"] > peak for p in gemm_rows):
         sources["note.peak"] = "a GEMM ran faster than the declared peak: its efficiency is clipped to 1"
-    return Cluster(name=name, gpu=device.get("name", "unknown"), num_gpus=num_gpus, gpus_per_node=gpus_per_node,
-                   peak_flops_per_s=peak, memory_bytes=int(memory), memory_bandwidth_bytes_per_s=bandwidth,
-                   memory_reserve_bytes=reserve, intra_node=intra, inter_node=inter, gemm_efficiency=curve,
-                   attention_efficiency=attention, memory_bound_efficiency=memory_bound, sources=sources,
-                   measurements=measurements)
+    cluster = Cluster(name=name, gpu=device.get("name", "unknown"), num_gpus=num_gpus, gpus_per_node=gpus_per_node,
+                      peak_flops_per_s=peak, memory_bytes=int(memory), memory_bandwidth_bytes_per_s=bandwidth,
+                      memory_reserve_bytes=reserve, intra_node=intra, inter_node=inter, gemm_efficiency=curve,
+                      attention_efficiency=attention, memory_bound_efficiency=memory_bound, sources=sources,
+                      measurements=measurements)
+    return fit_layer_overhead(cluster, measurements.get("layers") or [])
+
+
+def fit_layer_overhead(cluster: Cluster, rows: Sequence[dict]) -> Cluster:
+    """`cluster` with layer_overhead_fwd_s / _bwd_s fitted to measured block times: for each measured block
+    and micro-batch size, (measured - predicted by the kernels' work alone) / the block's traced layers; the
+    median over the measurements, clamped at 0. Unchanged without layer measurements."""
+    import torch
+
+    from autoplan.costmodel.layers import layer_cost
+    from autoplan.profiler.model import profile_model
+    from autoplan.schema import Plan
+
+    if not rows:
+        return cluster
+    base = cluster.model_copy(update={"layer_overhead_fwd_s": 0.0, "layer_overhead_bwd_s": 0.0})
+    profiles, fwd, bwd = {}, [], []
+    for row in rows:
+        key = (row["model"], row["seq_len"], row.get("dtype", "bfloat16"))
+        if key not in profiles:
+            profiles[key] = profile_model(row["model"], seq_len=row["seq_len"], dtype=getattr(torch, key[2]))
+        profile = profiles[key]
+        block = int(row["layer"].rsplit(".", 1)[-1]) if row["layer"].rsplit(".", 1)[-1].isdigit() else None
+        layers = [layer for layer in profile.layers if layer.block == block and block is not None]
+        if not layers:
+            continue
+        plan = Plan(micro_batch_size=row["micro_batch_size"], global_batch_size=row["micro_batch_size"])
+        costs = [layer_cost(layer=layer, profile=profile, cluster=base, plan=plan, recompute="none", block_first=False)
+                 for layer in layers]
+        fwd.append((row["fwd_median_s"] - sum(c.fwd_compute_s for c in costs)) / len(layers))
+        bwd.append((row["bwd_median_s"] - sum(c.bwd_compute_s for c in costs)) / len(layers))
+    if not fwd:
+        return cluster
+    how = (f"median over {len(fwd)} measured blocks x micro-batch sizes of (measured - kernel-work prediction) / "
+           "layers per block, clamped at 0")
+    sources = {**cluster.sources, "layer_overhead_fwd_s": how, "layer_overhead_bwd_s": how}
+    return cluster.model_copy(update={"layer_overhead_fwd_s": max(0.0, float(np.median(fwd))),
+                                      "layer_overhead_bwd_s": max(0.0, float(np.median(bwd))), "sources": sources})
 
 
 # ----------------------------------------------------------------------------------------- the whole job

@@ -150,6 +150,11 @@ def _layer(name: str, kind: str, block: int | None, modules: list[nn.Module],
             kv_heads = kv_heads or _attr(sub, "kv_heads", "num_kv_heads", "n_kv_heads", "num_key_value_heads")
             experts = experts or _attr(sub, "num_experts", "n_experts", "num_local_experts")
             top_k = top_k or _attr(sub, "top_k", "num_experts_per_tok")
+    # peaks of the modules run one after another: forward in order, backward in reverse, each module's
+    # transient on top of what the modules before it (forward) keep / the ones after it (backward) have freed
+    saved = [r.activation_bytes for r in results]
+    forward_peak = max(r.forward_peak_bytes - sum(saved[i + 1:]) for i, r in enumerate(results))
+    backward_peak = max(r.backward_peak_bytes - sum(saved[i + 1:]) for i, r in enumerate(results))
     row_parallel = sum(split == "k" for r in results for split in r.linear_splits.values())
     tp_collectives = max(row_parallel, 1) if kind in ("embedding", "head", "moe") else row_parallel
     return LayerProfile(
@@ -160,6 +165,10 @@ def _layer(name: str, kind: str, block: int | None, modules: list[nn.Module],
         activation_bytes=sum(r.activation_bytes for r in results),
         activation_tp_sharded_bytes=sum(r.activation_tp_sharded_bytes for r in results),
         attention_score_bytes=sum(r.attention_score_bytes for r in results),
+        activation_column_input_bytes=sum(r.activation_column_input_bytes for r in results),
+        selective_bytes=sum(r.selective_bytes for r in results),
+        selective_tp_sharded_bytes=sum(r.selective_tp_sharded_bytes for r in results),
+        forward_peak_bytes=max(forward_peak, 0), backward_peak_bytes=max(backward_peak, 0),
         output_bytes=results[-1].output_bytes,
         memory_bound_bytes=sum(r.memory_bound_bytes for r in results),
         gemms=[GemmShape(m_per_sequence=m, n=n, k=k, count=c, tp_split=s) for (m, n, k, s), c in gemms.items()],
@@ -177,6 +186,9 @@ def _block_layers(block: _Call, index: int, vocab: int, flash: bool) -> list[Lay
         kind = module_kind(main.name, main.module)
         layers.append(_layer(main.name, kind, index, [c.module for c in part], results, vocab))
     parts_flops = sum(layer.fwd_flops for layer in layers)
+    if layers:  # what selective recompute keeps of the ops between the parts (the residual adds)
+        between = whole.selective_bytes - sum(layer.selective_bytes for layer in layers)
+        layers[-1] = layers[-1].model_copy(update={"selective_bytes": layers[-1].selective_bytes + max(between, 0)})
     if not layers or abs(parts_flops - whole.fwd_flops) > 0.01 * max(whole.fwd_flops, 1.0):
         # work happens outside the children (or no children): keep the block as one layer
         kinds = {module_kind(n, m) for n, m in block.module.named_children()} - {"norm"}

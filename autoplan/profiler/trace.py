@@ -18,6 +18,7 @@ F.dropout is routed to native_dropout, which saves a 1-byte mask as on CUDA.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -77,6 +78,11 @@ class TraceResult:
     activation_tp_sharded_bytes: int = 0
     attention_score_bytes: int = 0
     output_bytes: int = 0
+    activation_column_input_bytes: int = 0   # saved inputs of column-parallel Linears (all-gathered under DTensor SP)
+    selective_bytes: int = 0                 # forward op outputs that save-all-but-square selective recompute keeps
+    selective_tp_sharded_bytes: int = 0
+    forward_peak_bytes: int = 0              # most live bytes in forward beyond what forward leaves saved
+    backward_peak_bytes: int = 0             # most live bytes in backward beyond the saved ones at its start
     memory_bound_bytes: float = 0.0
     gemms: list[GemmRecord] = field(default_factory=list)
     linear_splits: dict[str, str] = field(default_factory=dict)  # Linear name -> n/k/none
@@ -92,7 +98,11 @@ class _Tracer(TorchDispatchMode):
         self.sharded: dict[int, bool] = {}
         self.score: set[int] = set()  # storages shaped [.., s_q, s_kv] that descend from Q K^T
         self.linear_stack: list[str] = []
+        self.column_inputs: set[int] = set()  # storages fed to a column-parallel Linear
+        self.selective_seen: dict[int, weakref.ref] = {}
+        self.live = LiveBytes()
         self.forward = True
+        self.counting = True  # False while the stand-in loss runs: its ops are not the layer's
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -109,9 +119,28 @@ class _Tracer(TorchDispatchMode):
                     self.score.add(sid)
                 else:
                     self.score.discard(sid)
-        if self.forward:
+        if not func.is_view and self.counting:
+            for t in outputs:
+                if storage_id(t) not in self.frozen:
+                    self.live.add(t)
+        if self.forward and self.counting:
             self._record(func, args, inputs, outputs)
+            if not func.is_view and not _recomputed_by_selective(func, args):
+                self._count_selective(outputs)
         return out
+
+    def _count_selective(self, outputs) -> None:
+        for t in outputs:
+            storage = t.untyped_storage()
+            sid = storage._cdata
+            seen = self.selective_seen.get(sid)
+            if sid in self.frozen or (seen is not None and seen() is not None):
+                continue  # (a dead storage's address may come back: the policy would have kept both alive)
+            self.selective_seen[sid] = weakref.ref(storage)
+            nbytes = storage.nbytes()
+            self.result.selective_bytes += nbytes
+            if self.sharded.get(sid, False):
+                self.result.selective_tp_sharded_bytes += nbytes
 
     def _record(self, func, args, inputs, outputs) -> None:
         if func in _GEMM_OPS:
@@ -131,6 +160,62 @@ class _Tracer(TorchDispatchMode):
             self.result.attention_core_fwd_flops += 2.0 * b * heads * s_q * key.shape[-2] * (d + value.shape[-1])
         elif not func.is_view:
             self.result.memory_bound_bytes += sum(t.numel() * t.element_size() for t in inputs + outputs)
+
+
+def _recomputed_by_selective(func, args) -> bool:
+    """The executor's selective-recompute policy (executor.recompute: recompute an op whose output is
+    square in its last two dims, inferred from its inputs; save every other op's output), restated here
+    because the profiler does not import the executor."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if func in (aten.mm.default, aten.bmm.default, aten.baddbmm.default) and len(tensors) >= 2:
+        rows, cols = tensors[-2].shape[-2], tensors[-1].shape[-1]
+    elif tensors and tensors[0].dim() >= 2:
+        rows, cols = tensors[0].shape[-2], tensors[0].shape[-1]
+    else:
+        return False
+    return rows == cols > 1
+
+
+class LiveBytes:
+    """Bytes of the storages registered and still alive (a weak reference per storage), and their peak
+    since `reset_peak`. A storage found to be a parameter's gradient is dropped, also from the peak it was
+    alive at (the cost model counts gradients apart)."""
+
+    def __init__(self):
+        self.bytes = 0
+        self.peak = 0
+        self._born: dict[int, tuple[int, int]] = {}  # storage id -> (bytes, clock at registration)
+        self._clock = 0
+        self._peak_clock = 0
+        self.bytes_at_reset = 0
+
+    def add(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        sid = storage._cdata
+        if sid in self._born:
+            return
+        nbytes = storage.nbytes()
+        self._clock += 1
+        self._born[sid] = (nbytes, self._clock)
+        self.bytes += nbytes
+        weakref.finalize(storage, self._free, sid)
+        if self.bytes > self.peak:
+            self.peak, self._peak_clock = self.bytes, self._clock
+
+    def _free(self, sid: int) -> None:
+        nbytes, _ = self._born.pop(sid, (0, 0))
+        self.bytes -= nbytes
+
+    def drop(self, t: torch.Tensor) -> None:
+        sid = storage_id(t)
+        if sid in self._born:
+            nbytes, born = self._born.pop(sid)
+            self.bytes -= nbytes
+            if born <= self._peak_clock:
+                self.peak -= nbytes
+
+    def reset_peak(self) -> None:
+        self.peak, self._peak_clock, self.bytes_at_reset = self.bytes, self._clock, self.bytes
 
 
 def _flash_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -197,6 +282,8 @@ def trace(module: nn.Module, args: tuple, kwargs: dict, *, vocab_size: int = 0, 
                 result.activation_tp_sharded_bytes += nbytes
             if sid in tracer.score:
                 result.attention_score_bytes += nbytes
+            if sid in tracer.column_inputs:
+                result.activation_column_input_bytes += nbytes
         return t
 
     hooks = []
@@ -204,6 +291,11 @@ def trace(module: nn.Module, args: tuple, kwargs: dict, *, vocab_size: int = 0, 
         if isinstance(sub, nn.Linear):
             hooks.append(sub.register_forward_pre_hook(_linear_pre_hook(name, tracer, result)))
             hooks.append(sub.register_forward_hook(_linear_post_hook(name, tracer, result)))
+    # gradient accumulation's steady state: every parameter already has a gradient, so the one backward
+    # computes is a temporary added into it (what backward_peak_bytes should see)
+    params = [p for p in module.parameters() if p.requires_grad and p.grad is None]
+    for param in params:
+        param.grad = torch.zeros_like(param)
     counter = FlopCounterMode(display=False)
     try:
         with gpu_kernels(flash), counter, tracer:
@@ -211,19 +303,26 @@ def trace(module: nn.Module, args: tuple, kwargs: dict, *, vocab_size: int = 0, 
                 out = module(*args, **kwargs)
                 first = next(t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
                 result.output_bytes = first.numel() * first.element_size()
-                if vocab_size and first.shape[-1] == vocab_size:
+                if vocab_size and first.shape[-1] == vocab_size:  # the loss is part of the head's step
                     loss = F.cross_entropy(first.float().flatten(0, -2), torch.zeros(first.shape[:-1].numel(),
                                            dtype=torch.long, device=first.device))
-                else:
+                    result.forward_peak_bytes = tracer.live.peak - tracer.live.bytes
+                else:  # a stand-in loss that only seeds the output's gradient
+                    result.forward_peak_bytes = tracer.live.peak - tracer.live.bytes
+                    tracer.counting = False
                     loss = first.float().sum()
             result.fwd_flops = float(counter.get_total_flops())
-            tracer.forward = False
+            tracer.forward, tracer.counting = False, True
+            tracer.live.reset_peak()
             if loss.requires_grad:
                 loss.backward()
+            result.backward_peak_bytes = tracer.live.peak - tracer.live.bytes_at_reset
             result.bwd_flops = float(counter.get_total_flops()) - result.fwd_flops
     finally:
         for hook in hooks:
             hook.remove()
+        for param in params:
+            param.grad = None
     return result
 
 
@@ -232,6 +331,8 @@ def _linear_pre_hook(name: str, tracer: _Tracer, result: TraceResult):
         sharded = bool(inputs) and tracer.sharded.get(storage_id(inputs[0]), False)
         split = result.linear_splits.setdefault(name, linear_split(name, module, sharded))
         tracer.linear_stack.append(split)
+        if split == "n" and inputs:
+            tracer.column_inputs.add(storage_id(inputs[0]))
     return hook
 
 

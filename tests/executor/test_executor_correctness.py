@@ -66,6 +66,7 @@ def test_two_ranks_match_single_process(name, two_rank_losses, reference):
 FOUR_RANK_PLANS = {
     "dp2 x tp2 sp zero3": Plan(dp=2, tp=2, sequence_parallel=True, zero_stage=3, global_batch_size=GBS,
                                micro_batch_size=MBS),
+    "dp2 x tp2 zero0": Plan(dp=2, tp=2, zero_stage=0, global_batch_size=GBS, micro_batch_size=MBS),
     "pp2 x dp2 zero1": Plan(pp=2, dp=2, zero_stage=1, global_batch_size=GBS, micro_batch_size=MBS),
     "tp2 x pp2 sp": Plan(tp=2, pp=2, sequence_parallel=True, global_batch_size=GBS, micro_batch_size=MBS),
     "moe dp4 ep2": Plan(dp=4, ep=2, global_batch_size=GBS, micro_batch_size=MBS),
@@ -82,12 +83,3 @@ def four_rank_losses():
 @pytest.mark.parametrize("name", list(FOUR_RANK_PLANS))
 def test_four_ranks_match_single_process(name, four_rank_losses, reference):
     assert four_rank_losses[name] == pytest.approx(reference[_reference_key(name)], rel=TOL)
-
-
-def test_unsupported_dimensions_are_refused():
-    from autoplan.errors import InvalidPlanError
-    from autoplan.executor import apply
-    import autoplan as ap
-
-    with pytest.raises(InvalidPlanError, match="context parallelism is not supported by the executor yet"):
-        apply(ap.models.build_named("gpt-tiny"), Plan(cp=2, global_batch_size=4))

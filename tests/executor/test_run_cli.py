@@ -27,7 +27,7 @@ def test_launch_two_ranks_writes_metrics(tmp_path):
 
 def test_run_refuses_what_the_executor_cannot_do_yet(tmp_path, capsys):
     plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"cp": 2, "global_batch_size": 4}))
-    assert main(["run", "gpt-tiny", "--plan", str(plan)]) == 2
+    plan.write_text(json.dumps({"cp": 2, "ep": 2, "global_batch_size": 4}))
+    assert main(["run", "moe-tiny", "--plan", str(plan)]) == 2
     err = capsys.readouterr().err
-    assert "context parallelism is not supported by the executor yet" in err and err.count("\n") == 1
+    assert "expert parallelism runs with cp=1 only" in err and err.count("\n") == 1

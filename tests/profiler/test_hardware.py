@@ -240,3 +240,28 @@ def test_measure_layers_activation_bytes_linear_in_micro_batch():
     by_mbs = {r["micro_batch_size"]: r["saved_activation_bytes"] for r in rows if r["layer"] == "layers.0"}
     assert by_mbs[1] > 0 and by_mbs[2] == 2 * by_mbs[1]
     assert all(r["fwd_median_s"] > 0 and r["bwd_median_s"] > 0 and r["peak_bytes"] is None for r in rows)
+
+
+def test_layer_overhead_fitted_from_block_times():
+    """Oracle: synthetic block times = the kernel-work prediction + 40 us (forward) / 90 us (backward) per
+    traced layer of the block; the fit recovers exactly those, and a block faster than predicted clamps at 0."""
+    from autoplan.costmodel.layers import layer_cost
+    from autoplan.profiler.calibrate import fit_layer_overhead
+    from autoplan.profiler.model import profile_model
+    from autoplan.schema import Cluster, Plan
+
+    cluster = Cluster.preset("dgx-h100", gpus=1)
+    profile = profile_model("gpt-tiny", dtype=torch.float32)
+    rows = []
+    for block in range(profile.num_blocks):
+        layers = [layer for layer in profile.layers if layer.block == block]
+        costs = [layer_cost(layer=layer, profile=profile, cluster=cluster, plan=Plan(global_batch_size=1),
+                            recompute="none", block_first=False) for layer in layers]
+        rows.append({"model": "gpt-tiny", "layer": f"layers.{block}", "micro_batch_size": 1, "dtype": "float32",
+                     "seq_len": profile.seq_len, "fwd_median_s": sum(c.fwd_compute_s for c in costs) + 40e-6 * len(layers),
+                     "bwd_median_s": sum(c.bwd_compute_s for c in costs) + 90e-6 * len(layers)})
+    fitted = fit_layer_overhead(cluster, rows)
+    assert fitted.layer_overhead_fwd_s == pytest.approx(40e-6)
+    assert fitted.layer_overhead_bwd_s == pytest.approx(90e-6)
+    fast = [{**row, "fwd_median_s": 0.0, "bwd_median_s": 0.0} for row in rows]
+    assert fit_layer_overhead(cluster, fast).layer_overhead_fwd_s == 0.0

@@ -1,0 +1,282 @@
+"""Dry run: the executor's own code for one rank of an N-rank job, on a fake process group with fake
+tensors, with every tensor byte that rank would hold counted (executor.memtrack). No GPU, no memory.
+
+Steps for each pipeline stage that is run (the first and the last by default: the first holds the most
+micro-batches in flight, the last the logits):
+1. a fake process group of plan.gpus ranks (torch's "fake" backend: collectives return at once), this
+   process being the stage's rank with dp, cp, tp coordinates 0 (the largest shards);
+2. the model built on the meta device and cast to the GPU dtype (executor.precision: bf16 parameters
+   and gradients, fp32 master weights and moments in the optimizer, what the cost model counts);
+3. `executor.apply` — the code `autoplan run` uses — applies the plan; the parameters are then
+   materialised as fake tensors (`to_empty` under FakeTensorMode) and the optimizer is built;
+4. `executor.train_step` runs twice (forward, backward, optimizer) under the memory tracker.
+
+Two things differ from `autoplan run`, neither of which holds GPU memory: the synthetic token stream lives
+in host memory on a GPU run and is replaced by a zero batch that takes none; pipeline stages are given
+their boundary shapes (as `PipelineStage(input_args=..., output_args=...)` allows) instead of exchanging
+them with their neighbours, which a fake process group cannot do.
+
+Micro-batches: from the second micro-batch of a step on, gradient accumulation repeats the same tensors,
+and a pipeline schedule reaches its most micro-batches in flight after its warm-up; so a step runs
+min(m, 2) micro-batches without pipeline, min(m, 2·pp) with 1F1B, interleaved or zero-bubble, and all m
+with GPipe. Without a pipeline the first step, which only has to create the optimizer states before the
+second, runs one micro-batch. tests/dryrun checks the equivalence against the full count.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from unittest import mock
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from autoplan.errors import InvalidInputError, InvalidPlanError
+from autoplan.executor.data_parallel import build_optimizer
+from autoplan.executor.memtrack import CATEGORIES, Category, RankMemoryTracker
+from autoplan.executor.precision import MIXED_PRECISION_DTYPE
+from autoplan.schema import DryRunResult, Plan, StageMemory
+
+STEPS = 2
+PRECISION = "bf16 parameters and gradients; fp32 master weights, momentum and variance in the optimizer"
+
+
+@dataclass
+class _Model:
+    """How to build a fresh copy of the model on meta for each stage's run."""
+
+    build: object            # () -> nn.Module on the meta device
+    name: str
+    seq_len: int
+    vocab: int
+    tp_plan: object = None
+
+
+def memory_equivalent_plan(plan: Plan) -> Plan:
+    """The plan with as few micro-batches per step as give the same peak memory (module docstring)."""
+    m = plan.num_micro_batches
+    if plan.pp == 1:
+        keep = min(m, 2)
+    elif plan.schedule == "gpipe":
+        keep = m
+    else:
+        keep = min(m, 2 * plan.pp)
+    return plan.model_copy(update={"global_batch_size": plan.dp * plan.micro_batch_size * keep})
+
+
+def _first_step_plan(plan: Plan) -> Plan:
+    """Step 1 is there to create the optimizer states and initialise the wrappers; without a pipeline
+    (whose schedule fixes the micro-batch count) one micro-batch does that, and step 2 holds the peak."""
+    if plan.pp > 1:
+        return plan
+    return plan.model_copy(update={"global_batch_size": plan.dp * plan.micro_batch_size})
+
+
+def stage_rank(plan: Plan, stage: int) -> int:
+    """Global rank of pipeline stage `stage` with dp, cp and tp coordinates 0 (executor.mesh's layout)."""
+    return stage * plan.dp * plan.cp * plan.tp
+
+
+def dry_run(model, plan: Plan, *, gpus: int | None = None, seq_len: int | None = None, stages="ends",
+            steps: int = STEPS) -> DryRunResult:
+    """Run `plan` for the fullest rank of each chosen pipeline stage on a fake process group of `gpus`
+    ranks and report its peak memory per GPU and breakdown (a DryRunResult).
+
+    model: an nn.Module built on the meta device, a path to a model.py, or a built-in name.
+    stages: "ends" (first and last), "all", or a list of stage indices.
+    """
+    start = time.perf_counter()
+    if gpus is not None and gpus != plan.gpus:
+        raise InvalidPlanError(f"dp*tp*pp*cp = {plan.gpus} but --gpus is {gpus}")
+    if dist.is_initialized():
+        raise InvalidInputError("a dry run needs a process without an initialised process group")
+    spec = _model_spec(model, seq_len)
+    run_plan = memory_equivalent_plan(plan)
+    results = [_run_stage(spec, run_plan, stage, steps, plan) for stage in _stages(plan, stages)]
+    peak = max(results, key=lambda r: r.peak_memory_bytes)
+    notes = []
+    if run_plan.num_micro_batches != plan.num_micro_batches:
+        notes.append(f"ran {run_plan.num_micro_batches} of the plan's {plan.num_micro_batches} micro-batches "
+                     f"per step (memory-equivalent)")
+    return DryRunResult(model=spec.name, plan=plan, gpus=plan.gpus, seq_len=spec.seq_len, precision=PRECISION,
+                        steps=steps, micro_batches_per_step=run_plan.num_micro_batches,
+                        peak_memory_bytes=peak.peak_memory_bytes, memory_breakdown=peak.memory_breakdown,
+                        peak_stage=peak.stage, stages=results, wall_s=time.perf_counter() - start, notes=notes)
+
+
+def _stages(plan: Plan, stages) -> list[int]:
+    if stages == "ends":
+        return sorted({0, plan.pp - 1})
+    if stages == "all":
+        return list(range(plan.pp))
+    chosen = sorted(set(stages))
+    if not chosen or chosen[0] < 0 or chosen[-1] >= plan.pp:
+        raise InvalidInputError(f"stages {chosen} must lie in 0..{plan.pp - 1}")
+    return chosen
+
+
+def _model_spec(model, seq_len: int | None) -> _Model:
+    if isinstance(model, nn.Module):
+        if any(not p.is_meta for p in model.parameters()):
+            raise InvalidInputError("dry_run takes a model built on the meta device "
+                                    "(`with torch.device('meta'):`), a model.py path or a built-in name")
+        config = getattr(model, "config", None)
+        seq_len = seq_len or getattr(config, "seq_len", None)
+        vocab = getattr(config, "vocab", None)
+        if not seq_len or not vocab:
+            raise InvalidInputError("the model has no config.seq_len / config.vocab: pass seq_len=... "
+                                    "(the vocabulary comes from config.vocab)")
+        return _Model(lambda: copy.deepcopy(model), type(model).__name__, seq_len, vocab)
+    from autoplan.models.loader import is_model_file, load_model
+
+    spec = str(model)
+    overrides = {"seq_len": seq_len} if seq_len and not is_model_file(spec) else {}
+    loaded = load_model(spec, device="meta", **overrides)
+    module = loaded.module
+    seq_len = seq_len or loaded.seq_len or getattr(getattr(module, "config", None), "seq_len", None)
+    vocab = loaded.config.get("vocab") or getattr(getattr(module, "config", None), "vocab", None)
+    if not seq_len or not vocab:
+        raise InvalidInputError(f"{spec}: set CONFIG['seq_len'] and CONFIG['vocab'] in the model file")
+    first = [module]
+
+    def build():  # the loaded module for the first stage, a fresh load for each further one
+        return first.pop() if first else load_model(spec, device="meta", **overrides).module
+    return _Model(build, loaded.name, seq_len, vocab, loaded.tp_plan)
+
+
+def _run_stage(spec: _Model, plan: Plan, stage: int, steps: int, full_plan: Plan) -> StageMemory:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from autoplan.executor.train import apply, train_step
+
+    rank = stage_rank(plan, stage)
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=plan.gpus)
+    try:
+        model = spec.build().to(MIXED_PRECISION_DTYPE)
+        with _static_pipeline_shapes(spec, plan, model):
+            par = apply(model, plan, device_type="cpu", tp_plan=spec.tp_plan)
+        if hasattr(par.model, "register_comm_hook"):  # DDP (replicate)
+            par.model.register_comm_hook(None, _in_place_all_reduce)
+        fake = FakeTensorMode(allow_non_fake_inputs=True)
+        with fake:
+            par.model.to_empty(device="cpu")
+            optimizer = build_optimizer(par.model, zero_stage=plan.zero_stage, tp=plan.tp,
+                                        dp_mesh=par.mesh["dp"] if par.mesh is not None else None, lr=1e-3,
+                                        weight_decay=0.0, master_weights=True)
+        tracker = RankMemoryTracker(par.model, optimizer)
+        with ExitStack() as stack:
+            stack.enter_context(fake)
+            stack.enter_context(mock.patch.object(sys.modules[train_step.__module__], "global_batch", _host_batch))
+            stack.enter_context(_no_ddp_shape_check())
+            stack.enter_context(tracker)
+            _init_ddp(par.model, tracker)
+            for step in range(steps):
+                tracker.step_label = f"step {step + 1}"
+                par.plan = _first_step_plan(plan) if step == 0 and steps > 1 else plan
+                train_step(par, optimizer, step, seq_len=spec.seq_len, vocab=spec.vocab, device=torch.device("cpu"))
+            receive = _receive_buffers(par)
+            tracker.file(receive, Category.BUFFERS)
+        # the schedule allocates its receive buffers for all the plan's micro-batches up front
+        per_micro_batch = sum(t.untyped_storage().nbytes() for t in receive) / max(plan.num_micro_batches, 1)
+        extra = int(per_micro_batch * (full_plan.num_micro_batches - plan.num_micro_batches))
+        breakdown = tracker.peak_breakdown()
+        breakdown["buffers"] += extra
+        return StageMemory(stage=stage, rank=rank, peak_memory_bytes=tracker.peak_bytes + extra,
+                           memory_breakdown=breakdown, peak_phase=tracker.peak_phase)
+    finally:
+        dist.destroy_process_group()
+
+
+def _receive_buffers(par) -> list[torch.Tensor]:
+    """The pipeline schedule's receive buffers (activations and gradients, per micro-batch) on this rank."""
+    if par.schedule is None:
+        return []
+    stages = getattr(par.schedule, "_stages", None) or [par.schedule._stage]
+    infos = [info for stage in stages for table in (stage.args_recv_info, stage.grad_recv_info)
+             for per_micro_batch in table.values() for info in per_micro_batch]
+    return [info.buffer for info in infos if getattr(info, "buffer", None) is not None]
+
+
+def _host_batch(*, step: int, global_batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    """The synthetic stream's shape without its values or memory (it lives on the host on a GPU run)."""
+    return torch.zeros((), dtype=torch.long).expand(global_batch_size, seq_len + 1)
+
+
+def _in_place_all_reduce(state, bucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP's default hook all-reduces each bucket in place and hands the bucket back; the fake process
+    group's futures carry no value, so this hook hands the bucket back itself (no memory either way)."""
+    future = torch.futures.Future()
+    future.set_result(bucket.buffer())
+    return future
+
+
+_in_place_all_reduce.__annotations__["return"] = torch.futures.Future[torch.Tensor]  # DDP checks the annotation
+
+
+class _ReducerWithoutRebuild:
+    """DDP's reducer, except that it keeps its first bucket layout: rebuilding the buckets in the order
+    gradients became ready (DDP's second forward) broadcasts bucket indices from C++, reading tensor data
+    that fake tensors do not have. The rebuilt buckets hold the same bytes."""
+
+    def __init__(self, reducer):
+        self._reducer = reducer
+
+    def __getattr__(self, name):
+        return getattr(self._reducer, name)
+
+    def _rebuild_buckets(self) -> bool:
+        return False
+
+
+def _init_ddp(module: nn.Module, tracker: RankMemoryTracker) -> None:
+    """Initialise DDP (`replicate`) now rather than at its first forward, so its gradient buckets are
+    filed as collective buffers, and keep its first bucket layout (_ReducerWithoutRebuild)."""
+    if not hasattr(module, "register_comm_hook"):
+        return
+    from torch.distributed._composable.replicate import replicate
+
+    state = replicate.state(module)
+    with tracker.filing_as_buffers():
+        state.lazy_init()
+    state._ddp.reducer = _ReducerWithoutRebuild(state._ddp.reducer)
+
+
+def _no_ddp_shape_check():
+    """DDP's first forward checks in C++ that every rank's parameter shapes agree, reading the tensors'
+    data, which fake tensors do not have; the shapes agree by construction, so the check is skipped."""
+    import torch.nn.parallel.distributed as ddp
+
+    return mock.patch.object(ddp, "_verify_param_shape_across_processes", lambda *args, **kwargs: None)
+
+
+def _static_pipeline_shapes(spec: _Model, plan: Plan, model: nn.Module):
+    """Give each PipelineStage the shapes it receives and sends (embed -> blocks -> logits of the reference
+    models), so no stage asks its neighbour over the fake process group."""
+    if plan.pp == 1:
+        return ExitStack()
+    from torch.distributed.pipelining import PipelineStage
+
+    from autoplan.executor import pipeline
+
+    config = model.config
+    sp = plan.sequence_parallel and plan.tp > 1
+    mbs, seq = plan.micro_batch_size, spec.seq_len
+    hidden = (mbs, seq // plan.tp if sp else seq, config.hidden)  # [b, s(/tp with SP), h] between stages
+
+    def stage(module, chunk, total, device, group=None):
+        inputs = torch.empty(mbs, seq, dtype=torch.long, device="meta") if chunk == 0 else \
+            torch.empty(hidden, dtype=MIXED_PRECISION_DTYPE, device="meta", requires_grad=True)
+        outputs = torch.empty((mbs, seq, config.vocab) if chunk == total - 1 else hidden, dtype=MIXED_PRECISION_DTYPE,
+                              device="meta", requires_grad=True)
+        return PipelineStage(module, chunk, total, device, input_args=(inputs,), output_args=(outputs,), group=group)
+    return mock.patch.object(pipeline, "PipelineStage", stage)
+
+
+def breakdown_of(result: DryRunResult) -> dict[str, int]:
+    return {key: result.memory_breakdown.get(key, 0) for key in CATEGORIES}

@@ -6,6 +6,8 @@ Public API (re-exports only):
     Plan(...)                         -> a parallelisation plan
     estimate(profile, cluster, plan)  -> Estimate
     search(profile, cluster, global_batch_size=B, top_k=5) -> SearchResult (.best, .ranked, ...)
+    dryrun(model, plan, gpus=N)       -> DryRunResult (peak memory per GPU and its breakdown, measured)
+    verify_plans(ranked, model, cluster) -> the ranked plans with their dry runs, those over memory dropped
 """
 
 from autoplan import models
@@ -13,8 +15,8 @@ from autoplan.costmodel import estimate
 from autoplan.planner import Constraints, SearchResult, search
 from autoplan.errors import (AutoplanError, InfeasiblePlanError, InvalidInputError, InvalidPlanError,
                              ModelLoadError)
-from autoplan.schema import (SCHEMA_VERSION, Cluster, Estimate, LayerProfile, Link, ModelProfile, Plan,
-                             check_plan)
+from autoplan.schema import (SCHEMA_VERSION, Cluster, DryRunResult, Estimate, LayerProfile, Link, ModelProfile,
+                             Plan, check_plan)
 
 
 def profile_model(model, *, seq_len=None, **kwargs):
@@ -24,7 +26,25 @@ def profile_model(model, *, seq_len=None, **kwargs):
     return _profile_model(model, seq_len=seq_len, **kwargs)
 
 
+def dryrun(model, plan, *, gpus=None, seq_len=None, stages="ends"):
+    """Run `plan` with the executor's code for the fullest rank of each chosen pipeline stage of a `gpus`-rank
+    job, on a fake process group with fake tensors, and count every tensor byte: a DryRunResult with
+    peak_memory_bytes and memory_breakdown. `model`: an nn.Module built on meta, a model.py path or a
+    built-in name. No memory is allocated for the model."""
+    from autoplan.executor.dryrun import dry_run  # imports torch
+
+    return dry_run(model, plan, gpus=gpus, seq_len=seq_len, stages=stages)
+
+
+def verify_plans(ranked, model, cluster, *, seq_len=None, top=None, progress=None):
+    """Dry-run the ranked (plan, estimate) pairs (the first `top`) and keep those whose measured peak plus
+    the cluster's reserve fits in GPU memory: a list of (plan, estimate, DryRunResult), and the dropped ones."""
+    from autoplan.executor.dryrun import verify_plans as _verify_plans  # imports torch
+
+    return _verify_plans(ranked, model, cluster, seq_len=seq_len, top=top, progress=progress)
+
+
 __version__ = "0.1.0"
-__all__ = ["SCHEMA_VERSION", "AutoplanError", "Cluster", "Constraints", "Estimate", "InfeasiblePlanError", "InvalidInputError",
-           "InvalidPlanError", "LayerProfile", "Link", "ModelLoadError", "ModelProfile", "Plan", "SearchResult",
-           "check_plan", "estimate", "models", "profile_model", "search"]
+__all__ = ["SCHEMA_VERSION", "AutoplanError", "Cluster", "Constraints", "DryRunResult", "Estimate", "InfeasiblePlanError",
+           "InvalidInputError", "InvalidPlanError", "LayerProfile", "Link", "ModelLoadError", "ModelProfile", "Plan",
+           "SearchResult", "check_plan", "dryrun", "estimate", "models", "profile_model", "search", "verify_plans"]

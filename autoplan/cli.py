@@ -37,8 +37,13 @@ def _parser() -> argparse.ArgumentParser:
     srch.add_argument("--top", type=int, default=5, help="how many plans to rank (default 5)")
     srch.add_argument("--fix", action="append", default=[], metavar="FIELD=VALUE",
                       help="pin a plan field, e.g. --fix tp=8 --fix zero_stage=1 (repeatable)")
+    srch.add_argument("--executable", action="store_true",
+                      help="only plans autoplan's executor runs today (see README: Run a plan)")
     srch.add_argument("--out", help="write the best plan here (a plan file `estimate` and `run` accept)")
     srch.add_argument("--json", action="store_true", help="print the SearchResult as JSON")
+    srch.add_argument("--verify", action="store_true",
+                      help="dry-run the top plans (executor code, fake process group, no GPU) and drop those whose "
+                           "measured peak plus the cluster's reserve exceeds GPU memory")
     srch.set_defaults(run=_search)
 
     est = sub.add_parser("estimate", help="predict step time and memory of one plan",
@@ -51,6 +56,20 @@ def _parser() -> argparse.ArgumentParser:
     est.add_argument("--json", action="store_true", help="print the Estimate as JSON")
     est.set_defaults(run=_estimate)
 
+    dry = sub.add_parser("dryrun", help="measure a plan's memory per GPU without GPUs",
+                         description="Run the plan with the executor's code for the fullest rank of a --gpus job on "
+                                     "a fake process group with fake tensors (two training steps) and print its peak "
+                                     "memory per GPU by category beside the estimate.")
+    _model_args(dry)
+    dry.add_argument("--plan", required=True, help="plan JSON file (as written by `autoplan search --out`)")
+    dry.add_argument("--gpus", type=int, help="GPUs in the job (default: the plan's dp*tp*pp*cp)")
+    dry.add_argument("--cluster", default=DEFAULT_CLUSTER,
+                     help=f"preset name or cluster JSON file, for the memory limit and reserve (default {DEFAULT_CLUSTER})")
+    dry.add_argument("--stages", choices=("ends", "all"), default="ends",
+                     help="pipeline stages to run: the first and the last (default), or all")
+    dry.add_argument("--json", action="store_true", help="print the DryRunResult as JSON")
+    dry.set_defaults(run=_dryrun)
+
     run = sub.add_parser("run", help="train with a plan (under torchrun)",
                          description="Apply the plan to the model and train on a synthetic stream; run it under "
                                      "torchrun with dp*tp*pp*cp processes (or use `autoplan launch`).")
@@ -60,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics", help="append one JSON line per step, then a summary, to this file")
     run.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     run.add_argument("--seed", type=int, default=0, help="seed of the weights and the data (default 0)")
+    run.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                     help="bf16 parameters with fp32 master weights in AdamW, or fp32 (default auto: bf16 on "
+                          "GPUs, fp32 on CPU)")
     run.add_argument("--track-memory", action="store_true",
                      help="count every tensor byte of the second step (not timed); adds tensor_memory_bytes to the summary")
     run.add_argument("--checkpoint-dir", help="resume from the newest checkpoint here, if any, and save into it")
@@ -90,10 +112,21 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--global-batch", type=int, help="sequences per optimizer step (default as search)")
     bench.add_argument("--top", type=int, default=5, help="top plans of the search to run (default 5)")
     bench.add_argument("--every-plan", action="store_true", help="run every plan of the space that fits")
+    bench.add_argument("--sample", type=int, default=0, metavar="N",
+                       help="also run N more plans spread evenly over the rest of the predicted ranking")
     bench.add_argument("--fix", action="append", default=[], metavar="FIELD=VALUE", help="pin a plan field")
     bench.add_argument("--steps", type=int, default=8, help="steps per plan (default 8; at least 3)")
     bench.add_argument("--out", required=True, help="directory for report.md, results.json and the plots")
     bench.set_defaults(run=_bench)
+
+    cal = sub.add_parser("calibrate", help="fit the cost model's fixed overheads to measured bench runs",
+                         description="Fit Cluster.overheads (seconds per loop step, micro-batch, tensor-parallel "
+                                     "layer call, FSDP unit, pipeline micro-batch, ...) to the measured step times "
+                                     "of `autoplan bench` results; write a cluster file with them.")
+    cal.add_argument("results", nargs="+", help="results.json files written by `autoplan bench`")
+    cal.add_argument("--cluster", required=True, help="the cluster file the runs were measured on")
+    cal.add_argument("--out", required=True, help="cluster file to write")
+    cal.set_defaults(run=_calibrate)
 
     hw = sub.add_parser("profile", help="measure this machine (under torchrun for the interconnect) -> cluster.json",
                         description="Measure GEMM throughput, memory bandwidth, attention, collectives and (with "
@@ -196,18 +229,83 @@ def _search(args) -> int:
         raise InvalidInputError(f"--global-batch must be positive, got {batch}")
     with Progress(transient=True, disable=args.json or not sys.stderr.isatty()) as bar:
         task = bar.add_task("searching", total=None)
-        result = search(profile, cluster, global_batch_size=batch, top_k=args.top,
+        result = search(profile, cluster, global_batch_size=batch, top_k=args.top, accept=_executable(args, profile),
                         progress=lambda done, total: bar.update(task, completed=done, total=total), **fixed)
+    verification = _verify(args, result, cluster, profile.seq_len) if args.verify else None
+    if verification is not None:
+        result, lines = verification
     if args.out:
         command = "autoplan " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("autoplan") else None
         PlanFile(plan=result.best, model=args.model, seq_len=profile.seq_len, cluster=args.cluster, gpu=cluster.gpu,
                  gpus=cluster.num_gpus, estimate=result.best_estimate, command=command).save(args.out)
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        data = result.to_dict()
+        if verification is not None:
+            data["verification"] = lines
+        print(json.dumps(data, indent=2))
     else:
+        if verification is not None:
+            print("\n".join(lines))
         print(search_report(result, profile=profile, cluster=cluster), end="")
         if args.out:
             print(f"wrote the best plan to {args.out}")
+    return 0
+
+
+def _verify(args, result, cluster, seq_len: int):
+    """`search --verify`: dry-run the ranked plans, keep those that fit; (the result with them, report lines)."""
+    from dataclasses import replace
+
+    from autoplan import verify_plans
+    from autoplan.errors import InfeasiblePlanError
+
+    kept, dropped = verify_plans(result.ranked, args.model, cluster, seq_len=seq_len)
+    gib, reserve = 2**30, cluster.memory_reserve_bytes
+    lines = [f"verified {len(result.ranked)} plans by dry run ({len(dropped)} dropped: over "
+             f"{cluster.memory_bytes / gib:.1f} GiB with the {reserve / gib:.1f} GiB reserve, or not run by the executor):"]
+    for plan, est, dry in kept + dropped:
+        if isinstance(dry, str):
+            lines.append(f"  REFUSED {plan.describe()}: {dry}")
+            continue
+        verdict = "fits" if dry.fits(cluster) else "DROPPED"
+        lines.append(f"  {verdict:7s} {plan.describe()}: estimated {est.memory_per_gpu_bytes / gib:.1f} GiB, "
+                     f"measured {(dry.peak_memory_bytes + reserve) / gib:.1f} GiB")
+    if not kept:
+        measured = [item for item in dropped if not isinstance(item[2], str)]
+        if not measured:
+            raise InfeasiblePlanError(f"none of the {len(dropped)} ranked plans runs on the executor: {dropped[0][2]}")
+        plan, _, dry = min(measured, key=lambda item: item[2].peak_memory_bytes)
+        over = dry.peak_memory_bytes + reserve - cluster.memory_bytes
+        raise InfeasiblePlanError(f"no verified plan fits in {cluster.memory_bytes / gib:.1f} GiB per GPU; closest: "
+                                  f"{plan.describe()} measures {(dry.peak_memory_bytes + reserve) / gib:.1f} GiB "
+                                  f"({over:,} bytes over)")
+    return replace(result, ranked=[(plan, est) for plan, est, _ in kept]), lines
+
+
+def _dryrun(args) -> int:
+    from autoplan import dryrun
+    from autoplan.costmodel import estimate
+    from autoplan.costmodel.estimate import Coster
+    from autoplan.costmodel.rank_memory import rank_peak
+    from autoplan.report.dryrun import dryrun_table
+    from autoplan.schema import Cluster, parse_plan_file
+
+    plan_path = Path(args.plan)
+    if not plan_path.is_file():
+        raise InvalidInputError(f"plan file not found: {plan_path}")
+    plan, _ = parse_plan_file(plan_path.read_text(), source=str(plan_path))
+    if args.gpus is not None and args.gpus != plan.gpus:
+        raise InvalidInputError(f"--gpus {args.gpus} but the plan's dp*tp*pp*cp is {plan.gpus}")
+    cluster = Cluster.resolve(args.cluster, gpus=plan.gpus)
+    profile = _load_profile(args)
+    result = dryrun(args.model, plan, gpus=plan.gpus, seq_len=profile.seq_len, stages=args.stages)
+    if args.json:
+        print(result.model_dump_json(indent=2))
+        return 0
+    est = estimate(profile, cluster, plan)
+    ranks = Coster.of(profile, cluster).rank_costs(plan)
+    per_stage = {s.stage: rank_peak(ranks[s.stage].memory, plan, s.stage)[0] for s in result.stages}
+    print(dryrun_table(result, cluster=cluster, estimate=est, estimate_per_stage=per_stage), end="")
     return 0
 
 
@@ -227,13 +325,42 @@ def _bench(args) -> int:
     batch = args.global_batch or _default_batch(args.gpus)
     command = "autoplan " + " ".join(sys.argv[1:])
     results = bench(args.model, profile, cluster, out=out, global_batch_size=batch, top_k=args.top,
-                    steps=args.steps, every_plan=args.every_plan, seq_len=args.seq_len, command=command,
+                    steps=args.steps, every_plan=args.every_plan, sample=args.sample, seq_len=args.seq_len,
+                    command=command,
                     progress=lambda line: print(line, file=sys.stderr, flush=True), **_fixed_fields(args.fix))
     acc = results["accuracy"]
     print(f"{acc['measured']} of {acc['plans']} plans ran; report in {out / 'report.md'}")
     for key in ("step_time_mape", "memory_mape", "spearman", "regret"):
         if acc.get(key) is not None:
             print(f"  {key:15s} {acc[key]:.3f}")
+    return 0
+
+
+def _calibrate(args) -> int:
+    from autoplan.profiler.calibrate import fit_overheads
+    from autoplan.profiler.model import profile_model
+    from autoplan.schema import Cluster, Plan
+
+    cluster = Cluster.resolve(args.cluster)
+    runs = []
+    for path in map(Path, args.results):
+        try:
+            results = json.loads(path.read_text())
+            rows = [(row["plan"], row["measured_step_time_s"]) for row in results["plans"] if row["status"] == "ok"]
+            model, seq_len = results["model"], results["seq_len"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise InvalidInputError(f"{path}: not a bench results file ({type(err).__name__}: {err})") from None
+        profile = profile_model(model, seq_len=seq_len, dtype=_profile_dtype(cluster))
+        runs += [(profile, Plan.model_validate(plan), seconds) for plan, seconds in rows]
+    fit = fit_overheads(cluster, runs)
+    fit.cluster.save(args.out)
+    print(f"fitted {len(fit.cluster.overheads)} overheads to {fit.runs} runs: step-time MAPE "
+          f"{fit.mape_before * 100:.1f}% -> {fit.mape_after * 100:.1f}% (in sample)")
+    for name, seconds in fit.cluster.overheads.items():
+        print(f"  {name:24s} {seconds * 1e6:10.1f} us")
+    if fit.unseen:
+        print(f"  not exercised by the runs (0): {', '.join(fit.unseen)}")
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -244,6 +371,16 @@ def _profile_dtype(cluster):
 
     measured = (cluster.measurements or {}).get("dtype")
     return getattr(torch, measured) if measured in ("float32", "bfloat16", "float16") else torch.bfloat16
+
+
+def _executable(args, profile):
+    """With --executable, the predicate that keeps the search to plans the executor runs."""
+    if not args.executable:
+        return None
+    from autoplan.executor.support import unsupported_reason
+
+    moe = profile.num_experts > 0
+    return lambda plan: unsupported_reason(plan, moe=moe) is None
 
 
 def _run(args) -> int:
@@ -275,6 +412,8 @@ def _run(args) -> int:
         model = loaded.module
         if hasattr(model, "init_weights"):
             model.init_weights(seed=args.seed)
+        if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda"):
+            model.to(torch.bfloat16)  # AdamW then keeps fp32 master weights (executor.precision)
         seq_len = args.seq_len or loaded.seq_len
         vocab = loaded.config.get("vocab") or getattr(getattr(model, "config", None), "vocab", None)
         if not seq_len or not vocab:
@@ -326,12 +465,14 @@ def _profile_hardware(args) -> int:
 
 
 def _profile_model(args) -> int:
+    from autoplan.report.tables import count
+
     profile = _load_profile(args)
     if args.out:
         profile.save(args.out)
-        print(f"wrote {args.out}: {len(profile.layers)} layers, {profile.total_params / 1e9:.3f}B params")
+        print(f"wrote {args.out}: {len(profile.layers)} layers, {count(profile.total_params)} params")
     else:
-        print(f"{profile.name}: {profile.total_params / 1e9:.3f}B params, {profile.num_blocks} blocks, "
+        print(f"{profile.name}: {count(profile.total_params)} params, {profile.num_blocks} blocks, "
               f"{profile.train_flops_per_sequence / 1e12:.2f} TFLOP per sequence of {profile.seq_len} tokens")
         for layer in profile.layers:
             print(f"  {layer.name:32s} {layer.kind:9s} {layer.params / 1e6:10.2f}M params "

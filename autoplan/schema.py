@@ -87,7 +87,10 @@ class LayerProfile(_Noun):
                                                    "saved, per sequence (its temporaries).")
     backward_peak_bytes: int = Field(0, description="Most bytes backward through the layer holds at once beyond the activations "
                                                     "saved when it starts: activation gradients and temporaries (less saved ones "
-                                                    "already freed), per sequence, gradient accumulation's steady state.")
+                                                    "already freed), per sequence, gradient accumulation's steady state; the part "
+                                                    "that grows with the batch (the rest: backward_peak_weight_bytes).")
+    backward_peak_weight_bytes: int = Field(0, description="Part of the backward temporaries that does not grow with the "
+                                                           "batch (weight-gradient temporaries), per layer, not per sequence.")
     output_bytes: int = Field(description="Bytes of the layer's output per sequence (what crosses the layer boundary).")
     memory_bound_bytes: float = Field(0.0, description="Bytes read+written by non-GEMM ops in forward per sequence (costed at HBM bandwidth).")
     gemms: list[GemmShape] = Field(default_factory=list, description="The forward GEMMs (attention core excluded).")
@@ -155,7 +158,9 @@ class Cluster(_Noun):
     peak_flops_per_s: float = Field(gt=0, description="Peak dense bf16 FLOP/s of one GPU.")
     memory_bytes: int = Field(gt=0, description="HBM per GPU.")
     memory_bandwidth_bytes_per_s: float = Field(gt=0, description="HBM bandwidth per GPU.")
-    memory_reserve_bytes: int = Field(ge=0, description="Per-GPU memory not available to tensors: CUDA context, allocator fragmentation, NCCL buffers.")
+    memory_reserve_bytes: int = Field(ge=0, description="Per-GPU memory not available to tensors: CUDA context, allocator fragmentation, NCCL buffers. "
+                                                       "A plan fits when its peak tensor memory plus this reserve is within memory_bytes "
+                                                       "(the estimate, the dry run and `search --verify` all use it; docs/dryrun.md).")
     intra_node: Link = Field(description="Links inside a node (NVLink/NVSwitch).")
     inter_node: Link = Field(description="Links between nodes (InfiniBand, per GPU).")
     gemm_efficiency: list[EfficiencyPoint] = Field(description="Achieved fraction of peak against GEMM size; interpolated in log FLOPs.")
@@ -163,6 +168,7 @@ class Cluster(_Noun):
     memory_bound_efficiency: float = Field(gt=0, le=1, description="Achieved fraction of HBM bandwidth in elementwise/normalisation kernels.")
     layer_overhead_fwd_s: float = Field(0.0, ge=0, description="Fixed seconds per layer and micro-batch in forward beyond its kernels' work (framework dispatch, kernel launches); fitted by `autoplan profile` from measured layer times, 0 in the presets.")
     layer_overhead_bwd_s: float = Field(0.0, ge=0, description="The same in backward.")
+    overheads: dict[str, float] = Field(default_factory=dict, description="Seconds per call of the fixed costs of costmodel.overhead.FEATURES (loop, DTensor dispatch, FSDP units, DDP sync, pipeline micro-batches), fitted by `autoplan calibrate` from measured runs; empty in the presets.")
     sources: dict[str, str] = Field(default_factory=dict, description="Where each number comes from.")
     measurements: dict | None = Field(None, description="Raw measurements a profile run fitted the numbers from.")
 

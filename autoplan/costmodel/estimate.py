@@ -8,23 +8,30 @@ the optimizer step; sum each rank's memory and take the fullest.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from autoplan.costmodel import comm
 from autoplan.costmodel.compute import memory_bound_time_s
 from autoplan.costmodel.layers import ROUTING_IMBALANCE, LayerCost, ProfileDigest, digest, layer_cost
 from autoplan.costmodel.memory import ADAM_STEP_BYTES, GRAD_BYTES, PARAM_BYTES, model_state_bytes
+from autoplan.costmodel.overhead import overhead_s
 from autoplan.costmodel.pipeline import micro_batches_in_flight, pipeline_step_s
+from autoplan.costmodel.rank_memory import (LayerMemory, RankMemoryInputs, backward_excess, backward_steps,
+                                            executor_refusal, forward_excess, layer_memory, rank_peak)
 from autoplan.schema import Cluster, Estimate, LayerProfile, ModelProfile, Plan, check_plan
+
+
+MEMORY_MODELS = ("executor", "paper")
 
 
 @dataclass
 class RankCost:
-    """One pipeline rank: the sum of its layers' costs, plus what the head contributes as logits."""
+    """One pipeline rank: the sum of its layers' costs, and what its memory depends on."""
 
     layers: LayerCost
-    logits_bytes: float = 0.0
-    max_layer_params: float = 0.0
+    memory: RankMemoryInputs = field(default_factory=RankMemoryInputs)
+    logits_bytes: float = 0.0        # the papers' accounting (memory="paper"): the head's activations
+    max_layer_params: float = 0.0    # and the largest layer (ZeRO-3's gathered pair)
 
 
 def even_split(num_blocks: int, chunks: int) -> list[int]:
@@ -74,6 +81,19 @@ class Coster:
             cached = self._layers[key] = (total, logits)
         return cached
 
+    def layers_memory(self, layers: tuple[LayerProfile, ...], plan: Plan, recompute: str) -> tuple[LayerMemory, ...]:
+        """Memory of each of consecutive layers for one micro-batch (costmodel.rank_memory)."""
+        sp = plan.sequence_parallel and plan.tp > 1
+        key = ("memory", id(layers), recompute, plan.tp, sp, plan.cp, plan.ep, plan.micro_batch_size)
+        cached = self._layers.get(key)
+        if cached is None:
+            cached = self._layers[key] = tuple(
+                layer_memory(layer=layer, tp=plan.tp, sequence_parallel=sp, cp=plan.cp, ep=plan.ep,
+                             micro_batch_size=plan.micro_batch_size, recompute=recompute, block_first=i == 0,
+                             dtype_bytes=self.profile.dtype_bytes)
+                for i, layer in enumerate(layers))
+        return cached
+
     def end_layers(self, plan: Plan, rank: int) -> list[tuple[LayerProfile, ...]]:
         """Layers outside the blocks on pipeline rank `rank`: embedding on the first, head on the last."""
         ends = []
@@ -83,35 +103,101 @@ class Coster:
             ends.append(self.digest.tail_layers)
         return [layers for layers in ends if layers]
 
-    def rank_cost(self, plan: Plan, rank: int, templates: dict[int, int], recompute: str) -> RankCost:
-        """One pipeline rank holding `templates` (block template -> count) plus its end layers."""
+    def rank_cost(self, plan: Plan, rank: int, templates: dict[int, int], recompute: str,
+                  last_blocks: tuple[int, ...] | None = None) -> RankCost:
+        """One pipeline rank holding `templates` (block template -> count) plus its end layers;
+        `last_blocks` are the templates of its last blocks, last first (where its backward starts;
+        default: the highest-numbered templates it holds)."""
+        if last_blocks is None:
+            last_blocks = tuple(t for t in sorted(templates, reverse=True) for _ in range(min(templates[t], 2)))[:2]
         result = RankCost(LayerCost())
+        memory = result.memory
+        self._pipeline_buffers(memory, plan, rank)
         for template, n in templates.items():
-            block_cost, _ = self.layers_cost(self.digest.block_templates[template], plan, recompute)
+            layers = self.digest.block_templates[template]
+            block_cost, _ = self.layers_cost(layers, plan, recompute)
             result.layers.add(block_cost, n)
-            result.max_layer_params = max(result.max_layer_params, block_cost.dense_params + block_cost.expert_params)
+            unit = block_cost.dense_params + block_cost.expert_params
+            result.max_layer_params = max(result.max_layer_params, unit)
+            if unit > memory.largest_unit_params:
+                memory.largest_unit_params, memory.largest_unit_expert_params = unit, block_cost.expert_params
+            memory.experts = max([memory.experts] + [layer.num_experts // plan.ep for layer in layers])
+            for one in self.layers_memory(layers, plan, recompute):
+                memory.kept += n * one.kept
+                memory.kept_none += n * one.kept_none
+                memory.weight_grad_inputs += n * one.weight_grad_inputs
+                memory.largest_tensor_params = max(memory.largest_tensor_params, one.largest_tensor_params)
         for layers in self.end_layers(plan, rank):
             cost, logits = self.layers_cost(layers, plan, recompute)
             result.layers.add(cost)
             result.logits_bytes += logits
             result.max_layer_params = max(result.max_layer_params, cost.dense_params + cost.expert_params)
+            memory.root_params += cost.dense_params + cost.expert_params
+            memory.embedding_params += sum(layer.params / plan.tp for layer in layers if layer.kind == "embedding")
+            tail = layers is self.digest.tail_layers
+            for one in self.layers_memory(layers, plan, recompute):
+                if tail:
+                    memory.kept_head += one.kept + one.output_kept
+                    memory.loss_kept += one.loss_kept + one.output_kept
+                else:
+                    memory.kept += one.kept
+                    memory.kept_none += one.kept_none
+                memory.weight_grad_inputs += one.weight_grad_inputs
+                memory.largest_tensor_params = max(memory.largest_tensor_params, one.largest_tensor_params)
+        memory.dense_params, memory.expert_params = result.layers.dense_params, result.layers.expert_params
+        self._temporaries(memory, plan, rank, recompute, last_blocks)
         return result
+
+    def _pipeline_buffers(self, memory: RankMemoryInputs, plan: Plan, rank: int) -> None:
+        """The [b, s/cp, h] (/tp with SP) activation between stages, and how many of the rank's chunks
+        receive activations and gradients (the interleaved layout: chunk c on rank c % pp)."""
+        if plan.pp == 1:
+            return
+        profile, total = self.profile, plan.pp * plan.virtual_stages
+        chunks = range(rank, total, plan.pp)
+        boundary = profile.hidden * profile.seq_len * profile.dtype_bytes * plan.micro_batch_size / plan.cp
+        memory.boundary_bytes = boundary / (plan.tp if plan.sequence_parallel and plan.tp > 1 else 1)
+        memory.chunks = len(chunks)
+        memory.receives_activations = sum(c != 0 for c in chunks)
+        memory.receives_gradients = sum(c != total - 1 for c in chunks)
+
+    def _temporaries(self, memory: RankMemoryInputs, plan: Plan, rank: int, recompute: str,
+                     last_blocks: tuple[int, ...]) -> None:
+        """Temporaries of the rank's forward and of its backward through the head and its last blocks."""
+        tail = self.layers_memory(self.digest.tail_layers, plan, recompute) if rank == plan.pp - 1 else ()
+        blocks = [self.layers_memory(self.digest.block_templates[t], plan, recompute) for t in last_blocks]
+        tail_steps = [(m.kept, m.backward_excess) for m in reversed(tail)]
+        memory.head_backward = backward_excess(tail_steps)
+        steps = [(kept, 0.0) for kept, _ in tail_steps]
+        for block in blocks:
+            steps += backward_steps(block, recompute)
+        if rank == 0:  # the embedding's backward comes last, after the other blocks' activations are freed
+            embedding = self.layers_memory(self.digest.head_layers, plan, recompute)
+            rest = memory.kept - sum(kept for kept, _ in steps[len(tail_steps):]) - sum(m.kept for m in embedding)
+            steps += [(max(rest, 0.0), 0.0)] + [(m.kept, m.backward_excess) for m in reversed(embedding)]
+        memory.block_backward = backward_excess(steps)
+        forward = [m for block in reversed(blocks) for m in block] + list(tail)
+        memory.forward = forward_excess(forward)
 
     def rank_costs(self, plan: Plan) -> list[RankCost]:
         chunk_blocks = plan.layers_per_stage or even_split(self.profile.num_blocks, plan.pp * plan.virtual_stages)
         templates_per_rank: list[Counter] = [Counter() for _ in range(plan.pp)]
+        last_blocks: list[tuple[int, ...]] = [()] * plan.pp
         start = 0
         for chunk, count in enumerate(chunk_blocks):  # chunk c runs on pipeline rank c % pp (interleaved)
-            templates_per_rank[chunk % plan.pp].update(self.digest.block_template_of[start:start + count])
+            owned = self.digest.block_template_of[start:start + count]
+            templates_per_rank[chunk % plan.pp].update(owned)
+            if owned:  # the rank's last chunk with blocks is where its backward starts
+                last_blocks[chunk % plan.pp] = tuple(reversed(owned[-2:]))
             start += count
         ranks: list[RankCost] = []
         same: dict[tuple, RankCost] = {}  # pipeline ranks with the same layers share one RankCost
         for rank, templates in enumerate(templates_per_rank):
             recompute = plan.stage_recompute(rank)
             end = rank if rank in (0, plan.pp - 1) else -1
-            key = (tuple(sorted(templates.items())), recompute, end)
+            key = (tuple(sorted(templates.items())), recompute, end, last_blocks[rank])
             if key not in same:
-                same[key] = self.rank_cost(plan, rank, templates, recompute)
+                same[key] = self.rank_cost(plan, rank, templates, recompute, last_blocks[rank])
             ranks.append(same[key])
         return ranks
 
@@ -136,11 +222,13 @@ class Coster:
                                stage_bwd_s=[r.layers.bwd_s for r in ranks], num_micro_batches=plan.num_micro_batches,
                                virtual_stages=plan.virtual_stages, p2p_s=p2p_s)
 
-    def estimate(self, plan: Plan, *, check: bool = True) -> Estimate:
+    def estimate(self, plan: Plan, *, check: bool = True, memory: str = "executor") -> Estimate:
         if check:
             check_plan(self.profile, self.cluster, plan)
+        if memory not in MEMORY_MODELS:
+            raise ValueError(f"memory must be one of {', '.join(MEMORY_MODELS)}, not {memory!r}")
         ranks = self.rank_costs(plan)
-        return _assemble(self.profile, self.cluster, plan, ranks, self.pipeline(plan, ranks))
+        return _assemble(self.profile, self.cluster, plan, ranks, self.pipeline(plan, ranks), memory)
 
 
 def dp_sync_s(rank: RankCost, cluster: Cluster, plan: Plan) -> tuple[float, float]:
@@ -175,46 +263,64 @@ def dp_sync_s(rank: RankCost, cluster: Cluster, plan: Plan) -> tuple[float, floa
     return max(0.0, reduce_s - bwd_s) + max(0.0, gather_s - fwd_s), reduce_s + gather_s
 
 
-def rank_memory(rank: RankCost, index: int, cluster: Cluster, plan: Plan) -> dict[str, int]:
+def rank_memory(rank: RankCost, index: int, cluster: Cluster, plan: Plan, memory: str = "executor") -> dict[str, int]:
+    """Peak memory of pipeline rank `index` by category, plus the cluster's reserve: as autoplan's executor
+    holds it (costmodel.rank_memory), or (memory="paper") as the papers account for it."""
+    if memory == "paper" or executor_refusal(plan, num_experts=rank.memory.experts):
+        breakdown = paper_rank_memory(rank, index, plan)
+    else:
+        breakdown, _ = rank_peak(rank.memory, plan, index)
+    breakdown["reserve"] = cluster.memory_reserve_bytes
+    return breakdown
+
+
+def paper_rank_memory(rank: RankCost, index: int, plan: Plan) -> dict[str, int]:
+    """The papers' accounting, as Megatron-LM runs hold memory: ZeRO's model states (Rajbhandari et al. 2020)
+    for the ZeRO stage, Korthikanti et al. 2022's activations (costmodel.memory) times the micro-batches in
+    flight, the largest layer's activations as temporaries, ZeRO-3's two gathered layers. What the published
+    runs (benchmarks/published_runs.py), made with Megatron-LM, are reproduced with; autoplan's executor holds
+    more (costmodel.rank_memory, benchmarks/results/memory_truth.md)."""
     in_flight = micro_batches_in_flight(schedule=plan.schedule, pp=plan.pp, stage=index,
-                                        num_micro_batches=plan.num_micro_batches,
-                                        virtual_stages=plan.virtual_stages)
-    dense = model_state_bytes(params=rank.layers.dense_params, zero_stage=plan.zero_stage,
-                              shard_degree=plan.dp * plan.cp)
+                                        num_micro_batches=plan.num_micro_batches, virtual_stages=plan.virtual_stages)
+    dense = model_state_bytes(params=rank.layers.dense_params, zero_stage=plan.zero_stage, shard_degree=plan.dp * plan.cp)
     expert = model_state_bytes(params=rank.layers.expert_params, zero_stage=plan.zero_stage,
                                shard_degree=plan.dp * plan.cp * plan.tp // plan.ep)
-    logits = rank.logits_bytes * in_flight
-    activations = (rank.layers.activation_bytes - rank.logits_bytes) * in_flight
-    # ZeRO-3 holds the unsharded parameters of the layer computing and of the one prefetched.
     zero3_buffers = 2 * PARAM_BYTES * rank.max_layer_params if plan.zero_stage == 3 else 0.0
     return {
         "params": int(dense[0] + expert[0]), "grads": int(dense[1] + expert[1]),
-        "optimizer": int(dense[2] + expert[2]), "activations": int(activations), "logits": int(logits),
-        # gradients and recomputed activations of the layer in backward live beside the saved ones
-        "temporaries": int(rank.layers.working_bytes),
-        "buffers": int(zero3_buffers), "reserve": cluster.memory_reserve_bytes,
+        "optimizer": int(dense[2] + expert[2]), "activations": int(rank.layers.activation_bytes * in_flight),
+        "temporaries": int(rank.layers.working_bytes), "buffers": int(zero3_buffers),
     }
 
 
-def estimate(profile: ModelProfile, cluster: Cluster, plan: Plan, *, check: bool = True) -> Estimate:
-    """Predict step time, throughput, MFU and per-GPU memory of training `profile` on `cluster` with `plan`."""
-    return Coster.of(profile, cluster).estimate(plan, check=check)
+def estimate(profile: ModelProfile, cluster: Cluster, plan: Plan, *, check: bool = True,
+             memory: str = "executor") -> Estimate:
+    """Predict step time, throughput, MFU and per-GPU memory of training `profile` on `cluster` with `plan`.
+    memory: "executor" (how autoplan's executor holds memory, held to its dry run) or "paper" (the
+    ZeRO and Korthikanti et al. accounting that Megatron-LM runs follow)."""
+    return Coster.of(profile, cluster).estimate(plan, check=check, memory=memory)
 
 
-def _assemble(profile: ModelProfile, cluster: Cluster, plan: Plan, ranks: list[RankCost], pipe) -> Estimate:
+def _assemble(profile: ModelProfile, cluster: Cluster, plan: Plan, ranks: list[RankCost], pipe,
+              memory: str = "executor") -> Estimate:
     m = plan.num_micro_batches
     distinct = list({id(rank): rank for rank in ranks}.values())
     dp_exposed = max(dp_sync_s(rank, cluster, plan)[0] for rank in distinct)
     optimizer_s = max(optimizer_step_s(rank, cluster, plan) for rank in distinct)
-    step_s = pipe.total_s + dp_exposed + optimizer_s
+    fixed_s = overhead_s(profile, cluster, plan)
+    step_s = pipe.total_s + dp_exposed + optimizer_s + fixed_s
 
     slowest = max(ranks, key=lambda r: r.layers.fwd_s + r.layers.bwd_s).layers
     time_breakdown = {
         "compute": m * (slowest.fwd_compute_s + slowest.bwd_compute_s), "recompute": m * slowest.recompute_s,
         "tp_comm": m * slowest.tp_comm_s, "cp_comm": m * slowest.cp_comm_s, "ep_comm": m * slowest.ep_comm_s,
         "pp_comm": pipe.p2p_s, "pp_bubble": pipe.bubble_s, "dp_comm_exposed": dp_exposed, "optimizer": optimizer_s,
+        "overhead": fixed_s,
     }
-    memories = [rank_memory(rank, i, cluster, plan) for i, rank in enumerate(ranks)]
+    refusal = executor_refusal(plan, num_experts=profile.num_experts) if memory == "executor" else None
+    if refusal:  # nothing to hold the memory model to: the papers' accounting, as the design intends
+        memory = "paper"
+    memories = [rank_memory(rank, i, cluster, plan, memory) for i, rank in enumerate(ranks)]
     totals = [sum(mem.values()) for mem in memories]
     peak = max(range(len(totals)), key=totals.__getitem__)
     gpus = plan.gpus
@@ -227,7 +333,8 @@ def _assemble(profile: ModelProfile, cluster: Cluster, plan: Plan, ranks: list[R
         hardware_flops_per_gpu_per_s=(model_flops + recompute_flops) / step_s / gpus,
         memory_per_gpu_bytes=totals[peak], memory_limit_bytes=cluster.memory_bytes,
         fits=totals[peak] <= cluster.memory_bytes, peak_stage=peak, memory_per_stage_bytes=totals,
-        time_breakdown=time_breakdown, memory_breakdown=memories[peak], notes=_notes(profile, plan),
+        time_breakdown=time_breakdown, memory_breakdown=memories[peak],
+        notes=_notes(profile, plan) + ([f"{refusal}: memory as the papers account for it"] if refusal else []),
     )
 
 

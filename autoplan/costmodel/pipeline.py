@@ -101,8 +101,10 @@ def micro_batches_in_flight(*, schedule: str, pp: int, stage: int, num_micro_bat
                       w = 2·(p - stage - 1) + (v - 1)·p chunk-forwards, all m·v when m = p; one more is
                       in flight in steady state; a chunk is 1/v of the rank's layers, so
                       min(w + 1, m·v) / v. Stage 0: p·(1 + (p-1)/(p·v)) (Korthikanti et al. 2022, Sec. 4.2.3).
-    zero-bubble:      as 1f1b for v = 1 (ZB-H1 keeps 1F1B's peak memory, Qi et al. 2023 Sec. 2.1); with
-                      v > 1 as interleaved-1f1b (its warm-up).
+    zero-bubble:      as 1f1b for v = 1 (ZB-H1 keeps 1F1B's peak memory, Qi et al. 2023 Sec. 2.1; torch's
+                      ScheduleInterleavedZeroBubble warms up as 1F1B, its pipeline_order for p = 2..8); with
+                      v > 1 as interleaved-1f1b (its warm-up). The graphs that wait for their weight-gradient
+                      step come on top (costmodel.rank_memory).
     pp = 1: 1 (plain gradient accumulation, one micro-batch at a time). Ignores the weight-gradient
     inputs ZB keeps a little longer and the p2p buffers.
     """
@@ -119,3 +121,33 @@ def micro_batches_in_flight(*, schedule: str, pp: int, stage: int, num_micro_bat
     total_chunks = m * v
     warmup_chunks = total_chunks if m == pp else 2 * (pp - stage - 1) + (v - 1) * pp
     return min(warmup_chunks + 1, total_chunks) / v
+
+
+
+def micro_batches_at_backward(*, schedule: str, pp: int, stage: int, num_micro_batches: int,
+                              virtual_stages: int = 1) -> tuple[float, float | None]:
+    """(micro-batches pipeline rank `stage` holds when the step's first backward starts, the most it holds
+    at any later backward, or None when it runs a single backward per step), in units of one micro-batch
+    through all of the rank's layers. The step's gradients exist from its second backward on.
+
+    one stage:        (1, 1 if m >= 2): gradient accumulation, one micro-batch at a time.
+    gpipe:            (m, m - 1): every forward first (Huang et al. 2019).
+    1f1b, zero-bubble (v = 1): k = min(p - stage, m) at the end of the warm-up (micro_batches_in_flight), k
+                      again in steady state (one forward between backwards) when m > p - stage, else k - 1
+                      (torch Schedule1F1B; ScheduleInterleavedZeroBubble warms up the same, its pipeline_order).
+    interleaved:      Megatron's warm-up (micro_batches_in_flight); steady state holds as many while there are
+                      more chunk-forwards than warm-up ones, else a chunk fewer.
+    """
+    m, v = num_micro_batches, _chunks(schedule, virtual_stages)
+    first = micro_batches_in_flight(schedule=schedule, pp=pp, stage=stage, num_micro_batches=m,
+                                    virtual_stages=virtual_stages)
+    if pp <= 1:
+        return first, (first if m >= 2 else None)
+    if schedule == "gpipe":
+        later = first - 1
+    elif v == 1:
+        later = first if m > pp - stage else first - 1
+    else:
+        warmup_chunks = m * v if m == pp else 2 * (pp - stage - 1) + (v - 1) * pp
+        later = first if m * v > warmup_chunks + 1 else first - 1 / v
+    return first, (later if later > 0 else None)

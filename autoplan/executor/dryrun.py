@@ -11,16 +11,24 @@ micro-batches in flight, the last the logits):
    materialised as fake tensors (`to_empty` under FakeTensorMode) and the optimizer is built;
 4. `executor.train_step` runs twice (forward, backward, optimizer) under the memory tracker.
 
-Two things differ from `autoplan run`, neither of which holds GPU memory: the synthetic token stream lives
-in host memory on a GPU run and is replaced by a zero batch that takes none; pipeline stages are given
-their boundary shapes (as `PipelineStage(input_args=..., output_args=...)` allows) instead of exchanging
-them with their neighbours, which a fake process group cannot do.
+What differs from `autoplan run`, none of it GPU memory:
+- the synthetic token stream lives in host memory on a GPU run; it is replaced by a zero batch that
+  takes none (`_host_batch`);
+- pipeline stages are given their boundary shapes (`PipelineStage(input_args=..., output_args=...)`)
+  instead of exchanging them with their neighbours, which a fake process group cannot do;
+- DDP's C++ parts read tensor data or the values of collectives: its cross-rank shape check is skipped,
+  its gradient buckets keep their first layout (`_ReducerWithoutRebuild`) and its all-reduce hook hands
+  each bucket back in place (`_in_place_all_reduce`), as the default hook does;
+- `.item()` on a fake tensor answers 1 (executor.memtrack).
+tests/dryrun runs the same plans for real on 2 CPU ranks and gets the same bytes.
 
 Micro-batches: from the second micro-batch of a step on, gradient accumulation repeats the same tensors,
 and a pipeline schedule reaches its most micro-batches in flight after its warm-up; so a step runs
 min(m, 2) micro-batches without pipeline, min(m, 2·pp) with 1F1B, interleaved or zero-bubble, and all m
-with GPipe. Without a pipeline the first step, which only has to create the optimizer states before the
-second, runs one micro-batch. tests/dryrun checks the equivalence against the full count.
+with GPipe. A schedule holds its receive buffers and the step's tokens for all m micro-batches from the
+start: those of the micro-batches not run are added. Without a pipeline the first step, which only has
+to create the optimizer states before the second, runs one micro-batch. tests/dryrun checks the
+equivalence against the full count.
 """
 
 from __future__ import annotations
@@ -35,12 +43,13 @@ from unittest import mock
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._guards import active_fake_mode
 
 from autoplan.errors import InvalidInputError, InvalidPlanError
 from autoplan.executor.data_parallel import build_optimizer
-from autoplan.executor.memtrack import CATEGORIES, Category, RankMemoryTracker
+from autoplan.executor.memtrack import Category, RankMemoryTracker
 from autoplan.executor.precision import MIXED_PRECISION_DTYPE
-from autoplan.schema import DryRunResult, Plan, StageMemory
+from autoplan.schema import Cluster, DryRunResult, Plan, StageMemory
 
 STEPS = 2
 PRECISION = "bf16 parameters and gradients; fp32 master weights, momentum and variance in the optimizer"
@@ -109,6 +118,25 @@ def dry_run(model, plan: Plan, *, gpus: int | None = None, seq_len: int | None =
                         peak_stage=peak.stage, stages=results, wall_s=time.perf_counter() - start, notes=notes)
 
 
+def verify_plans(ranked, model, cluster: Cluster, *, seq_len: int | None = None, top: int | None = None,
+                 progress=None) -> tuple[list[tuple], list[tuple]]:
+    """Dry-run the first `top` of the ranked (plan, estimate) pairs; keep, in their order, those whose
+    measured peak plus the cluster's reserve fits in GPU memory. Returns (kept, dropped): kept a list of
+    (plan, estimate, DryRunResult), dropped of (plan, estimate, DryRunResult or why the executor refuses it)."""
+    chosen = list(ranked)[:top] if top else list(ranked)
+    kept, dropped = [], []
+    for index, (plan, estimate) in enumerate(chosen):
+        try:
+            result = dry_run(model, plan, seq_len=seq_len)
+        except InvalidPlanError as err:  # the executor does not run it: nothing to verify, nothing to run
+            dropped.append((plan, estimate, str(err)))
+        else:
+            (kept if result.fits(cluster) else dropped).append((plan, estimate, result))
+        if progress:
+            progress(index + 1, len(chosen))
+    return kept, dropped
+
+
 def _stages(plan: Plan, stages) -> list[int]:
     if stages == "ends":
         return sorted({0, plan.pp - 1})
@@ -153,54 +181,107 @@ def _run_stage(spec: _Model, plan: Plan, stage: int, steps: int, full_plan: Plan
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from autoplan.executor.train import apply, train_step
-
     rank = stage_rank(plan, stage)
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=plan.gpus)
     try:
-        model = spec.build().to(MIXED_PRECISION_DTYPE)
-        with _static_pipeline_shapes(spec, plan, model):
-            par = apply(model, plan, device_type="cpu", tp_plan=spec.tp_plan)
-        if hasattr(par.model, "register_comm_hook"):  # DDP (replicate)
-            par.model.register_comm_hook(None, _in_place_all_reduce)
         fake = FakeTensorMode(allow_non_fake_inputs=True)
+        par, optimizer = prepare(spec.build(), plan, tp_plan=spec.tp_plan, fake_mode=fake)
         with fake:
-            par.model.to_empty(device="cpu")
-            optimizer = build_optimizer(par.model, zero_stage=plan.zero_stage, tp=plan.tp,
-                                        dp_mesh=par.mesh["dp"] if par.mesh is not None else None, lr=1e-3,
-                                        weight_decay=0.0, master_weights=True)
-        tracker = RankMemoryTracker(par.model, optimizer)
-        with ExitStack() as stack:
-            stack.enter_context(fake)
-            stack.enter_context(mock.patch.object(sys.modules[train_step.__module__], "global_batch", _host_batch))
-            stack.enter_context(_no_ddp_shape_check())
-            stack.enter_context(tracker)
-            _init_ddp(par.model, tracker)
-            for step in range(steps):
-                tracker.step_label = f"step {step + 1}"
-                par.plan = _first_step_plan(plan) if step == 0 and steps > 1 else plan
-                train_step(par, optimizer, step, seq_len=spec.seq_len, vocab=spec.vocab, device=torch.device("cpu"))
-            receive = _receive_buffers(par)
-            tracker.file(receive, Category.BUFFERS)
-        # the schedule allocates its receive buffers for all the plan's micro-batches up front
-        per_micro_batch = sum(t.untyped_storage().nbytes() for t in receive) / max(plan.num_micro_batches, 1)
-        extra = int(per_micro_batch * (full_plan.num_micro_batches - plan.num_micro_batches))
-        breakdown = tracker.peak_breakdown()
-        breakdown["buffers"] += extra
-        return StageMemory(stage=stage, rank=rank, peak_memory_bytes=tracker.peak_bytes + extra,
-                           memory_breakdown=breakdown, peak_phase=tracker.peak_phase)
+            memory = track_steps(par, optimizer, steps=steps, seq_len=spec.seq_len, vocab=spec.vocab,
+                                 full_micro_batches=full_plan.num_micro_batches)
+        return memory.model_copy(update={"stage": stage, "rank": rank})
     finally:
         dist.destroy_process_group()
+        _forget_meshes()
 
 
-def _receive_buffers(par) -> list[torch.Tensor]:
-    """The pipeline schedule's receive buffers (activations and gradients, per micro-batch) on this rank."""
+def _forget_meshes() -> None:
+    """DTensor caches sharding decisions by value, device meshes included: a later stage's run (a new fake
+    process group, equal meshes) would get this one's meshes back, whose process groups are gone."""
+    from torch.distributed.tensor import DTensor, _collective_utils, _redistribute
+
+    torch._C._clear_DTensor_sharding_propagator_cache()  # the C++ dispatch fast path's
+    propagator = DTensor._op_dispatcher.sharding_propagator
+    propagator.propagate_op_sharding.cache_clear()
+    type(propagator)._propagate_tensor_meta_cached.cache_clear()
+    _redistribute._gen_transform_infos.cache_clear()
+    _redistribute.clear_redistribute_planner_cache()
+    _collective_utils.MeshTopoInfo.build_from_mesh.cache_clear()
+
+
+def prepare(model: nn.Module, plan: Plan, *, tp_plan=None, fake_mode=None):
+    """The executor's `apply` on `model` (built on meta) for the initialised process group, in the GPU dtype,
+    then its parameters made (fake tensors under `fake_mode`, else real ones, normal(0, 0.02)) and the
+    optimizer built with fp32 master weights: (Parallelized, optimizer)."""
+    from autoplan.executor.train import apply
+
+    model = model.to(MIXED_PRECISION_DTYPE)
+    with _static_pipeline_shapes(plan, model):
+        par = apply(model, plan, device_type="cpu", tp_plan=tp_plan)
+    if fake_mode is not None and hasattr(par.model, "register_comm_hook"):  # DDP (replicate)
+        par.model.register_comm_hook(None, _in_place_all_reduce)
+    with fake_mode or ExitStack():
+        par.model.to_empty(device="cpu")
+        if fake_mode is None:
+            with torch.no_grad():
+                for param in par.model.parameters():
+                    param.normal_(0.0, 0.02)
+        optimizer = build_optimizer(par.model, zero_stage=plan.zero_stage, tp=plan.tp,
+                                    dp_mesh=par.mesh["dp"] if par.mesh is not None else None, lr=1e-3,
+                                    weight_decay=0.0, master_weights=True)
+    return par, optimizer
+
+
+def track_steps(par, optimizer, *, steps: int, seq_len: int, vocab: int,
+                full_micro_batches: int | None = None) -> StageMemory:
+    """Run `steps` training steps (executor.train_step) under the memory tracker, fake or real tensors alike;
+    this rank's peak and breakdown. `full_micro_batches`: the plan's count, when `par.plan` runs fewer."""
+    from autoplan.executor.train import train_step
+
+    plan = par.plan
+    tracker = RankMemoryTracker(par.model, optimizer)
+    with ExitStack() as stack:
+        stack.enter_context(mock.patch.object(sys.modules[train_step.__module__], "global_batch", _host_batch))
+        if active_fake_mode() is not None:
+            stack.enter_context(_no_ddp_shape_check())
+        stack.enter_context(tracker)
+        _init_ddp(par.model, tracker)
+        for step in range(steps):
+            tracker.step_label = f"step {step + 1}"
+            par.plan = _first_step_plan(plan) if step == 0 and steps > 1 else plan
+            train_step(par, optimizer, step, seq_len=seq_len, vocab=vocab, device=torch.device("cpu"))
+        par.plan = plan
+        receive = _receive_buffers(par)
+        tracker.file(list(receive.values()), Category.BUFFERS)
+    # a pipeline schedule holds its receive buffers, and the step's tokens (first stage) and targets (last),
+    # for all the plan's micro-batches from the start: add those of the micro-batches not run
+    missing = (full_micro_batches or plan.num_micro_batches) - plan.num_micro_batches
+    breakdown = tracker.peak_breakdown()
+    if par.schedule is not None and missing:
+        buffers = sum(t.untyped_storage().nbytes() for t in receive.get(0, ()))  # one micro-batch's
+        tokens = plan.micro_batch_size * seq_len * torch.empty((), dtype=torch.long).element_size() * (par.first + par.last)
+        breakdown["buffers"] += int(buffers * missing)
+        breakdown["activations"] += int(tokens * missing)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return StageMemory(stage=par.coords.get("pp", 0), rank=rank, peak_memory_bytes=sum(breakdown.values()),
+                       memory_breakdown=breakdown, peak_phase=tracker.peak_phase)
+
+
+def _receive_buffers(par) -> dict[int, list[torch.Tensor]]:
+    """The pipeline schedule's receive buffers (activations and gradients) on this rank, per micro-batch, with
+    the gradients left on them (the zero-bubble schedule's input-gradient step assigns each its .grad)."""
+    found: dict[int, list[torch.Tensor]] = {}
     if par.schedule is None:
-        return []
+        return found
     stages = getattr(par.schedule, "_stages", None) or [par.schedule._stage]
-    infos = [info for stage in stages for table in (stage.args_recv_info, stage.grad_recv_info)
-             for per_micro_batch in table.values() for info in per_micro_batch]
-    return [info.buffer for info in infos if getattr(info, "buffer", None) is not None]
+    for stage in stages:
+        for table in (stage.args_recv_info, stage.grad_recv_info):
+            for micro_batch, infos in table.items():
+                for info in infos:
+                    buffer = getattr(info, "buffer", None)
+                    if buffer is not None:
+                        found.setdefault(micro_batch, []).extend([buffer] + ([buffer.grad] if buffer.grad is not None else []))
+    return found
 
 
 def _host_batch(*, step: int, global_batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> torch.Tensor:
@@ -255,7 +336,7 @@ def _no_ddp_shape_check():
     return mock.patch.object(ddp, "_verify_param_shape_across_processes", lambda *args, **kwargs: None)
 
 
-def _static_pipeline_shapes(spec: _Model, plan: Plan, model: nn.Module):
+def _static_pipeline_shapes(plan: Plan, model: nn.Module):
     """Give each PipelineStage the shapes it receives and sends (embed -> blocks -> logits of the reference
     models), so no stage asks its neighbour over the fake process group."""
     if plan.pp == 1:
@@ -266,8 +347,8 @@ def _static_pipeline_shapes(spec: _Model, plan: Plan, model: nn.Module):
 
     config = model.config
     sp = plan.sequence_parallel and plan.tp > 1
-    mbs, seq = plan.micro_batch_size, spec.seq_len
-    hidden = (mbs, seq // plan.tp if sp else seq, config.hidden)  # [b, s(/tp with SP), h] between stages
+    mbs, seq = plan.micro_batch_size, config.seq_len // plan.cp  # a context-parallel rank's share
+    hidden = (mbs, seq // plan.tp if sp else seq, config.hidden)  # [b, s/cp (/tp with SP), h] between stages
 
     def stage(module, chunk, total, device, group=None):
         inputs = torch.empty(mbs, seq, dtype=torch.long, device="meta") if chunk == 0 else \
@@ -277,6 +358,3 @@ def _static_pipeline_shapes(spec: _Model, plan: Plan, model: nn.Module):
         return PipelineStage(module, chunk, total, device, input_args=(inputs,), output_args=(outputs,), group=group)
     return mock.patch.object(pipeline, "PipelineStage", stage)
 
-
-def breakdown_of(result: DryRunResult) -> dict[str, int]:
-    return {key: result.memory_breakdown.get(key, 0) for key in CATEGORIES}

@@ -15,13 +15,13 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
                                                RowwiseParallel, SequenceParallel, parallelize_module)
 
 from autoplan.errors import InvalidPlanError
+from autoplan.executor.support import MOE_TP
 
 
 def block_layout(block: nn.Module, *, sequence_parallel: bool) -> dict:
     """{relative module path: ParallelStyle} for one transformer block of the reference models."""
     if hasattr(block.feed_forward, "num_experts"):
-        raise InvalidPlanError("tp > 1 on a MoE model is not supported by the executor yet (experts would need "
-                               "their gradients reduced over the tp ranks); use ep and dp")
+        raise InvalidPlanError(MOE_TP)
     ffn_cols = [n for n in ("w1", "w3") if hasattr(block.feed_forward, n)]
     out = Shard(1) if sequence_parallel else Replicate()
     layout = {f"attention.{n}": ColwiseParallel() for n in ("wq", "wk", "wv")}

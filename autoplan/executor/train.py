@@ -31,6 +31,7 @@ from autoplan.executor.expert_parallel import apply_expert_parallel, average_gra
 from autoplan.executor.mesh import build_expert_mesh, build_mesh, rank_coordinates, replica_mesh
 from autoplan.executor.pipeline import build_schedule, split_model
 from autoplan.executor.recompute import apply_recompute
+from autoplan.executor.support import unsupported_reason
 from autoplan.executor.tensor_parallel import apply_tensor_parallel
 from autoplan.schema import Plan
 
@@ -50,6 +51,9 @@ class Parallelized:
 
 def apply(model: nn.Module, plan: Plan, *, device_type: str = "cpu", tp_plan=None) -> Parallelized:
     """Parallelise `model` in place for `plan` on the initialised process group (or one process)."""
+    reason = unsupported_reason(plan, moe=any(hasattr(m, "num_experts") for m in model.modules()))
+    if reason:
+        raise InvalidPlanError(reason)
     if plan.cp > 1:
         check_context_parallel(model, plan)
     if not dist.is_initialized():
@@ -140,11 +144,13 @@ def train_step(par: Parallelized, optimizer: torch.optim.Optimizer, step: int, *
 
 
 def make_optimizer(par: Parallelized, *, lr: float = 1e-3) -> torch.optim.Optimizer:
-    """AdamW for the plan's ZeRO stage (ZeroRedundancyOptimizer for stage 1 on DDP, plain AdamW otherwise)."""
+    """AdamW for the plan's ZeRO stage (ZeroRedundancyOptimizer for stage 1 on DDP, plain AdamW otherwise);
+    with fp32 master weights (executor.precision) when the model's parameters are in a low precision."""
     plan = par.plan
     dp_mesh = replica_mesh(par.mesh, plan) if par.mesh is not None else None
+    low = any(p.dtype in (torch.bfloat16, torch.float16) for p in par.model.parameters())
     return build_optimizer(par.model, zero_stage=plan.zero_stage, tp=plan.tp, dp_mesh=dp_mesh, lr=lr,
-                           weight_decay=0.0)
+                           weight_decay=0.0, master_weights=low)
 
 
 def train(par: Parallelized, *, steps: int, seq_len: int, vocab: int, device: torch.device, lr: float = 1e-3,
@@ -242,6 +248,7 @@ def _pipeline_step(par: Parallelized, tokens: torch.Tensor) -> torch.Tensor:
     losses: list[torch.Tensor] = []
     with sequence_shard(par.cp, tokens) as (inputs, targets):
         kwargs = {"target": targets, "losses": losses} if par.last else {}
+        kwargs["return_outputs"] = False  # else the last stage keeps every micro-batch's logits until the step ends
         if par.first:
             par.schedule.step(inputs, **kwargs)
         else:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from autoplan.costmodel.estimate import Coster, RankCost, dp_sync_s, optimizer_step_s
 from autoplan.costmodel.layers import LayerCost
 from autoplan.costmodel.memory import model_state_bytes
+from autoplan.costmodel.rank_memory import RankMemoryInputs, model_states
 from autoplan.errors import InfeasiblePlanError, InvalidInputError
 from autoplan.planner.baselines import expert_defaults
 from autoplan.planner.partition import solve_partition
@@ -147,14 +148,17 @@ def balanced_slowest_s(coster: Coster, plan: Plan) -> float:
 def memory_bound_bytes(coster: Coster, plan: Plan, whole: LayerCost) -> float:
     """A lower bound on the fullest rank's memory: the model states spread evenly over the pp ranks
     (the fullest holds at least the mean), plus the reserve."""
-    dense = model_state_bytes(params=whole.dense_params, zero_stage=plan.zero_stage, shard_degree=plan.dp * plan.cp)
-    expert = model_state_bytes(params=whole.expert_params, zero_stage=plan.zero_stage,
+    mean = RankMemoryInputs(dense_params=whole.dense_params / plan.pp, expert_params=whole.expert_params / plan.pp)
+    dense = model_state_bytes(params=mean.dense_params, zero_stage=plan.zero_stage, shard_degree=plan.dp * plan.cp)
+    expert = model_state_bytes(params=mean.expert_params, zero_stage=plan.zero_stage,
                                shard_degree=plan.dp * plan.cp * plan.tp // plan.ep)
-    return (sum(dense) + sum(expert)) / plan.pp + coster.cluster.memory_reserve_bytes
+    # the executor's states (costmodel.rank_memory), or the papers' where the estimate falls back to them
+    return min(sum(model_states(mean, plan).values()), sum(dense) + sum(expert)) + coster.cluster.memory_reserve_bytes
 
 
 def _configs(profile: ModelProfile, cluster: Cluster, coster: Coster, global_batch_size: int,
-             constraints: Constraints, pruned: dict[str, int]) -> tuple[list[_Config], _Config | None]:
+             constraints: Constraints, pruned: dict[str, int],
+             accept: Callable[[Plan], bool] | None = None) -> tuple[list[_Config], _Config | None]:
     """Every configuration with its time bound, and the one with the smallest memory bound (the closest
     to fitting, for the message when nothing fits)."""
     configs, leanest = [], None
@@ -163,12 +167,17 @@ def _configs(profile: ModelProfile, cluster: Cluster, coster: Coster, global_bat
         for mbs in micro_batch_sizes(per_replica=per_replica, constraints=constraints):
             base = _plan(layout, mbs, global_batch_size, "1f1b", 1, 0, "none")
             whole = _whole_model(coster, base)
+            few = per_replica // mbs < layout.pp  # fewer micro-batches than stages: torch runs only GPipe then
             for schedule, v in schedules(pp=layout.pp, num_blocks=profile.num_blocks, constraints=constraints):
-                if schedule == "gpipe":  # same time as 1f1b in the cost model, more micro-batches in flight
-                    pruned["dominated"] += len(constraints.zero_stages)
+                if (schedule == "gpipe") != few and layout.pp > 1:
+                    # gpipe: same time as 1f1b in the cost model, more micro-batches in flight
+                    pruned["dominated" if not few else "unrunnable"] += len(constraints.zero_stages)
                     continue
                 for zero in (z for z in constraints.zero_stages if constraints.allows("zero_stage", z)):
                     plan = _plan(layout, mbs, global_batch_size, schedule, v, zero, "none")
+                    if accept is not None and not accept(plan):
+                        pruned["not accepted"] += 1
+                        continue
                     memory = memory_bound_bytes(coster, plan, whole)
                     if leanest is None or memory < leanest.bound_s:
                         leanest = _Config(memory, plan)
@@ -225,8 +234,11 @@ def _rank_key(plan: Plan, est: Estimate) -> tuple:
 
 def search(profile: ModelProfile, cluster: Cluster, *, global_batch_size: int, top_k: int = 5,
            constraints: Constraints | None = None, progress: Callable[[int, int], None] | None = None,
-           ilp_time_limit_s: float = 5.0, **fixed) -> SearchResult:
+           ilp_time_limit_s: float = 5.0, accept: Callable[[Plan], bool] | None = None, **fixed) -> SearchResult:
     """The `top_k` fastest plans of `profile` on `cluster` that fit in GPU memory.
+
+    `accept(plan)` (optional) keeps only the configurations it returns True for, e.g. what an executor runs;
+    it is asked once per layout, micro-batch, schedule and ZeRO stage, before recompute and partition.
 
     `fixed` pins plan fields (e.g. tp=8, zero_stage=1). Raises InfeasiblePlanError (with the closest plan
     and its overflow in bytes) when nothing fits.
@@ -238,8 +250,8 @@ def search(profile: ModelProfile, cluster: Cluster, *, global_batch_size: int, t
     if fixed:
         constraints = Constraints(**{**constraints.__dict__, "fixed": {**constraints.fixed, **fixed}})
     coster = Coster.of(profile, cluster)
-    pruned = {"memory_bound": 0, "time_bound": 0, "dominated": 0}
-    configs, leanest = _configs(profile, cluster, coster, global_batch_size, constraints, pruned)
+    pruned = {"memory_bound": 0, "time_bound": 0, "dominated": 0, "unrunnable": 0, "not accepted": 0}
+    configs, leanest = _configs(profile, cluster, coster, global_batch_size, constraints, pruned, accept)
     configs.sort()
     allowed = tuple(r for r in constraints.recompute if constraints.allows("recompute", r))
     recompute = tuple(r for r in allowed

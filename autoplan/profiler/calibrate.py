@@ -383,3 +383,53 @@ def summary(cluster: Cluster) -> str:
         f"memory-bound eff {cluster.memory_bound_efficiency:.2f}, attention eff {cluster.attention_efficiency:.2f}",
         f"intra_node {link(cluster.intra_node)}; inter_node {link(cluster.inter_node)}",
     ])
+
+
+# ------------------------------------------------------------------------------ feedback from measured runs
+def nonnegative_least_squares(design: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """argmin ||design x - target|| over x >= 0 (active set: solve, drop the most negative, solve again).
+    Enough for the handful of columns of the overhead fit."""
+    active = [j for j in range(design.shape[1]) if np.any(design[:, j])]
+    while active:
+        solution, *_ = np.linalg.lstsq(design[:, active], target, rcond=None)
+        if (solution >= 0).all():
+            out = np.zeros(design.shape[1])
+            out[active] = solution
+            return out
+        active.pop(int(np.argmin(solution)))
+    return np.zeros(design.shape[1])
+
+
+@dataclass(frozen=True)
+class OverheadFit:
+    cluster: Cluster
+    runs: int
+    mape_before: float       # step-time MAPE of the runs without fitted overheads
+    mape_after: float        # and with them (in sample)
+    unseen: tuple[str, ...]  # features no run exercised (left at 0)
+
+
+def fit_overheads(cluster: Cluster, runs: Sequence[tuple]) -> OverheadFit:
+    """Fit Cluster.overheads (seconds per call of costmodel.overhead.FEATURES) to measured runs, each a
+    (ModelProfile, Plan, measured step seconds): non-negative least squares on relative residuals
+    (measured - predicted without overheads - sum c_k count_k) / measured, so fast and slow plans weigh alike."""
+    from autoplan.costmodel import estimate
+    from autoplan.costmodel.overhead import FEATURES, call_counts
+
+    if not runs:
+        raise InvalidInputError("no measured runs to fit overheads to (did any plan of the bench run?)")
+    base = cluster.model_copy(update={"overheads": {}})
+    measured = np.array([t for _, _, t in runs], dtype=float)
+    predicted = np.array([estimate(profile, base.with_gpus(plan.gpus), plan, check=False).step_time_s
+                          for profile, plan, _ in runs])
+    counts = np.array([[call_counts(profile, plan)[name] for name in FEATURES] for profile, plan, _ in runs])
+    coefficients = nonnegative_least_squares(counts / measured[:, None], 1 - predicted / measured)
+    unseen = tuple(name for j, name in enumerate(FEATURES) if not counts[:, j].any())
+    fitted = {name: float(c) for name, c in zip(FEATURES, coefficients) if name not in unseen}
+    after = predicted + counts @ coefficients
+    sources = {**cluster.sources, "overheads": (
+        f"non-negative least squares over {len(runs)} measured runs (autoplan calibrate); not exercised by any "
+        f"run, left at 0: {', '.join(unseen) or 'none'}")}
+    return OverheadFit(cluster.model_copy(update={"overheads": fitted, "sources": sources}), len(runs),
+                       float(np.mean(np.abs(predicted - measured) / measured)),
+                       float(np.mean(np.abs(after - measured) / measured)), unseen)

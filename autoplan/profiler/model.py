@@ -21,7 +21,7 @@ from torch import nn
 
 from autoplan.errors import InvalidInputError, first_line
 from autoplan.models.loader import LoadedModel, is_model_file, load_model
-from autoplan.profiler.trace import TraceResult, trace
+from autoplan.profiler.trace import TraceResult, trace, trace_layer
 from autoplan.schema import GemmShape, LayerProfile, ModelProfile
 
 _NORM_TYPES = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.BatchNorm1d)
@@ -155,6 +155,7 @@ def _layer(name: str, kind: str, block: int | None, modules: list[nn.Module],
     saved = [r.activation_bytes for r in results]
     forward_peak = max(r.forward_peak_bytes - sum(saved[i + 1:]) for i, r in enumerate(results))
     backward_peak = max(r.backward_peak_bytes - sum(saved[i + 1:]) for i, r in enumerate(results))
+    backward_weight = max(r.backward_peak_weight_bytes for r in results)
     row_parallel = sum(split == "k" for r in results for split in r.linear_splits.values())
     tp_collectives = max(row_parallel, 1) if kind in ("embedding", "head", "moe") else row_parallel
     return LayerProfile(
@@ -169,6 +170,7 @@ def _layer(name: str, kind: str, block: int | None, modules: list[nn.Module],
         selective_bytes=sum(r.selective_bytes for r in results),
         selective_tp_sharded_bytes=sum(r.selective_tp_sharded_bytes for r in results),
         forward_peak_bytes=max(forward_peak, 0), backward_peak_bytes=max(backward_peak, 0),
+        backward_peak_weight_bytes=backward_weight,
         output_bytes=results[-1].output_bytes,
         memory_bound_bytes=sum(r.memory_bound_bytes for r in results),
         gemms=[GemmShape(m_per_sequence=m, n=n, k=k, count=c, tp_split=s) for (m, n, k, s), c in gemms.items()],
@@ -182,7 +184,7 @@ def _block_layers(block: _Call, index: int, vocab: int, flash: bool) -> list[Lay
     layers = []
     for part in _parts(block):
         main = next((c for c in part if module_kind(c.name, c.module) != "norm"), part[-1])
-        results = [trace(c.module, c.args, c.kwargs, vocab_size=vocab, flash=flash) for c in part]
+        results = [trace_layer(c.module, c.args, c.kwargs, vocab_size=vocab, flash=flash) for c in part]
         kind = module_kind(main.name, main.module)
         layers.append(_layer(main.name, kind, index, [c.module for c in part], results, vocab))
     parts_flops = sum(layer.fwd_flops for layer in layers)
@@ -260,7 +262,7 @@ def _profile(model: nn.Module, seq_len: int, name: str, dtype: torch.dtype, flas
                 layers.append(template.model_copy(update={"name": layer_name, "block": num_blocks}))
             num_blocks += 1
             continue
-        result = trace(call.module, call.args, call.kwargs, vocab_size=vocab, flash=flash)
+        result = trace_layer(call.module, call.args, call.kwargs, vocab_size=vocab, flash=flash)
         kind = module_kind(call.name, call.module)
         is_head = isinstance(call.module, nn.Linear) and vocab and call.module.out_features == vocab
         layers.append(_layer(call.name, "head" if is_head else kind, None, [call.module], [result], vocab))

@@ -83,6 +83,7 @@ class TraceResult:
     selective_tp_sharded_bytes: int = 0
     forward_peak_bytes: int = 0              # most live bytes in forward beyond what forward leaves saved
     backward_peak_bytes: int = 0             # most live bytes in backward beyond the saved ones at its start
+    backward_peak_weight_bytes: int = 0      # the part of it that does not grow with the batch (weight gradients)
     memory_bound_bytes: float = 0.0
     gemms: list[GemmRecord] = field(default_factory=list)
     linear_splits: dict[str, str] = field(default_factory=dict)  # Linear name -> n/k/none
@@ -99,7 +100,7 @@ class _Tracer(TorchDispatchMode):
         self.score: set[int] = set()  # storages shaped [.., s_q, s_kv] that descend from Q K^T
         self.linear_stack: list[str] = []
         self.column_inputs: set[int] = set()  # storages fed to a column-parallel Linear
-        self.selective_seen: dict[int, weakref.ref] = {}
+        self.selective_seen: dict[int, tuple] = {}  # storage id -> (weak ref, bytes, tp-sharded)
         self.live = LiveBytes()
         self.forward = True
         self.counting = True  # False while the stand-in loss runs: its ops are not the layer's
@@ -134,13 +135,22 @@ class _Tracer(TorchDispatchMode):
             storage = t.untyped_storage()
             sid = storage._cdata
             seen = self.selective_seen.get(sid)
-            if sid in self.frozen or (seen is not None and seen() is not None):
+            if sid in self.frozen or (seen is not None and seen[0]() is not None):
                 continue  # (a dead storage's address may come back: the policy would have kept both alive)
-            self.selective_seen[sid] = weakref.ref(storage)
-            nbytes = storage.nbytes()
+            nbytes, sharded = storage.nbytes(), self.sharded.get(sid, False)
+            self.selective_seen[sid] = (weakref.ref(storage), nbytes, sharded)
             self.result.selective_bytes += nbytes
-            if self.sharded.get(sid, False):
+            if sharded:
                 self.result.selective_tp_sharded_bytes += nbytes
+
+    def reclassify(self, t: torch.Tensor, sharded: bool) -> None:
+        """A Linear's output learns whether tp splits it after the op ran (_linear_post_hook)."""
+        sid = storage_id(t)
+        self.sharded[sid] = sharded
+        seen = self.selective_seen.get(sid)
+        if seen is not None and seen[0]() is not None and seen[2] != sharded:
+            self.selective_seen[sid] = (seen[0], seen[1], sharded)
+            self.result.selective_tp_sharded_bytes += seen[1] if sharded else -seen[1]
 
     def _record(self, func, args, inputs, outputs) -> None:
         if func in _GEMM_OPS:
@@ -163,13 +173,13 @@ class _Tracer(TorchDispatchMode):
 
 
 def _recomputed_by_selective(func, args) -> bool:
-    """The executor's selective-recompute policy (executor.recompute: recompute an op whose output is
-    square in its last two dims, inferred from its inputs; save every other op's output), restated here
-    because the profiler does not import the executor."""
+    """The executor's selective-recompute policy (executor.recompute: recompute a batched GEMM with a square
+    output and any op on a 4-D input square in its last two dims, inferred from its inputs; save every other
+    op's output), restated here because the profiler does not import the executor."""
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    if func in (aten.mm.default, aten.bmm.default, aten.baddbmm.default) and len(tensors) >= 2:
+    if func in (aten.bmm.default, aten.baddbmm.default) and len(tensors) >= 2:
         rows, cols = tensors[-2].shape[-2], tensors[-1].shape[-1]
-    elif tensors and tensors[0].dim() >= 2:
+    elif tensors and tensors[0].dim() >= 4:
         rows, cols = tensors[0].shape[-2], tensors[0].shape[-1]
     else:
         return False
@@ -341,5 +351,22 @@ def _linear_post_hook(name: str, tracer: _Tracer, result: TraceResult):
         tracer.linear_stack.pop()
         split = result.linear_splits[name]
         if split != "none" and isinstance(output, torch.Tensor):
-            tracer.sharded[storage_id(output)] = split == "n"
+            tracer.reclassify(output, split == "n")
     return hook
+
+
+def trace_layer(module: nn.Module, args: tuple, kwargs: dict, *, vocab_size: int = 0, flash: bool = True) -> TraceResult:
+    """`trace` for one sequence, with its backward temporaries split in two by a second trace at two
+    sequences: T(b) = a·b + w, so w = 2·T(1) - T(2) does not grow with the batch (weight-gradient
+    temporaries: a stacked expert weight's gradient, an embedding table's) and a = T(1) - w does."""
+    one = trace(module, args, kwargs, vocab_size=vocab_size, flash=flash)
+    first = next((i for i, v in enumerate(args) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == 1), None)
+    if first is None:
+        return one
+    doubled = list(args)
+    doubled[first] = args[first].expand(2, *args[first].shape[1:]).contiguous()
+    two = trace(module, tuple(doubled), kwargs, vocab_size=vocab_size, flash=flash)
+    weight = min(max(2 * one.backward_peak_bytes - two.backward_peak_bytes, 0), one.backward_peak_bytes)
+    one.backward_peak_weight_bytes = weight
+    one.backward_peak_bytes -= weight
+    return one

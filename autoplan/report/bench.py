@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autoplan.errors import InvalidInputError
+from autoplan.executor.support import unsupported_reason
 from autoplan.planner import search
 from autoplan.report.accuracy import mape, regret, spearman
 from autoplan.schema import Cluster, Estimate, ModelProfile, Plan
@@ -35,10 +36,19 @@ class Candidate:
 
 
 def candidates(profile: ModelProfile, cluster: Cluster, *, global_batch_size: int, top_k: int,
-               every_plan: bool = False, **fixed) -> list[Candidate]:
-    """The search's top `top_k` plans (all fitting plans with `every_plan`) and the expert defaults, each once."""
-    result = search(profile, cluster, global_batch_size=global_batch_size, top_k=10**6 if every_plan else top_k,
-                    **fixed)
+               every_plan: bool = False, sample: int = 0, **fixed) -> list[Candidate]:
+    """The search's top `top_k` plans, the expert defaults, and either every other fitting plan
+    (`every_plan`) or `sample` of them spread evenly over the predicted ranking; each plan once. The search
+    keeps to plans the executor runs (the expert defaults are reported as defined, run or refused)."""
+    everything = every_plan or sample > 0
+    moe = profile.num_experts > 0  # only what the executor runs: the bench's runs go through it
+    result = search(profile, cluster, global_batch_size=global_batch_size, top_k=10**6 if everything else top_k,
+                    accept=lambda plan: unsupported_reason(plan, moe=moe) is None, **fixed)
+    ranked = list(enumerate(result.ranked, 1))
+    if everything and not every_plan:
+        rest = ranked[top_k:]
+        step = max(1, len(rest) / sample) if rest else 1
+        ranked = ranked[:top_k] + [rest[int(i * step)] for i in range(min(sample, len(rest)))]
     found: dict[str, Candidate] = {}
 
     def add(label: str, plan: Plan, est: Estimate) -> None:
@@ -48,7 +58,7 @@ def candidates(profile: ModelProfile, cluster: Cluster, *, global_batch_size: in
         else:
             found[key] = Candidate([label], plan, est)
 
-    for rank, (plan, est) in enumerate(result.ranked, 1):
+    for rank, (plan, est) in ranked:
         add(f"#{rank}", plan, est)
     for name, pair in result.baselines.items():
         if pair is not None:
@@ -73,12 +83,15 @@ def run_plan(model: str, plan: Plan, *, gpus: int, steps: int, workdir: Path, se
     except subprocess.TimeoutExpired:
         return {"status": "timeout", "error": f"no result within {timeout_s:.0f} s"}
     wall_s = time.perf_counter() - start
-    (workdir / "stderr.txt").write_text(proc.stderr)
+    if proc.returncode != 0:  # kept for the failures only
+        (workdir / "stderr.txt").write_text(proc.stderr)
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
     summary = next((r for r in rows if r.get("summary")), None)
-    if proc.returncode != 0 or summary is None:
+    if summary is None or summary["steps"] < steps:
         return {"status": _failure_kind(proc.stderr), "error": _failure_line(proc.stderr), "wall_s": wall_s}
-    return {"status": "ok", "measured_step_time_s": summary["median_step_time_s"],
+    # every step ran and the summary is written: a failure after that (process teardown) spoils nothing
+    warning = {} if proc.returncode == 0 else {"warning": f"exit code {proc.returncode} after the last step"}
+    return {"status": "ok", **warning, "measured_step_time_s": summary["median_step_time_s"],
             "measured_tokens_per_s": summary["tokens_per_s"],
             "measured_memory_bytes": summary.get("tensor_memory_bytes", summary["max_memory_bytes"]),
             "measured_memory_breakdown": summary.get("tensor_memory_breakdown"),
@@ -106,7 +119,7 @@ def _failure_line(stderr: str) -> str:
 
 
 def bench(model: str, profile: ModelProfile, cluster: Cluster, *, out: Path, global_batch_size: int,
-          top_k: int = 5, steps: int = 8, every_plan: bool = False, seq_len: int | None = None,
+          top_k: int = 5, steps: int = 8, every_plan: bool = False, sample: int = 0, seq_len: int | None = None,
           command: str = "", progress: Callable[[str], None] | None = None, **fixed) -> dict:
     """Run the candidates, write DIR/results.json, DIR/report.md and the plots; return the results."""
     from autoplan.report.plots import write_plots
@@ -115,7 +128,7 @@ def bench(model: str, profile: ModelProfile, cluster: Cluster, *, out: Path, glo
         raise InvalidInputError(f"--steps must be at least 3 (a warm-up, a memory-tracked and a timed step), got {steps}")
     out.mkdir(parents=True, exist_ok=True)
     found = candidates(profile, cluster, global_batch_size=global_batch_size, top_k=top_k, every_plan=every_plan,
-                       **fixed)
+                       sample=sample, **fixed)
     plans = []
     for index, cand in enumerate(found):
         if progress:

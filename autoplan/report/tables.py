@@ -12,6 +12,14 @@ from autoplan.schema import Cluster, Estimate, ModelProfile, Plan
 GIB = 1024**3
 
 
+def count(n: float) -> str:
+    """1.3B, 22.1M, 8.2K: a parameter count as people say it."""
+    for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.0f}"
+
+
 def _console(width: int = 100) -> tuple[Console, io.StringIO]:
     buffer = io.StringIO()
     return Console(file=buffer, width=width, force_terminal=False, color_system=None), buffer
@@ -20,7 +28,7 @@ def _console(width: int = 100) -> tuple[Console, io.StringIO]:
 def estimate_table(estimate: Estimate, *, plan: Plan, cluster: Cluster, profile: ModelProfile) -> str:
     """The estimate of one plan as text: headline numbers, time breakdown, memory breakdown."""
     console, buffer = _console()
-    console.print(f"model   {profile.name}  ({profile.total_params / 1e9:.2f}B params, seq_len {profile.seq_len})")
+    console.print(f"model   {profile.name}  ({count(profile.total_params)} params, seq_len {profile.seq_len})")
     console.print(f"cluster {cluster.name}: {cluster.num_gpus} x {cluster.gpu}, {cluster.gpus_per_node} per node")
     console.print(f"plan    {plan.describe()}")
     headline = Table(show_header=False, box=None, pad_edge=False)
@@ -94,12 +102,12 @@ def comparison_table(columns: list[tuple[str, Estimate]], *, title: str) -> Tabl
 def search_report(result, *, profile: ModelProfile, cluster: Cluster) -> str:
     """The top plans, the expert defaults, and why the best plan wins."""
     console, buffer = _console(width=140)
-    console.print(f"model   {profile.name}  ({profile.total_params / 1e9:.2f}B params, seq_len {profile.seq_len}); "
+    console.print(f"model   {profile.name}  ({count(profile.total_params)} params, seq_len {profile.seq_len}); "
                   f"global batch {result.global_batch_size} sequences")
     console.print(f"cluster {cluster.name}: {cluster.num_gpus} x {cluster.gpu}, {cluster.gpus_per_node} per node")
-    pruned = ", ".join(f"{n:,} {k.replace('_', ' ')}" for k, n in result.candidates_pruned.items())
+    pruned = ", ".join(f"{n:,} {k.replace('_', ' ')}" for k, n in result.candidates_pruned.items() if n)
     console.print(f"search  {result.solve_time_s:.2f} s: {result.candidates_considered:,} configurations evaluated, "
-                  f"{result.ilp_solves} partition ILPs; pruned {pruned}; proven lower bound "
+                  f"{result.ilp_solves} partition ILPs; pruned {pruned or 'none'}; proven lower bound "
                   f"{result.lower_bound_s * 1e3:,.1f} ms (best is within {result.optimality_gap * 100:.2f}%)")
     rows = [(str(i + 1), plan, est) for i, (plan, est) in enumerate(result.ranked)]
     console.print(plans_table(rows, title="top plans"))

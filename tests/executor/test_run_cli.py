@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from autoplan.cli import main
 
 
@@ -31,3 +33,54 @@ def test_run_refuses_what_the_executor_cannot_do_yet(tmp_path, capsys):
     assert main(["run", "moe-tiny", "--plan", str(plan)]) == 2
     err = capsys.readouterr().err
     assert "expert parallelism runs with cp=1 only" in err and err.count("\n") == 1
+
+
+def test_moe_with_tp_and_ep_refused_before_any_mesh(tmp_path, capsys):
+    """Oracle: executor.support says tp > 1 on a MoE model is not run; the refusal comes in one line before
+    a mesh is built (it once surfaced as an internal ZeroDivisionError from the expert mesh)."""
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"tp": 2, "ep": 2, "zero_stage": 2, "sequence_parallel": True, "global_batch_size": 4}))
+    assert main(["run", "moe-tiny", "--plan", str(plan)]) == 2
+    err = capsys.readouterr().err
+    assert "tp > 1 on a MoE model is not supported" in err and err.count("\n") == 1
+
+
+def test_search_executable_keeps_to_plans_the_executor_runs(capsys):
+    """Oracle: executor.support.unsupported_reason is None for every ranked plan of `search --executable`;
+    without the flag the top plans of moe-tiny on 2 GPUs include one it refuses (ep with ZeRO > 0)."""
+    from autoplan.executor.support import unsupported_reason
+    from autoplan.schema import Plan
+
+    def ranked(*extra):
+        assert main(["search", "moe-tiny", "--gpus", "2", "--global-batch", "16", "--top", "40", "--json",
+                     *extra]) == 0
+        return [Plan.model_validate(row["plan"]) for row in json.loads(capsys.readouterr().out)["ranked"]]
+
+    assert all(unsupported_reason(plan, moe=True) is None for plan in ranked("--executable"))
+    assert any(unsupported_reason(plan, moe=True) is not None for plan in ranked())
+
+
+def test_bf16_parameters_train_with_fp32_master_weights():
+    """Oracle: the fp32 run of the same model, seed and data: bf16 parameters with the fp32-master AdamW
+    (what `autoplan run` does on GPUs) stay within bf16 rounding (1e-2 relative) of its losses, and the
+    optimizer holds fp32 master copies."""
+    import torch
+
+    from autoplan.executor import apply
+    from autoplan.executor.precision import MasterWeightAdamW
+    from autoplan.executor.train import make_optimizer, train_step
+    from autoplan.models import build_named
+    from autoplan.schema import Plan
+
+    def losses(dtype):
+        model = build_named("gpt-tiny")
+        model.init_weights(seed=0)
+        par = apply(model.to(dtype), Plan(global_batch_size=4, micro_batch_size=2))
+        optimizer = make_optimizer(par, lr=1e-2)
+        run = [train_step(par, optimizer, step, seq_len=64, vocab=512, device=torch.device("cpu")) for step in range(3)]
+        return run, optimizer
+
+    reference, _ = losses(torch.float32)
+    mixed, optimizer = losses(torch.bfloat16)
+    assert isinstance(optimizer, MasterWeightAdamW)
+    assert mixed == pytest.approx(reference, rel=1e-2)

@@ -135,3 +135,16 @@ def test_fixed_fields_are_respected():
     profile = ap.profile_model("llama3-8b")
     result = ap.search(profile, ap.Cluster.preset("dgx-h100", gpus=16), global_batch_size=64, tp=4, zero_stage=1)
     assert all(p.tp == 4 and p.zero_stage == 1 for p, _ in result.ranked)
+
+
+def test_pipelines_with_fewer_micro_batches_than_stages_use_gpipe():
+    """Oracle: torch.distributed.pipelining runs 1F1B, interleaved and zero-bubble only with at least pp
+    micro-batches (the executor refuses the rest); below that only GPipe runs, and above it GPipe is
+    dominated (same time, more micro-batches in flight)."""
+    profile = ap.profile_model("gpt-tiny")
+    cluster = ap.Cluster.preset("dgx-h100", gpus=4)
+    result = ap.search(profile, cluster, global_batch_size=4, top_k=500, pp=4)
+    piped = [plan for plan, _ in result.ranked]
+    assert {plan.num_micro_batches for plan in piped} >= {1, 4}
+    for plan in piped:
+        assert (plan.schedule == "gpipe") == (plan.num_micro_batches < plan.pp), plan.describe()

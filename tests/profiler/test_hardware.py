@@ -265,3 +265,34 @@ def test_layer_overhead_fitted_from_block_times():
     assert fitted.layer_overhead_bwd_s == pytest.approx(90e-6)
     fast = [{**row, "fwd_median_s": 0.0, "bwd_median_s": 0.0} for row in rows]
     assert fit_layer_overhead(cluster, fast).layer_overhead_fwd_s == 0.0
+
+
+def test_overheads_fitted_from_measured_runs_recover_the_truth():
+    """Oracle: synthetic 'measured' step times = the estimate without overheads + known seconds per call
+    (2 ms per step, 0.5 ms per micro-batch, 0.3 ms per tensor-parallel layer call, 1 ms per FSDP unit call)
+    x costmodel.overhead.call_counts; the fit returns those coefficients, the in-sample error vanishes, and
+    the features no plan exercises are reported unseen."""
+    from autoplan.costmodel.overhead import call_counts
+    from autoplan.profiler.calibrate import fit_overheads
+    from autoplan.profiler.model import profile_model
+    from autoplan.schema import Plan
+
+    truth = {"per_step": 2e-3, "per_micro_batch": 5e-4, "tp_per_layer_call": 3e-4, "fsdp_per_unit_call": 1e-3}
+    cluster = Cluster.preset("dgx-h100", gpus=2)
+    profile = profile_model("gpt-tiny")
+    plans = [Plan(dp=2, zero_stage=z, micro_batch_size=mbs, global_batch_size=16) for z in (1, 2, 3) for mbs in (1, 4)]
+    plans += [Plan(tp=2, zero_stage=0, micro_batch_size=mbs, global_batch_size=16) for mbs in (2, 8)]
+    plans += [Plan(global_batch_size=16, micro_batch_size=2, pp=1, dp=2, zero_stage=0)]
+    runs = []
+    for plan in plans:
+        counts = call_counts(profile, plan)
+        extra = sum(seconds * counts[name] for name, seconds in truth.items())
+        runs.append((profile, plan, ap.estimate(profile, cluster, plan, check=False).step_time_s + extra))
+    fit = fit_overheads(cluster, runs)
+    for name, seconds in truth.items():
+        assert fit.cluster.overheads[name] == pytest.approx(seconds, rel=1e-6)
+    assert fit.mape_after == pytest.approx(0, abs=1e-9) and fit.mape_before > 0.01
+    assert set(fit.unseen) == {"cp_per_attention_call", "pp_per_micro_batch", "ep_per_moe_call"}
+    with_overheads = ap.estimate(profile, fit.cluster, plans[0], check=False)
+    assert with_overheads.time_breakdown["overhead"] == pytest.approx(
+        sum(s * call_counts(profile, plans[0])[n] for n, s in truth.items()))

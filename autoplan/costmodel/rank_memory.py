@@ -1,0 +1,361 @@
+"""Peak memory of one pipeline rank as autoplan's executor runs a plan, phase by phase, in the
+categories the dry run measures (executor.memtrack): params, grads, optimizer, activations,
+temporaries, buffers.
+
+The model the dry run taught (benchmarks/results/memory_truth.md):
+1. Model states follow the executor's data-parallel wrapper, not only the ZeRO stage
+   (`data_parallel_wrapper`): DDP keeps a second copy of the gradients in its buckets; FSDP without
+   resharding (ZeRO-2, and ZeRO-1 with tp > 1) keeps its sharded parameter storage beside the gathered
+   copy; under a pipeline, torch's schedule keeps FSDP's gathered parameters and unsharded gradients
+   for the whole step (it reduces once, after the last micro-batch).
+2. Activations follow the executor's kernels (`executor_activation_bytes`): DTensor sequence parallelism
+   keeps the all-gathered input of each column-parallel GEMM whole; the executor gathers the logits
+   before the loss (no vocabulary-parallel loss), so the head's activations are not split by tp; the
+   training loop (or the pipeline schedule) holds the bf16 logits until backward; selective recompute
+   keeps every forward op's output except square ones (measured by the profiler as selective_bytes);
+   expert parallelism keeps the tokens its all-to-all dispatched.
+3. The peak is a moment, not a sum of maxima: it is the largest of the candidates in `rank_peak` —
+   backward through the loss and head, backward through the last block, the end of a forward, the
+   optimizer step — each with the activations of the micro-batches in flight then
+   (pipeline.micro_batches_in_flight) and the temporaries that moment creates (the profiler's
+   forward_peak_bytes and backward_peak_bytes per layer, composed in `backward_excess`). Under torch's
+   zero-bubble schedule a rank also keeps the micro-batches whose weight-gradient step is still to come.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from autoplan.costmodel.memory import GRAD_BYTES, OPTIMIZER_BYTES, PARAM_BYTES
+from autoplan.costmodel.pipeline import micro_batches_at_backward, micro_batches_in_flight
+from autoplan.schema import LayerProfile, Plan
+
+# The optimizer updates in chunks of at most 2**22 elements (executor.precision.CHUNK_ELEMENTS): an fp32
+# copy of the gradient chunk, its denominator and one more fp32 chunk are alive at once: 3 x 4 B per element.
+OPTIMIZER_CHUNK_ELEMENTS = 2**22
+OPTIMIZER_SCRATCH_BYTES_PER_ELEMENT = 3 * 4
+
+
+@dataclass(frozen=True)
+class LayerMemory:
+    """One layer for one micro-batch on one rank, in bytes."""
+
+    kept: float             # kept from forward to backward under the rank's recompute mode
+    kept_none: float        # kept without recompute (what a recomputed block rebuilds in backward)
+    forward_excess: float   # temporaries of its forward beyond what it keeps
+    backward_excess: float  # temporaries of its backward beyond what it kept (steady state)
+    output_kept: float      # the head's logits, held by the training loop / schedule until backward
+    loss_kept: float = 0.0  # part of `kept` only the loss needs (the head's fp32 log-probabilities)
+    weight_grad_inputs: float = 0.0  # gradients of the outputs whose weight gradients zero-bubble defers
+    largest_tensor_params: float = 0.0  # its largest parameter tensor on this rank
+
+
+def executor_activation_bytes(*, layer: LayerProfile, tp: int, sequence_parallel: bool, cp: int,
+                              micro_batch_size: int, recompute: str, block_first: bool) -> float:
+    """Bytes the executor keeps for backward for one micro-batch through `layer` (its kernels; see the
+    module docstring, point 2). Korthikanti et al. 2022's accounting is costmodel.memory.layer_activation_bytes;
+    this differs where the executor does: sequence parallelism keeps the gathered column-parallel inputs
+    (activation_column_input_bytes) whole, the head is not split by tp, selective recompute keeps
+    selective_bytes (when the profile has them), full recompute the block's input."""
+    scale = micro_batch_size / cp
+    if layer.kind == "head":
+        return layer.activation_bytes * scale
+    if recompute == "full" and layer.block is not None:
+        return (layer.output_bytes / (tp if sequence_parallel else 1) if block_first else 0.0) * scale
+    if recompute == "selective" and layer.block is not None and layer.selective_bytes:
+        # torch's policy keeps every op's output, the collectives' among them: under tp each row-parallel
+        # GEMM's partial sum [b, s, h] before its all-reduce (or reduce-scatter), and with SP each gathered
+        # column-parallel input twice (the all-gather's output and its re-laid-out copy)
+        total, sharded = layer.selective_bytes, layer.selective_tp_sharded_bytes
+        gathered = layer.tp_collectives * layer.output_bytes if tp > 1 else 0.0
+        if sequence_parallel:
+            gathered += 2 * layer.activation_column_input_bytes
+    else:
+        total, sharded = layer.activation_bytes, layer.activation_tp_sharded_bytes
+        gathered = layer.activation_column_input_bytes if sequence_parallel else 0.0
+        if recompute == "selective" and layer.block is not None:
+            sharded -= layer.attention_score_bytes
+            total -= layer.attention_score_bytes
+        if sequence_parallel:  # the gathered copy replaces the sequence shard the column GEMM would save
+            total -= layer.activation_column_input_bytes
+    replicated = total - sharded
+    return (replicated / (tp if sequence_parallel else 1) + sharded / tp + gathered) * scale
+
+
+def _split(layer: LayerProfile, *, tp: int, sequence_parallel: bool) -> float:
+    """How much tp (and SP) shrink this layer's activations: none-mode bytes under tp / bytes per sequence."""
+    if layer.kind == "head" or not layer.activation_bytes or tp == 1:
+        return 1.0
+    none = executor_activation_bytes(layer=layer, tp=tp, sequence_parallel=sequence_parallel, cp=1,
+                                     micro_batch_size=1, recompute="none", block_first=False)
+    return none / layer.activation_bytes
+
+
+def layer_memory(*, layer: LayerProfile, tp: int, sequence_parallel: bool, cp: int, micro_batch_size: int,
+                 recompute: str, block_first: bool, ep: int = 1, dtype_bytes: int = 2) -> LayerMemory:
+    """Memory of `layer` per micro-batch on one rank. Temporaries that grow with the batch scale as the
+    layer's activations do; weight-gradient temporaries as its weights (1/tp, experts 1/ep; a vocabulary-
+    parallel embedding's gradient comes back whole)."""
+    common = dict(layer=layer, tp=tp, sequence_parallel=sequence_parallel, cp=cp, micro_batch_size=micro_batch_size,
+                  block_first=block_first)
+    scale = _split(layer, tp=tp, sequence_parallel=sequence_parallel) * micro_batch_size / cp
+    weights = 1.0 if layer.kind == "embedding" else 1 / ep if layer.kind == "moe" else 1 / tp
+    weight_temporaries = layer.backward_peak_weight_bytes * weights
+    if layer.kind == "embedding" and tp > 1:  # DTensor makes the whole-table gradient once, in bf16
+        weight_temporaries = min(weight_temporaries, layer.params * dtype_bytes)
+    kept = executor_activation_bytes(recompute=recompute, **common)
+    if layer.kind == "moe" and ep > 1 and kept:  # the all-to-all's dispatched tokens [T·k, h] stay for backward
+        kept += layer.output_bytes * layer.top_k * micro_batch_size / cp
+    head = layer.kind == "head"
+    return LayerMemory(
+        kept=kept, kept_none=executor_activation_bytes(recompute="none", **common),
+        forward_excess=layer.forward_peak_bytes * scale,
+        backward_excess=layer.backward_peak_bytes * scale + weight_temporaries,
+        output_kept=layer.output_bytes * micro_batch_size / cp if head else 0.0,
+        loss_kept=(layer.activation_bytes - layer.activation_column_input_bytes) * micro_batch_size / cp if head else 0.0,
+        weight_grad_inputs=_weight_gradient_inputs(layer, tp=tp, sequence_parallel=sequence_parallel,
+                                                   dtype_bytes=dtype_bytes) * micro_batch_size / cp,
+        largest_tensor_params=_largest_tensor(layer, tp=tp, ep=ep))
+
+
+def _weight_gradient_inputs(layer: LayerProfile, *, tp: int, sequence_parallel: bool, dtype_bytes: int) -> float:
+    """Bytes per sequence of the gradients of the layer's weight-GEMM outputs (what a weight-gradient step
+    needs besides the saved inputs), plus that of its norm's output: each GEMM's m x n, split by tp when
+    column-parallel (and, with SP, when row-parallel: its output is reduce-scattered)."""
+    total = 0.0
+    for g in layer.gemms:
+        split = tp if g.tp_split == "n" or (g.tp_split == "k" and sequence_parallel) else 1
+        total += g.count * g.m_per_sequence * g.n * dtype_bytes / split
+    if layer.block is not None or layer.kind == "norm":
+        total += layer.output_bytes / (tp if sequence_parallel else 1)
+    return total
+
+
+def _largest_tensor(layer: LayerProfile, *, tp: int, ep: int) -> float:
+    """Parameters of the layer's largest tensor on one rank: the embedding table or output weight (split by
+    tp), a GEMM weight n x k (split when tensor-parallel), a stacked expert weight (a third of the experts'
+    parameters, split by ep)."""
+    if layer.kind in ("embedding", "head"):
+        return layer.params / tp
+    largest = max((g.n * g.k / (tp if g.tp_split != "none" else 1) for g in layer.gemms if layer.kind != "moe"),
+                  default=0.0)
+    return max(largest, layer.expert_params / 3 / ep)
+
+
+def backward_excess(steps: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """(temporaries, kept activations already freed) at the moment of one micro-batch's backward that holds
+    the most: `steps` are (kept, temporaries) of each backward step in order; a step's temporaries come on
+    top of what the steps before it have freed, so the moment is argmax_i (temporaries_i - sum_{j<i} kept_j)."""
+    freed, most = 0.0, (0.0, 0.0)
+    for kept, temporaries in steps:
+        if temporaries - freed > most[0] - most[1]:
+            most = (temporaries, freed)
+        freed += kept
+    return most
+
+
+def backward_steps(layers: Sequence[LayerMemory], recompute: str) -> list[tuple[float, float]]:
+    """(kept, temporaries) of the backward steps through one block's layers (forward order given); under
+    full recompute the block first rebuilds all its activations, which then count among the temporaries."""
+    if recompute != "full":
+        return [(m.kept, m.backward_excess) for m in reversed(layers)]
+    rebuilt = sum(m.kept_none for m in layers)
+    temporaries, freed = backward_excess([(m.kept_none, m.backward_excess) for m in reversed(layers)])
+    return [(sum(m.kept for m in layers), rebuilt + temporaries - freed)]
+
+
+def forward_excess(layers: Sequence[LayerMemory]) -> float:
+    """Most bytes above the kept activations during one micro-batch's forward (forward order given):
+    a layer's temporaries while the layers after it have kept nothing yet."""
+    after, most = 0.0, 0.0
+    for m in reversed(layers):
+        most = max(most, m.forward_excess - after)
+        after += m.kept
+    return most
+
+
+@dataclass
+class RankMemoryInputs:
+    """What the peak of one pipeline rank depends on, per micro-batch where it says so."""
+
+    dense_params: float = 0.0        # parameters on this rank (after tp); experts apart
+    expert_params: float = 0.0       # routed-expert parameters on this rank (after ep)
+    embedding_params: float = 0.0    # the vocabulary-parallel table on this rank (its gradient comes back whole)
+    largest_unit_params: float = 0.0  # the largest FSDP unit (a block) on this rank
+    root_params: float = 0.0         # parameters outside the blocks on this rank (FSDP's root unit)
+    kept: float = 0.0                # activations kept per micro-batch by the blocks (and the embedding)
+    kept_none: float = 0.0           # the same without recompute
+    kept_head: float = 0.0           # kept per micro-batch by the final norm, head and loss, logits included
+    loss_kept: float = 0.0           # part of kept_head only the loss needs
+    weight_grad_inputs: float = 0.0  # per micro-batch: what zero-bubble's deferred weight-gradient step waits with
+    largest_tensor_params: float = 0.0  # its largest parameter tensor (ZeroRedundancyOptimizer hands out whole ones)
+    experts: int = 0                 # rows of the stacked expert weights on this rank (FSDP shards dim 0)
+    largest_unit_expert_params: float = 0.0  # the routed-expert part of the largest FSDP unit
+    head_backward: tuple[float, float] = (0.0, 0.0)   # (temporaries, kept already freed) at the worst moment of
+    block_backward: tuple[float, float] = (0.0, 0.0)  # backward through the loss and head / through the blocks
+    forward: float = 0.0             # temporaries of forward beyond what it keeps
+    boundary_bytes: float = 0.0      # one micro-batch's activation between pipeline stages
+    chunks: int = 1                  # model chunks on this rank (virtual stages)
+    receives_activations: int = 0    # chunks that receive their input from another stage
+    receives_gradients: int = 0      # chunks that receive their output's gradient from another stage
+
+
+def data_parallel_wrapper(plan: Plan) -> str:
+    """What executor.data_parallel does with the plan: "none" (dp = 1, or ep > 1: gradients averaged by
+    hand), "ddp" (composable replicate, ZeRO 0 and ZeRO 1 with tp = 1), "ddp-by-hand" (the same under a
+    pipeline: no hooks, gradients all-reduced in place after the step), "fsdp-gathered" (FSDP2 without
+    resharding: ZeRO 2, and ZeRO 1 with tp > 1), "fsdp" (FSDP2 resharding after forward: ZeRO 3)."""
+    if plan.dp == 1 or plan.ep > 1:
+        return "none"
+    if plan.zero_stage == 0 or (plan.zero_stage == 1 and plan.tp == 1):
+        return "ddp" if plan.pp == 1 else "ddp-by-hand"
+    return "fsdp" if plan.zero_stage == 3 else "fsdp-gathered"
+
+
+def model_states(rank: RankMemoryInputs, plan: Plan) -> dict[str, float]:
+    """params, grads (all of them, as after the first backward), optimizer, and the buffers that stay for
+    the step: DDP buckets, FSDP's sharded storage beside a gathered copy, pipeline receive buffers."""
+    wrapper = data_parallel_wrapper(plan)
+    fsdp = wrapper.startswith("fsdp")
+    n_dense = plan.dp * plan.cp if fsdp else 1
+    sharded = rank.dense_params / n_dense + rank.expert_params * _expert_shard(rank, plan)
+    whole = rank.dense_params + rank.expert_params
+    if fsdp:
+        optimizer_shard = sharded
+    elif wrapper != "none" and plan.zero_stage == 1:
+        # the ZeRO paper's even share Psi/N_d. The executor's ZeroRedundancyOptimizer hands whole tensors to the
+        # dp ranks (largest first, each to the least loaded), so its rank 0 holds at least the largest tensor's
+        # states: more than Psi/N_d once the largest tensor is (dry run; benchmarks/results/memory_truth.md).
+        # Kept even here: tests/costmodel pins the paper's division.
+        optimizer_shard = whole / (plan.dp * plan.cp)
+    else:
+        optimizer_shard = whole
+    grads = GRAD_BYTES * (sharded if fsdp else whole)
+    if plan.tp > 1 and not fsdp:
+        grads += GRAD_BYTES * rank.embedding_params * (plan.tp - 1)  # a Replicate DTensor gradient
+    buffers = 0.0
+    if wrapper == "ddp":
+        buffers += GRAD_BYTES * whole
+    if wrapper == "fsdp-gathered":
+        buffers += PARAM_BYTES * sharded
+    micro = plan.num_micro_batches
+    buffers += rank.boundary_bytes * micro * (rank.receives_activations + rank.receives_gradients)
+    if plan.schedule == "zero-bubble":  # its input-gradient step leaves each micro-batch's gradient on the buffer
+        buffers += rank.boundary_bytes * (micro - 1) * rank.receives_activations
+    return {"params": PARAM_BYTES * (sharded if wrapper == "fsdp" else whole), "grads": grads,
+            "optimizer": OPTIMIZER_BYTES * optimizer_shard, "buffers": buffers}
+
+
+def _expert_shard(rank: RankMemoryInputs, plan: Plan) -> float:
+    """Fraction of the stacked expert weights [E, ...] FSDP leaves on rank 0: it cuts dim 0 in N = dp*cp
+    chunks of ceil(E/N) rows (torch.chunk), so with N > E, or N not dividing E, rank 0 holds more than 1/N."""
+    if not data_parallel_wrapper(plan).startswith("fsdp"):
+        return 1.0
+    n = plan.dp * plan.cp
+    return -(-rank.experts // n) / rank.experts if rank.experts else 1 / n
+
+
+def executor_refusal(plan: Plan, *, num_experts: int) -> str | None:
+    """Why the executor refuses the plan (executor.expert_parallel, executor.tensor_parallel), or None."""
+    if plan.ep > 1 and (plan.tp > 1 or plan.cp > 1 or plan.zero_stage > 0):
+        return "the executor runs ep > 1 only with tp=1, cp=1 and ZeRO-0"
+    if num_experts and plan.tp > 1:
+        return "the executor does not run tp > 1 on a MoE model"
+    return None
+
+
+def _expert_padding(rank: RankMemoryInputs, plan: Plan) -> float:
+    """The gathered expert weights FSDP holds over their size: N chunks of ceil(E/N) rows, padded."""
+    return _expert_shard(rank, plan) * plan.dp * plan.cp if rank.experts else 1.0
+
+
+def rank_peak(rank: RankMemoryInputs, plan: Plan, stage: int, *, physical: bool = False) -> tuple[dict[str, int], str]:
+    """The rank's peak memory by category, and the moment it happens at: the largest of backward through
+    the loss (ranks with the head), backward through the last block, the end of a forward, the optimizer step.
+
+    Categories are accounted as the ZeRO paper and Korthikanti et al. do: params, grads and optimizer are the
+    rank's states; activations the micro-batches in flight times what one keeps; temporaries what the moment
+    adds on top, net of the kept activations its backward has freed. The step's gradients exist from its
+    second backward on: a pipeline's first backward (the most micro-batches in flight) is costed without
+    them, a later one with them. A rank that runs a single backward per step (one micro-batch, no pipeline)
+    is costed with them: they fill in as that backward runs, the peak comes at its start, and counting them
+    errs on the safe side (and keeps the ZeRO paper's accounting, which tests/costmodel pins).
+    physical: split activations and temporaries as the dry run measures them, the activations a backward
+    has freed by the moment gone from activations and its temporaries counted whole (same total).
+    """
+    first, later = micro_batches_at_backward(schedule=plan.schedule, pp=plan.pp, stage=stage,
+                                             num_micro_batches=plan.num_micro_batches,
+                                             virtual_stages=plan.virtual_stages)
+    peaks = [(first, later is None)] + ([(later, True)] if later is not None else [])
+    best = max((_rank_peak(rank, plan, stage, in_flight, grads, physical) for in_flight, grads in peaks),
+               key=lambda found: sum(found[0].values()))
+    return best
+
+
+def _rank_peak(rank: RankMemoryInputs, plan: Plan, stage: int, in_flight: float, grads: bool,
+               physical: bool) -> tuple[dict[str, int], str]:
+    """rank_peak for one backward: `in_flight` micro-batches held, the step's gradients there or not."""
+    states = model_states(rank, plan)
+    if not grads:
+        states["grads"] = 0.0
+    wrapper = data_parallel_wrapper(plan)
+    pad = _expert_padding(rank, plan)
+    whole_params = PARAM_BYTES * (rank.dense_params + rank.expert_params * pad)
+    unit_params = rank.largest_unit_params + rank.largest_unit_expert_params * (pad - 1)
+    # a chunk's input lives in a receive buffer (counted there); a chunk's output stays in the schedule
+    # until its backward (the chunks that receive a gradient send an output)
+    body = rank.kept + rank.boundary_bytes * (rank.receives_gradients - rank.receives_activations)
+    # the last chunk runs each micro-batch's backward right after its forward (GPipe: after all forwards)
+    head_in_flight = in_flight if plan.schedule == "gpipe" and plan.pp > 1 else min(in_flight, 1.0)
+    # zero-bubble: rank r > 0 runs a micro-batch's weight-gradient step r micro-batches late, keeping its graph
+    # (all but what only the loss needs) and the gradients the step needs; rank 0 has no input gradient
+    # to split off and runs like 1F1B (torch ScheduleInterleavedZeroBubble, pipeline_order)
+    waiting = min(stage, plan.num_micro_batches - 1) if plan.schedule == "zero-bubble" and plan.pp > 1 else 0
+    activations = in_flight * body + head_in_flight * rank.kept_head + waiting * (body + rank.kept_head - rank.loss_kept)
+    waiting_grads = waiting * rank.weight_grad_inputs
+
+    def moment(temporaries: tuple[float, float], gathered: float, *, forward: bool = False) -> dict[str, float]:
+        # the moment's temporaries, net of the kept activations its backward has already freed (the papers'
+        # accounting: activations are all the micro-batches in flight keep; the dry run, physically, shows
+        # the freed bytes gone from its activations and the temporaries whole)
+        made, freed = temporaries
+        shift = freed if physical else 0.0
+        out = dict(states, activations=activations - shift,
+                   temporaries=made - freed + shift + (0.0 if forward else waiting_grads))
+        if wrapper == "fsdp-gathered":  # the gathered copy is the params; the all-gather output a buffer
+            out["params"] = whole_params
+            out["buffers"] += PARAM_BYTES * unit_params if forward and plan.pp == 1 else 0.0
+        else:
+            out["buffers"] += gathered
+        if plan.pp > 1 and wrapper.startswith("fsdp") and grads:  # reduced once, after the last micro-batch
+            out["buffers"] += GRAD_BYTES * (rank.dense_params + rank.expert_params * pad
+                                            + rank.embedding_params * (plan.tp - 1))  # (a Replicate DTensor)
+        if plan.pp > 1 and wrapper.startswith("fsdp"):
+            out["grads"] = 0.0
+        return out
+
+    # FSDP ZeRO-3's gathered copies: none while the loss runs backward (all were resharded after forward),
+    # then two blocks (this one and the prefetched next) and the root unit (gathered for its backward)
+    # (and, without a pipeline, the unit's unsharded expert gradients, the bulk of a MoE block's, made by its
+    # experts' backward and reduce-scattered when the block's backward ends)
+    zero3 = wrapper == "fsdp"
+    unit_grads = GRAD_BYTES * rank.largest_unit_expert_params * pad if wrapper.startswith("fsdp") and plan.pp == 1 \
+        else 0.0
+    candidates: dict[str, dict[str, float]] = {}
+    if rank.head_backward[0]:
+        candidates["backward through the loss"] = moment(rank.head_backward, 0.0)
+    made, freed = rank.block_backward
+    own = rank.weight_grad_inputs if waiting else 0.0
+    candidates["backward through a block"] = moment(
+        (made + own, freed), unit_grads + (PARAM_BYTES * (2 * unit_params + rank.root_params) if zero3 else 0.0))
+    candidates["forward"] = moment((rank.forward, 0.0), PARAM_BYTES * 2 * unit_params if zero3 else 0.0,
+                                   forward=True)
+    step = dict(model_states(rank, plan), activations=0.0,
+                temporaries=OPTIMIZER_SCRATCH_BYTES_PER_ELEMENT * min(OPTIMIZER_CHUNK_ELEMENTS, rank.largest_tensor_params))
+    if wrapper == "fsdp-gathered":
+        step["params"] = 0.0
+    candidates["optimizer step"] = step
+    label = max(candidates, key=lambda name: sum(candidates[name].values()))
+    when = label if grads or label == "optimizer step" else f"{label} (the step's first)"
+    return {name: int(value) for name, value in candidates[label].items()}, when

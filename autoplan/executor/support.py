@@ -1,0 +1,20 @@
+"""Which plans this executor runs, decided from the plan and the model's shape alone (no model built), so
+`autoplan search --executable` and `autoplan bench` can keep to them and `apply` refuses the rest in one
+line before it builds a mesh."""
+
+from __future__ import annotations
+
+MOE_TP = "tp > 1 on a MoE model is not supported by the executor yet (experts would need their gradients " \
+         "reduced over the tp ranks); use ep and dp"
+EP_LIMITS = "ep > 1 is supported by the executor with tp=1, cp=1 and zero_stage=0 so far"
+
+
+def unsupported_reason(plan, *, moe: bool) -> str | None:
+    """Why the executor cannot run `plan` on a model (MoE or not), or None if it can."""
+    if moe and plan.tp > 1:
+        return MOE_TP
+    if plan.ep > 1 and plan.cp > 1:
+        return f"cp={plan.cp} with ep={plan.ep}: expert parallelism runs with cp=1 only so far"
+    if plan.ep > 1 and (plan.tp > 1 or plan.zero_stage > 0):
+        return EP_LIMITS
+    return None

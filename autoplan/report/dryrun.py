@@ -1,0 +1,64 @@
+"""A dry run beside the estimate: per-GPU memory by category, measured and predicted (GiB only here)."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+from rich.table import Table
+
+from autoplan.schema import Cluster, DryRunResult, Estimate
+
+GIB = 1024**3
+MIB = 1024**2
+CATEGORIES = ("params", "grads", "optimizer", "activations", "temporaries", "buffers")
+
+
+def dryrun_table(result: DryRunResult, *, cluster: Cluster, estimate: Estimate | None = None,
+                 estimate_per_stage: dict[int, dict[str, int]] | None = None) -> str:
+    """Each dry-run stage's peak memory per GPU by category, with the estimate's for the same stage."""
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=120, force_terminal=False, color_system=None)
+    console.print(f"dry run  {result.model}, seq_len {result.seq_len}: {result.plan.describe()}")
+    console.print(f"         {result.gpus} ranks on a fake process group, {result.steps} steps of "
+                  f"{result.micro_batches_per_step} micro-batches, in {result.wall_s:.1f} s; {result.precision}")
+    for note in result.notes:
+        console.print(f"note: {note}")
+    unit, size = ("GiB", GIB) if result.peak_memory_bytes >= GIB else ("MiB", MIB)
+    for stage in result.stages:
+        predicted = (estimate_per_stage or {}).get(stage.stage)
+        table = Table(title=f"pipeline stage {stage.stage} (rank {stage.rank}); peak at {stage.peak_phase}",
+                      title_justify="left")
+        table.add_column(f"{unit} per GPU")
+        table.add_column("dry run", justify="right")
+        if predicted is not None:
+            table.add_column("estimate", justify="right")
+            table.add_column("error", justify="right")
+        for name in CATEGORIES:
+            measured = stage.memory_breakdown.get(name, 0)
+            cells = [name, f"{measured / size:,.2f}"]
+            if predicted is not None:
+                cells += [f"{predicted.get(name, 0) / size:,.2f}", _error(predicted.get(name, 0), measured)]
+            table.add_row(*cells)
+        total = [f"{stage.peak_memory_bytes / size:,.2f}"]
+        if predicted is not None:
+            tensors = sum(v for k, v in predicted.items() if k != "reserve")
+            total += [f"{tensors / size:,.2f}", _error(tensors, stage.peak_memory_bytes)]
+        table.add_row("tensors", *total, style="bold")
+        reserve = [f"{cluster.memory_reserve_bytes / size:,.2f}"] + (["", ""] if predicted is not None else [])
+        table.add_row("reserve", *reserve)
+        console.print(table)
+    needed = result.peak_memory_bytes + cluster.memory_reserve_bytes
+    verdict = "fits" if result.fits(cluster) else "DOES NOT FIT"
+    line = (f"memory/GPU  {needed / GIB:.2f} GiB of {cluster.memory_bytes / GIB:.2f} GiB on {cluster.gpu} ({verdict}; "
+            f"stage {result.peak_stage})")
+    if estimate is not None:
+        line += f"; estimated {estimate.memory_per_gpu_bytes / GIB:.2f} GiB"
+    console.print(line)
+    return buffer.getvalue()
+
+
+def _error(predicted: float, measured: float) -> str:
+    if not measured:
+        return "-" if not predicted else "new"
+    return f"{(predicted / measured - 1) * 100:+.1f}%"

@@ -1,0 +1,115 @@
+"""The executor's memory model (costmodel.rank_memory): each piece with a worked example and its limit
+cases. The whole is held to the dry run in tests/dryrun and benchmarks/memory_truth.py."""
+
+import pytest
+
+import autoplan as ap
+from autoplan.costmodel.pipeline import micro_batches_at_backward
+from autoplan.costmodel.rank_memory import (RankMemoryInputs, backward_excess, data_parallel_wrapper,
+                                            executor_activation_bytes, executor_refusal, model_states)
+from autoplan.schema import LayerProfile
+
+
+def _plan(**kw):
+    return ap.Plan(**{"global_batch_size": 64, **kw})
+
+
+def test_backward_excess_is_the_worst_step_net_of_what_came_before():
+    """Worked example: steps (kept, temporaries) = (10, 4), (5, 12), (1, 14): the step temporaries on top
+    of what the earlier steps freed are 4 - 0, 12 - 10 = 2, 14 - 15 = -1; the worst moment is the first,
+    with 4 bytes of temporaries and nothing freed yet."""
+    assert backward_excess([(10, 4), (5, 12), (1, 14)]) == (4, 0)
+    assert backward_excess([(0, 4), (5, 12)]) == (12, 0)  # nothing freed before the second step: 12 - 0
+    assert backward_excess([(2, 1), (5, 12)]) == (12, 2)  # the second step, after the first freed 2
+    assert backward_excess([]) == (0, 0)  # limit case: no layers
+
+
+@pytest.mark.parametrize("plan, wrapper", [
+    (dict(dp=1, zero_stage=3), "none"),                     # dp = 1: no data-parallel wrapper at all
+    (dict(dp=8, ep=8), "none"),                             # expert parallelism: gradients averaged by hand
+    (dict(dp=8, zero_stage=0), "ddp"),
+    (dict(dp=8, zero_stage=1), "ddp"),                      # + ZeroRedundancyOptimizer
+    (dict(dp=8, zero_stage=1, pp=2), "ddp-by-hand"),        # under a pipeline: no DDP hooks
+    (dict(dp=4, tp=2, zero_stage=1), "fsdp-gathered"),      # ZeRO-1 with tp > 1 runs on FSDP2
+    (dict(dp=8, zero_stage=2), "fsdp-gathered"),
+    (dict(dp=8, zero_stage=3), "fsdp"),
+])
+def test_the_wrapper_is_the_executors(plan, wrapper):
+    """Oracle: executor.data_parallel's table (apply_data_parallel, build_optimizer, uses_ddp)."""
+    assert data_parallel_wrapper(_plan(**plan)) == wrapper
+
+
+def test_model_states_add_what_the_wrappers_keep():
+    """Worked example, Psi = 1e9 parameters on the rank, N_d = 8: DDP keeps its buckets (2 Psi bytes) beside
+    2 Psi parameters, 2 Psi gradients, 12 Psi optimizer states; ZeRO-1 on DDP divides the 12 Psi by 8; ZeRO-2 on
+    FSDP keeps the gathered 2 Psi as params and its sharded copy 2 Psi / 8 as a buffer."""
+    rank = RankMemoryInputs(dense_params=1e9)
+    assert model_states(rank, _plan(dp=8, zero_stage=0)) == {"params": 2e9, "grads": 2e9, "optimizer": 12e9,
+                                                              "buffers": 2e9}
+    assert model_states(rank, _plan(dp=8, zero_stage=1))["optimizer"] == 1.5e9
+    zero2 = model_states(rank, _plan(dp=8, zero_stage=2))
+    assert zero2 == {"params": 2e9, "grads": 0.25e9, "optimizer": 1.5e9, "buffers": 0.25e9}
+
+
+def test_pipeline_receive_buffers_are_per_micro_batch():
+    """Worked example: a middle stage of 1F1B with m = 16 micro-batches receives activations and gradients,
+    one buffer of each per micro-batch: 2 x 16 x boundary."""
+    rank = RankMemoryInputs(boundary_bytes=64.0, receives_activations=1, receives_gradients=1)
+    assert model_states(rank, _plan(pp=4, dp=4, global_batch_size=64))["buffers"] == 2 * 16 * 64
+
+
+def _layer(**kw) -> LayerProfile:
+    base = dict(name="l", kind="mlp", block=0, fwd_flops=0.0, bwd_flops=0.0, params=0, output_bytes=16,
+                activation_bytes=100, activation_tp_sharded_bytes=60, activation_column_input_bytes=16)
+    return LayerProfile(**{**base, **kw})
+
+
+def test_sequence_parallel_keeps_the_gathered_column_input_whole():
+    """Worked example, tp = 4: of 100 bytes, 60 lie between the column- and row-parallel GEMMs (/4 = 15);
+    of the 40 replicated, 16 are the column GEMM's input. Without SP: 40 + 15 = 55. With SP the sequence-
+    sharded 24 are split (/4 = 6) but the input the column GEMM saves is the all-gathered one: 6 + 15 + 16 = 37
+    (Korthikanti et al.'s accounting would say 40/4 + 15 = 25)."""
+    common = dict(layer=_layer(), tp=4, cp=1, micro_batch_size=1, recompute="none", block_first=False)
+    assert executor_activation_bytes(sequence_parallel=False, **common) == 55
+    assert executor_activation_bytes(sequence_parallel=True, **common) == 37
+
+
+def test_the_head_is_not_split_by_tensor_parallelism():
+    """The executor gathers the logits before the loss (ColwiseParallel, Replicate output): the head keeps
+    all of its activations on every tp rank."""
+    head = _layer(kind="head", block=None)
+    assert executor_activation_bytes(layer=head, tp=8, sequence_parallel=True, cp=1, micro_batch_size=2,
+                                     recompute="none", block_first=False) == 200
+
+
+@pytest.mark.parametrize("schedule, pp, stage, m, expected", [
+    ("1f1b", 1, 0, 1, (1.0, None)),     # one micro-batch, no pipeline: a single backward per step
+    ("1f1b", 1, 0, 4, (1.0, 1.0)),
+    ("gpipe", 4, 0, 8, (8.0, 7.0)),     # all forwards first
+    ("1f1b", 4, 0, 4, (4.0, 3.0)),      # m = p: no steady state, the second backward holds one fewer
+    ("1f1b", 4, 0, 8, (4.0, 4.0)),
+    ("1f1b", 4, 3, 8, (1.0, 1.0)),      # the last stage: one in flight
+])
+def test_micro_batches_at_the_first_and_later_backwards(schedule, pp, stage, m, expected):
+    """Oracle: the schedules' orders (torch Schedule1F1B / ScheduleGPipe; Narayanan et al. 2021, Sec. 2.2)."""
+    assert micro_batches_at_backward(schedule=schedule, pp=pp, stage=stage, num_micro_batches=m) == expected
+
+
+@pytest.mark.parametrize("plan, experts, refused", [
+    (dict(dp=8, ep=8), 8, False),
+    (dict(dp=4, ep=8, tp=2), 8, True),             # ep with tp > 1
+    (dict(dp=8, ep=8, zero_stage=1), 8, True),     # ep with ZeRO > 0
+    (dict(dp=4, tp=2), 8, True),                   # tp on a MoE model
+    (dict(dp=4, tp=2), 0, False),                  # tp on a dense one
+])
+def test_plans_the_executor_refuses_are_named(plan, experts, refused):
+    """Oracle: executor.expert_parallel.apply_expert_parallel and executor.tensor_parallel.block_layout refuse
+    these; the estimate then accounts for memory as the papers do (and says so in its notes)."""
+    assert (executor_refusal(_plan(**plan), num_experts=experts) is not None) == refused
+
+
+def test_fsdp_shards_stacked_experts_by_rows():
+    """Worked example: 8 stacked experts over 16 FSDP ranks: torch.chunk gives rank 0 one row of 8 (1/8, not
+    1/16), so its optimizer states for 8e9 expert parameters are 12 x 1e9 bytes."""
+    rank = RankMemoryInputs(expert_params=8e9, experts=8)
+    assert model_states(rank, _plan(dp=16, zero_stage=3))["optimizer"] == 12e9

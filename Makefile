@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv search estimate test clean
+.PHONY: venv search estimate test bench-cpu clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ search: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2
+
+# The committed CPU benchmark reports (about 20 minutes on 2 cores): benchmarks/results/bench_*_cpu*/
+bench-cpu: $(STAMP)
+	$(BIN)/python -m benchmarks.bench_cpu
 
 clean:
 	rm -rf $(VENV) build *.egg-info

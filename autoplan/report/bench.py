@@ -222,10 +222,10 @@ def report_markdown(results: dict, figures: dict[str, str]) -> str:
              f"{verdict['regret']} |",
              f"| peak-memory MAPE (tensor bytes) | {fmt(acc.get('memory_mape'))} | | |", "",
              f"{acc['measured']} of {acc['plans']} plans ran; best measured: {acc.get('best_measured', '-')}.", "",
-             "## Plans", "",
-             "| plan | labels | status | predicted ms | measured ms | error | predicted MiB | measured MiB |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
-    for row in results["plans"]:
+             "## Plans", "", "(# is the plan's number in the plots; labels: #k = rank k of the search.)", "",
+             "| # | plan | labels | status | predicted ms | measured ms | error | predicted MiB | measured MiB |",
+             "|---:|---|---|---|---:|---:|---:|---:|---:|"]
+    for index, row in enumerate(results["plans"]):
         plan = Plan.model_validate(row["plan"])
         if row["status"] == "ok":
             err = row["predicted_step_time_s"] / row["measured_step_time_s"] - 1
@@ -234,7 +234,7 @@ def report_markdown(results: dict, figures: dict[str, str]) -> str:
         else:
             cells = ["-", "-", f"{row['predicted_memory_bytes'] / 2**20:.1f}", "-"]
         status = row["status"] if row["status"] == "ok" else f"{row['status']}: {row.get('error', '')}"
-        lines.append(f"| {plan.describe()} | {', '.join(row['labels'])} | {status} | "
+        lines.append(f"| {index} | {plan.describe()} | {', '.join(row['labels'])} | {status} | "
                      f"{row['predicted_step_time_s'] * 1e3:.1f} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |")
     lines += ["", "## Plots", ""]
     lines += [f"![{title}]({name})" for title, name in figures.items()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -30,10 +31,15 @@ def predicted_vs_measured(results: dict, path: Path) -> None:
         ax.scatter(x, y, color="#4c72b0", zorder=3)
         for (i, _), px, py in zip(ok, x, y):
             ax.annotate(str(i), (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        top = max(x + y) * 1.1
-        ax.plot([0, top], [0, top], color="grey", linestyle="--", label="y = x")
-        ax.set_xlim(0, top)
-        ax.set_ylim(0, top)
+        low, top = min(x + y) / 1.3, max(x + y) * 1.3
+        ax.plot([low, top], [low, top], color="grey", linestyle="--", label="y = x")
+        if top / low > 20:  # times spanning decades: log axes keep the fast plans apart
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        else:
+            low = 0
+        ax.set_xlim(low, top)
+        ax.set_ylim(low, top)
         ax.legend()
     ax.set_xlabel("predicted step time (ms)")
     ax.set_ylabel("measured step time (ms)")
@@ -91,7 +97,7 @@ def pipeline_timeline(plan: Plan, profile: ModelProfile, cluster: Cluster, path:
     ops = schedule_timeline(schedule=plan.schedule, stage_fwd_s=[r.layers.fwd_s for r in ranks],
                             stage_bwd_s=[r.layers.bwd_s for r in ranks], num_micro_batches=plan.num_micro_batches,
                             virtual_stages=plan.virtual_stages)
-    fig, ax = plt.subplots(figsize=(10, 0.6 * plan.pp + 1.5))
+    fig, ax = plt.subplots(figsize=(10, 0.6 * plan.pp + 1.8))
     for op in ops:
         ax.barh(op.rank, (op.end_s - op.start_s) * 1e3, left=op.start_s * 1e3, color=COLORS[op.kind],
                 edgecolor="white", height=0.8)
@@ -103,7 +109,7 @@ def pipeline_timeline(plan: Plan, profile: ModelProfile, cluster: Cluster, path:
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for k, c in COLORS.items() if any(op.kind == k for op in ops)]
     ax.legend(handles, [{"F": "forward", "B": "backward", "W": "weight gradient"}[k] for k in COLORS
                         if any(op.kind == k for op in ops)], fontsize=7, loc="upper right")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 110)), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

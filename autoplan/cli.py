@@ -304,7 +304,7 @@ def _dryrun(args) -> int:
         return 0
     est = estimate(profile, cluster, plan)
     ranks = Coster.of(profile, cluster).rank_costs(plan)
-    per_stage = {s.stage: rank_peak(ranks[s.stage].memory, plan, s.stage)[0] for s in result.stages}
+    per_stage = {s.stage: rank_peak(ranks[s.stage].memory, plan, s.stage, physical=True)[0] for s in result.stages}
     print(dryrun_table(result, cluster=cluster, estimate=est, estimate_per_stage=per_stage), end="")
     return 0
 

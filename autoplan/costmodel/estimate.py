@@ -178,6 +178,7 @@ class Coster:
         memory.block_backward = backward_excess(steps)
         forward = [m for block in reversed(blocks) for m in block] + list(tail)
         memory.forward = forward_excess(forward)
+        memory.last_block_kept = sum(m.kept for m in blocks[0]) if blocks else 0.0
 
     def rank_costs(self, plan: Plan) -> list[RankCost]:
         chunk_blocks = plan.layers_per_stage or even_split(self.profile.num_blocks, plan.pp * plan.virtual_stages)

@@ -195,6 +195,7 @@ class RankMemoryInputs:
     head_backward: tuple[float, float] = (0.0, 0.0)   # (temporaries, kept already freed) at the worst moment of
     block_backward: tuple[float, float] = (0.0, 0.0)  # backward through the loss and head / through the blocks
     forward: float = 0.0             # temporaries of forward beyond what it keeps
+    last_block_kept: float = 0.0     # what the rank's last block keeps per micro-batch
     boundary_bytes: float = 0.0      # one micro-batch's activation between pipeline stages
     chunks: int = 1                  # model chunks on this rank (virtual stages)
     receives_activations: int = 0    # chunks that receive their input from another stage
@@ -351,6 +352,11 @@ def _rank_peak(rank: RankMemoryInputs, plan: Plan, stage: int, in_flight: float,
         (made + own, freed), unit_grads + (PARAM_BYTES * (2 * unit_params + rank.root_params) if zero3 else 0.0))
     candidates["forward"] = moment((rank.forward, 0.0), PARAM_BYTES * 2 * unit_params if zero3 else 0.0,
                                    forward=True)
+    if wrapper.startswith("fsdp") and plan.pp == 1:  # forward gathering the last block, the next prefetched
+        gathering = moment((0.0, 0.0), PARAM_BYTES * 2 * unit_params if zero3 else 0.0, forward=True)
+        gathering["activations"] -= rank.last_block_kept + rank.kept_head
+        gathering["buffers"] += PARAM_BYTES * unit_params if wrapper == "fsdp-gathered" else 0.0
+        candidates["forward, gathering a block"] = gathering
     step = dict(model_states(rank, plan), activations=0.0,
                 temporaries=OPTIMIZER_SCRATCH_BYTES_PER_ELEMENT * min(OPTIMIZER_CHUNK_ELEMENTS, rank.largest_tensor_params))
     if wrapper == "fsdp-gathered":

@@ -16,7 +16,8 @@ CATEGORIES = ("params", "grads", "optimizer", "activations", "temporaries", "buf
 
 def dryrun_table(result: DryRunResult, *, cluster: Cluster, estimate: Estimate | None = None,
                  estimate_per_stage: dict[int, dict[str, int]] | None = None) -> str:
-    """Each dry-run stage's peak memory per GPU by category, with the estimate's for the same stage."""
+    """Each dry-run stage's peak memory per GPU by category, with the estimate's for the same stage (split as
+    the dry run measures it: costmodel.rank_memory.rank_peak(physical=True))."""
     buffer = io.StringIO()
     console = Console(file=buffer, width=120, force_terminal=False, color_system=None)
     console.print(f"dry run  {result.model}, seq_len {result.seq_len}: {result.plan.describe()}")
@@ -27,8 +28,8 @@ def dryrun_table(result: DryRunResult, *, cluster: Cluster, estimate: Estimate |
     unit, size = ("GiB", GIB) if result.peak_memory_bytes >= GIB else ("MiB", MIB)
     for stage in result.stages:
         predicted = (estimate_per_stage or {}).get(stage.stage)
-        table = Table(title=f"pipeline stage {stage.stage} (rank {stage.rank}); peak at {stage.peak_phase}",
-                      title_justify="left")
+        console.print(f"pipeline stage {stage.stage} (rank {stage.rank}), peak at {stage.peak_phase}:")
+        table = Table()
         table.add_column(f"{unit} per GPU")
         table.add_column("dry run", justify="right")
         if predicted is not None:

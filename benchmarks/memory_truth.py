@@ -82,7 +82,7 @@ GRID = [
                            sequence_parallel=True, global_batch_size=256), "TP + interleaved PP, full recompute"),
     # mixtral-8x7b, seq 4096: expert parallelism (the executor runs it with tp=1 and ZeRO-0)
     Point("mixtral-8x7b", _p(dp=8, ep=8, global_batch_size=16), "EP"),
-    Point("mixtral-8x7b", _p(dp=64, ep=8, global_batch_size=128), "EP at 512 GPUs"),
+    Point("mixtral-8x7b", _p(dp=64, ep=8, global_batch_size=128), "EP over 64 data-parallel ranks"),
     Point("mixtral-8x7b", _p(dp=8, zero_stage=3, global_batch_size=16), "ZeRO-3, experts replicated"),
     Point("mixtral-8x7b", _p(dp=16, zero_stage=2, micro_batch_size=2, global_batch_size=64), "ZeRO-2, micro-batch 2"),
     Point("mixtral-8x7b", _p(pp=4, dp=2, global_batch_size=32), "PP 1F1B"),

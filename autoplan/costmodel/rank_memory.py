@@ -203,14 +203,15 @@ class RankMemoryInputs:
 
 
 def data_parallel_wrapper(plan: Plan) -> str:
-    """What executor.data_parallel does with the plan: "none" (dp = 1, or ep > 1: gradients averaged by
-    hand), "ddp" (composable replicate, ZeRO 0 and ZeRO 1 with tp = 1), "ddp-by-hand" (the same under a
-    pipeline: no hooks, gradients all-reduced in place after the step), "fsdp-gathered" (FSDP2 without
-    resharding: ZeRO 2, and ZeRO 1 with tp > 1), "fsdp" (FSDP2 resharding after forward: ZeRO 3)."""
-    if plan.dp == 1 or plan.ep > 1:
+    """What executor.data_parallel does with the plan over its dp x cp replicas: "none" (one replica, or
+    ep > 1: gradients averaged by hand), "ddp" (composable replicate: ZeRO 0, and ZeRO 1 with tp = 1),
+    "ddp-by-hand" (DDP's arithmetic without DDP, gradients all-reduced in place after the step: under a
+    pipeline, or with tp > 1), "fsdp-gathered" (FSDP2 without resharding: ZeRO 2, and ZeRO 1 with tp > 1),
+    "fsdp" (FSDP2 resharding after forward: ZeRO 3)."""
+    if plan.dp * plan.cp == 1 or plan.ep > 1:
         return "none"
     if plan.zero_stage == 0 or (plan.zero_stage == 1 and plan.tp == 1):
-        return "ddp" if plan.pp == 1 else "ddp-by-hand"
+        return "ddp" if plan.pp == 1 and plan.tp == 1 else "ddp-by-hand"
     return "fsdp" if plan.zero_stage == 3 else "fsdp-gathered"
 
 
@@ -294,6 +295,31 @@ def rank_peak(rank: RankMemoryInputs, plan: Plan, stage: int, *, physical: bool 
     return best
 
 
+def _activations_held(rank: RankMemoryInputs, plan: Plan, stage: int, in_flight: float) -> tuple[float, int]:
+    """(activations the rank holds with `in_flight` micro-batches in flight, micro-batches waiting for their
+    zero-bubble weight-gradient step)."""
+    # a chunk's input lives in a receive buffer (counted there); a chunk's output stays in the schedule
+    # until its backward (the chunks that receive a gradient send an output)
+    body = rank.kept + rank.boundary_bytes * (rank.receives_gradients - rank.receives_activations)
+    # the last chunk runs each micro-batch's backward right after its forward (GPipe: after all forwards)
+    head_in_flight = in_flight if plan.schedule == "gpipe" and plan.pp > 1 else min(in_flight, 1.0)
+    # zero-bubble: rank r > 0 runs a micro-batch's weight-gradient step r micro-batches late, keeping its graph
+    # (all but what only the loss needs) and the gradients the step needs; rank 0 has no input gradient
+    # to split off and runs like 1F1B (torch ScheduleInterleavedZeroBubble, pipeline_order)
+    waiting = min(stage, plan.num_micro_batches - 1) if plan.schedule == "zero-bubble" and plan.pp > 1 else 0
+    held = in_flight * body + head_in_flight * rank.kept_head + waiting * (body + rank.kept_head - rank.loss_kept)
+    return held, waiting
+
+
+def _optimizer_step(rank: RankMemoryInputs, plan: Plan) -> dict[str, float]:
+    """The optimizer step: the states, no activations, a chunk's scratch; FSDP2 at stage 2 has resharded."""
+    step = dict(model_states(rank, plan), activations=0.0,
+                temporaries=OPTIMIZER_SCRATCH_BYTES_PER_ELEMENT * min(OPTIMIZER_CHUNK_ELEMENTS, rank.largest_tensor_params))
+    if data_parallel_wrapper(plan) == "fsdp-gathered":
+        step["params"] = 0.0
+    return step
+
+
 def _rank_peak(rank: RankMemoryInputs, plan: Plan, stage: int, in_flight: float, grads: bool,
                physical: bool) -> tuple[dict[str, int], str]:
     """rank_peak for one backward: `in_flight` micro-batches held, the step's gradients there or not."""
@@ -304,16 +330,7 @@ def _rank_peak(rank: RankMemoryInputs, plan: Plan, stage: int, in_flight: float,
     pad = _expert_padding(rank, plan)
     whole_params = PARAM_BYTES * (rank.dense_params + rank.expert_params * pad)
     unit_params = rank.largest_unit_params + rank.largest_unit_expert_params * (pad - 1)
-    # a chunk's input lives in a receive buffer (counted there); a chunk's output stays in the schedule
-    # until its backward (the chunks that receive a gradient send an output)
-    body = rank.kept + rank.boundary_bytes * (rank.receives_gradients - rank.receives_activations)
-    # the last chunk runs each micro-batch's backward right after its forward (GPipe: after all forwards)
-    head_in_flight = in_flight if plan.schedule == "gpipe" and plan.pp > 1 else min(in_flight, 1.0)
-    # zero-bubble: rank r > 0 runs a micro-batch's weight-gradient step r micro-batches late, keeping its graph
-    # (all but what only the loss needs) and the gradients the step needs; rank 0 has no input gradient
-    # to split off and runs like 1F1B (torch ScheduleInterleavedZeroBubble, pipeline_order)
-    waiting = min(stage, plan.num_micro_batches - 1) if plan.schedule == "zero-bubble" and plan.pp > 1 else 0
-    activations = in_flight * body + head_in_flight * rank.kept_head + waiting * (body + rank.kept_head - rank.loss_kept)
+    activations, waiting = _activations_held(rank, plan, stage, in_flight)
     waiting_grads = waiting * rank.weight_grad_inputs
 
     def moment(temporaries: tuple[float, float], gathered: float, *, forward: bool = False) -> dict[str, float]:
@@ -357,11 +374,7 @@ def _rank_peak(rank: RankMemoryInputs, plan: Plan, stage: int, in_flight: float,
         gathering["activations"] -= rank.last_block_kept + rank.kept_head
         gathering["buffers"] += PARAM_BYTES * unit_params if wrapper == "fsdp-gathered" else 0.0
         candidates["forward, gathering a block"] = gathering
-    step = dict(model_states(rank, plan), activations=0.0,
-                temporaries=OPTIMIZER_SCRATCH_BYTES_PER_ELEMENT * min(OPTIMIZER_CHUNK_ELEMENTS, rank.largest_tensor_params))
-    if wrapper == "fsdp-gathered":
-        step["params"] = 0.0
-    candidates["optimizer step"] = step
+    candidates["optimizer step"] = _optimizer_step(rank, plan)
     label = max(candidates, key=lambda name: sum(candidates[name].values()))
     when = label if grads or label == "optimizer step" else f"{label} (the step's first)"
     return {name: int(value) for name, value in candidates[label].items()}, when

@@ -10,9 +10,9 @@
 |            |                                                        | are gathered once per step and kept  |
 | 3          | FSDP2 `fully_shard(reshard_after_forward=True)`        | parameters, gradients, optimizer     |
 
-FSDP2 at stage 2 holds the unsharded parameters from the first forward to the end of backward, which is
-more than the ZeRO paper's stage 2 (sharded parameters only at rest); the cost model's stage-2 memory
-is the paper's. Each block is its own FSDP unit, then the root.
+FSDP2 at stage 2 holds the unsharded parameters from the first forward to the end of backward beside its
+sharded storage, which is more than the ZeRO paper's stage 2; the cost model counts both
+(costmodel.rank_memory: the gathered copy as params, the sharded one as a buffer). Each block is its own FSDP unit, then the root.
 """
 
 from __future__ import annotations

@@ -222,6 +222,11 @@ def prepare(model: nn.Module, plan: Plan, *, tp_plan=None, fake_mode=None):
         par.model.register_comm_hook(None, _in_place_all_reduce)
     with fake_mode or ExitStack():
         par.model.to_empty(device="cpu")
+        if getattr(par, "cp", None) is not None:  # context parallelism found the RoPE tables at apply, on meta
+            from autoplan.executor.context_parallel import ROPE_TABLE
+
+            par.cp._tables = {id(t): t for m in par.model.modules()
+                              if isinstance(t := m._buffers.get(ROPE_TABLE), torch.Tensor)}
         if fake_mode is None:
             with torch.no_grad():
                 for param in par.model.parameters():

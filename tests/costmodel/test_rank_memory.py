@@ -30,12 +30,15 @@ def test_backward_excess_is_the_worst_step_net_of_what_came_before():
     (dict(dp=8, zero_stage=0), "ddp"),
     (dict(dp=8, zero_stage=1), "ddp"),                      # + ZeroRedundancyOptimizer
     (dict(dp=8, zero_stage=1, pp=2), "ddp-by-hand"),        # under a pipeline: no DDP hooks
+    (dict(dp=4, tp=2, zero_stage=0), "ddp-by-hand"),        # with tp: DDP's hooks miss DTensor gradients
+    (dict(dp=1, cp=2, zero_stage=3), "fsdp"),               # the replicas are dp x cp
     (dict(dp=4, tp=2, zero_stage=1), "fsdp-gathered"),      # ZeRO-1 with tp > 1 runs on FSDP2
     (dict(dp=8, zero_stage=2), "fsdp-gathered"),
     (dict(dp=8, zero_stage=3), "fsdp"),
 ])
 def test_the_wrapper_is_the_executors(plan, wrapper):
-    """Oracle: executor.data_parallel's table (apply_data_parallel, build_optimizer, uses_ddp)."""
+    """Oracle: executor.data_parallel's table (apply_data_parallel, averages_by_hand, build_optimizer) and
+    executor.train (data parallelism over the dp x cp replicas)."""
     assert data_parallel_wrapper(_plan(**plan)) == wrapper
 
 

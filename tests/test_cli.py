@@ -6,44 +6,31 @@ import sys
 
 import pytest
 
-from autoplan.cli import main
 from autoplan.schema import Estimate
 
 PLAN = {"dp": 2, "tp": 2, "pp": 1, "zero_stage": 1, "micro_batch_size": 1, "global_batch_size": 8}
 
 
-@pytest.fixture
-def plan_file(tmp_path):
-    path = tmp_path / "plan.json"
-    path.write_text(json.dumps(PLAN))
-    return path
 
 
-def _run(argv, capsys):
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_estimate_prints_breakdowns(plan_file, capsys):
-    code, out, err = _run(["estimate", "gpt-tiny", "--plan", str(plan_file), "--gpus", "4", "--cluster", "dgx-a100-80gb"],
-                          capsys)
+def test_estimate_prints_breakdowns(plan_file, run_cli):
+    code, out, err = run_cli(["estimate", "gpt-tiny", "--plan", str(plan_file), "--gpus", "4", "--cluster", "dgx-a100-80gb"])
     assert code == 0, err
     for word in ("step time", "MFU", "tp_comm", "pp_bubble", "optimizer", "activations", "reserve", "fits"):
         assert word in out
 
 
-def test_estimate_json_is_an_estimate(plan_file, capsys):
-    code, out, _ = _run(["estimate", "gpt-tiny", "--plan", str(plan_file), "--json"], capsys)
+def test_estimate_json_is_an_estimate(plan_file, run_cli):
+    code, out, _ = run_cli(["estimate", "gpt-tiny", "--plan", str(plan_file), "--json"])
     assert code == 0
     est = Estimate.model_validate_json(out)
     assert est.step_time_s > 0 and est.fits
 
 
-def test_plan_file_with_origin_wrapper_is_accepted(tmp_path, capsys):
+def test_plan_file_with_origin_wrapper_is_accepted(tmp_path, run_cli):
     path = tmp_path / "wrapped.json"
     path.write_text(json.dumps({"plan": PLAN, "model": "gpt-tiny"}))
-    assert _run(["estimate", "gpt-tiny", "--plan", str(path)], capsys)[0] == 0
+    assert run_cli(["estimate", "gpt-tiny", "--plan", str(path)])[0] == 0
 
 
 def _bad_model_file(tmp_path, body):
@@ -67,7 +54,7 @@ def _bad_model_file(tmp_path, body):
     ("bad_field", "micro_batch_size"),
     ("bad_flag", "unrecognized arguments"),
 ])
-def test_bad_input_is_one_line_and_exit_2(case, expected, tmp_path, plan_file, capsys):
+def test_bad_input_is_one_line_and_exit_2(case, expected, tmp_path, plan_file, run_cli):
     model, plan, extra = "gpt-tiny", str(plan_file), []
     if case == "unknown_preset":
         extra = ["--cluster", "dgx-z9"]
@@ -96,7 +83,7 @@ def test_bad_input_is_one_line_and_exit_2(case, expected, tmp_path, plan_file, c
         plan = str(tmp_path / "none.json")
     elif case == "bad_flag":
         extra = ["--frobnicate"]
-    code, out, err = _run(["estimate", model, "--plan", plan, *extra], capsys)
+    code, out, err = run_cli(["estimate", model, "--plan", plan, *extra])
     assert code == 2
     assert expected in err
     assert err.count("\n") == 1 and "Traceback" not in err
@@ -112,22 +99,22 @@ def test_console_script_has_no_traceback(tmp_path):
     assert proc.stderr.strip() == f"autoplan: error: {model} raised while importing: RuntimeError: boom"
 
 
-def test_search_prints_table_and_writes_a_plan_file_estimate_accepts(tmp_path, capsys):
+def test_search_prints_table_and_writes_a_plan_file_estimate_accepts(tmp_path, run_cli):
     out = tmp_path / "plan.json"
-    code, stdout, err = _run(["search", "gpt-tiny", "--gpus", "4", "--global-batch", "16", "--out", str(out)], capsys)
+    code, stdout, err = run_cli(["search", "gpt-tiny", "--gpus", "4", "--global-batch", "16", "--out", str(out)])
     assert code == 0, err
     for words in ("top plans", "expert defaults", "why the best plan wins", "proven lower bound", "MFU"):
         assert words in stdout
     saved = json.loads(out.read_text())
     assert saved["model"] == "gpt-tiny" and saved["gpus"] == 4 and saved["estimate"]["fits"]
-    code, stdout, err = _run(["estimate", "gpt-tiny", "--plan", str(out)], capsys)
+    code, stdout, err = run_cli(["estimate", "gpt-tiny", "--plan", str(out)])
     assert code == 0 and err == "" and "step time" in stdout
-    code, _, err = _run(["estimate", "moe-tiny", "--plan", str(out)], capsys)
+    code, _, err = run_cli(["estimate", "moe-tiny", "--plan", str(out)])
     assert code == 0 and "warning: " in err and "was made for gpt-tiny" in err
 
 
-def test_search_json(capsys):
-    code, stdout, _ = _run(["search", "gpt-tiny", "--gpus", "2", "--global-batch", "8", "--top", "2", "--json"], capsys)
+def test_search_json(run_cli):
+    code, stdout, _ = run_cli(["search", "gpt-tiny", "--gpus", "2", "--global-batch", "8", "--top", "2", "--json"])
     assert code == 0
     data = json.loads(stdout)
     assert len(data["ranked"]) == 2 and data["best"] == data["ranked"][0]["plan"]
@@ -135,21 +122,21 @@ def test_search_json(capsys):
 
 
 @pytest.mark.parametrize("gpus", [7, 96, 1000])
-def test_odd_gpu_counts_get_a_plan(gpus, capsys):
+def test_odd_gpu_counts_get_a_plan(gpus, run_cli):
     """The default global batch suits any GPU count (its odd part times a power of two)."""
-    code, stdout, err = _run(["search", "llama3-8b", "--gpus", str(gpus), "--top", "1"], capsys)
+    code, stdout, err = run_cli(["search", "llama3-8b", "--gpus", str(gpus), "--top", "1"])
     assert code == 0, err
     assert "top plans" in stdout
 
 
-def test_nothing_fits_exits_3_with_closest_plan(capsys):
-    code, _, err = _run(["search", "llama3-405b", "--gpus", "8"], capsys)
+def test_nothing_fits_exits_3_with_closest_plan(run_cli):
+    code, _, err = run_cli(["search", "llama3-405b", "--gpus", "8"])
     assert code == 3
     assert "closest:" in err and "bytes over" in err and err.count("\n") == 1
 
 
-def test_no_layout_exits_3(capsys):
-    code, _, err = _run(["search", "gpt-tiny", "--gpus", "7", "--global-batch", "3"], capsys)
+def test_no_layout_exits_3(run_cli):
+    code, _, err = run_cli(["search", "gpt-tiny", "--gpus", "7", "--global-batch", "3"])
     assert code == 3 and "no layout dp*tp*pp*cp = 7" in err
 
 
@@ -158,6 +145,6 @@ def test_no_layout_exits_3(capsys):
     (["search", "gpt-tiny", "--gpus", "0"], "--gpus and --top must be positive"),
     (["search", "gpt-tiny"], "the following arguments are required: --gpus"),
 ])
-def test_search_bad_input(argv, expected, capsys):
-    code, _, err = _run(argv, capsys)
+def test_search_bad_input(argv, expected, run_cli):
+    code, _, err = run_cli(argv)
     assert code == 2 and expected in err and err.count("\n") == 1

@@ -4,35 +4,23 @@ import json
 
 import pytest
 
-from autoplan.cli import main
 from autoplan.schema import DryRunResult, Plan
 
 PLAN = {"dp": 2, "tp": 2, "zero_stage": 3, "sequence_parallel": True, "micro_batch_size": 2, "global_batch_size": 8}
 
 
-@pytest.fixture
-def plan_file(tmp_path):
-    path = tmp_path / "plan.json"
-    path.write_text(json.dumps(PLAN))
-    return path
 
 
-def _run(argv, capsys):
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_dryrun_prints_the_breakdown_beside_the_estimate(plan_file, capsys):
-    code, out, err = _run(["dryrun", "gpt-tiny", "--plan", str(plan_file), "--gpus", "4"], capsys)
+def test_dryrun_prints_the_breakdown_beside_the_estimate(plan_file, run_cli):
+    code, out, err = run_cli(["dryrun", "gpt-tiny", "--plan", str(plan_file), "--gpus", "4"])
     assert code == 0, err
     for word in ("params", "grads", "optimizer", "activations", "temporaries", "buffers", "reserve", "dry run",
                  "estimate", "fits"):
         assert word in out
 
 
-def test_dryrun_json_is_a_dry_run_result(plan_file, capsys):
-    code, out, err = _run(["dryrun", "gpt-tiny", "--plan", str(plan_file), "--json"], capsys)
+def test_dryrun_json_is_a_dry_run_result(plan_file, run_cli):
+    code, out, err = run_cli(["dryrun", "gpt-tiny", "--plan", str(plan_file), "--json"])
     assert code == 0, err
     result = DryRunResult.model_validate_json(out)
     assert result.plan == Plan(**PLAN) and result.gpus == 4
@@ -43,20 +31,20 @@ def test_dryrun_json_is_a_dry_run_result(plan_file, capsys):
     (["--gpus", "8"], "--gpus 8 but the plan's dp*tp*pp*cp is 4"),
     (["--stages", "some"], "invalid choice"),
 ])
-def test_dryrun_bad_input_is_one_line(plan_file, capsys, argv, message):
-    code, out, err = _run(["dryrun", "gpt-tiny", "--plan", str(plan_file), *argv], capsys)
+def test_dryrun_bad_input_is_one_line(plan_file, run_cli, argv, message):
+    code, out, err = run_cli(["dryrun", "gpt-tiny", "--plan", str(plan_file), *argv])
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
-def test_dryrun_of_a_plan_the_executor_refuses_is_one_line(tmp_path, capsys):
+def test_dryrun_of_a_plan_the_executor_refuses_is_one_line(tmp_path, run_cli):
     path = tmp_path / "plan.json"
     path.write_text(json.dumps({"dp": 2, "ep": 2, "zero_stage": 1, "global_batch_size": 4}))
-    code, out, err = _run(["dryrun", "moe-tiny", "--plan", str(path)], capsys)
+    code, out, err = run_cli(["dryrun", "moe-tiny", "--plan", str(path)])
     assert code == 2 and "ep > 1" in err and len(err.strip().splitlines()) == 1
 
 
-def test_search_verify_dry_runs_the_ranked_plans(capsys):
-    code, out, err = _run(["search", "gpt-tiny", "--gpus", "2", "--top", "2", "--verify", "--json"], capsys)
+def test_search_verify_dry_runs_the_ranked_plans(run_cli):
+    code, out, err = run_cli(["search", "gpt-tiny", "--gpus", "2", "--top", "2", "--verify", "--json"])
     assert code == 0, err
     data = json.loads(out)
     assert data["verification"][0].startswith("verified 2 plans by dry run")

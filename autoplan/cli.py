@@ -377,7 +377,7 @@ def _executable(args, profile):
     """With --executable, the predicate that keeps the search to plans the executor runs."""
     if not args.executable:
         return None
-    from autoplan.executor.support import unsupported_reason
+    from autoplan.support import unsupported_reason
 
     moe = profile.num_experts > 0
     return lambda plan: unsupported_reason(plan, moe=moe) is None

@@ -52,14 +52,15 @@ def _p(**kw) -> dict:
 GRID = [
     # llama3-8b, seq 8192: data parallelism and ZeRO, tensor and sequence parallelism, recompute, micro-batches
     Point("llama3-8b", _p(dp=8, zero_stage=0, global_batch_size=16), "DDP"),
-    Point("llama3-8b", _p(dp=8, zero_stage=1, global_batch_size=16), "ZeRO-1 (DDP + ZeroRedundancyOptimizer)"),
+    Point("llama3-8b", _p(dp=8, zero_stage=1, global_batch_size=16), "ZeRO-1 (DDP + AdamW states split over the replicas)"),
     Point("llama3-8b", _p(dp=8, zero_stage=2, global_batch_size=16), "ZeRO-2 (FSDP, no reshard)"),
     Point("llama3-8b", _p(dp=8, zero_stage=3, global_batch_size=16), "ZeRO-3 (FSDP)"),
     Point("llama3-8b", _p(dp=64, zero_stage=1, global_batch_size=128), "ZeRO-1 at dp=64"),
     Point("llama3-8b", _p(dp=8, zero_stage=0, global_batch_size=8), "one micro-batch per step"),
+    Point("llama3-8b", _p(dp=8, zero_stage=3, global_batch_size=8), "one micro-batch per step, ZeRO-3"),
     Point("llama3-8b", _p(tp=8, global_batch_size=2), "TP without SP"),
     Point("llama3-8b", _p(tp=8, sequence_parallel=True, global_batch_size=2), "TP with SP"),
-    Point("llama3-8b", _p(tp=4, dp=2, zero_stage=1, sequence_parallel=True, global_batch_size=8), "TP + ZeRO-1 (FSDP)"),
+    Point("llama3-8b", _p(tp=4, dp=2, zero_stage=1, sequence_parallel=True, global_batch_size=8), "TP + ZeRO-1"),
     Point("llama3-8b", _p(dp=8, recompute="full", global_batch_size=16), "full recompute"),
     Point("llama3-8b", _p(dp=8, recompute="selective", global_batch_size=16), "selective recompute"),
     Point("llama3-8b", _p(dp=8, zero_stage=3, micro_batch_size=2, global_batch_size=32), "micro-batch 2"),
@@ -80,7 +81,7 @@ GRID = [
           "TP + PP 1F1B, 1024 GPUs"),
     Point("llama3-70b", _p(tp=8, pp=8, dp=16, schedule="interleaved-1f1b", virtual_stages=2, recompute="full",
                            sequence_parallel=True, global_batch_size=256), "TP + interleaved PP, full recompute"),
-    # mixtral-8x7b, seq 4096: expert parallelism (the executor runs it with tp=1 and ZeRO-0)
+    # mixtral-8x7b, seq 4096: expert parallelism (the executor runs it with tp=1, cp=1 and ZeRO 0 or 1)
     Point("mixtral-8x7b", _p(dp=8, ep=8, global_batch_size=16), "EP"),
     Point("mixtral-8x7b", _p(dp=64, ep=8, global_batch_size=128), "EP over 64 data-parallel ranks"),
     Point("mixtral-8x7b", _p(dp=8, zero_stage=3, global_batch_size=16), "ZeRO-3, experts replicated"),
@@ -88,6 +89,7 @@ GRID = [
     Point("mixtral-8x7b", _p(pp=4, dp=2, global_batch_size=32), "PP 1F1B"),
     Point("mixtral-8x7b", _p(tp=2, dp=4, ep=4, global_batch_size=16), "EP + TP"),
     Point("mixtral-8x7b", _p(dp=8, ep=8, zero_stage=1, global_batch_size=16), "EP + ZeRO-1"),
+    Point("mixtral-8x7b", _p(dp=64, ep=8, zero_stage=1, global_batch_size=128), "EP + ZeRO-1, experts over 8 ranks"),
 ]
 
 

@@ -17,8 +17,9 @@ from autoplan.costmodel.memory import ADAM_STEP_BYTES, GRAD_BYTES, PARAM_BYTES, 
 from autoplan.costmodel.overhead import overhead_s
 from autoplan.costmodel.pipeline import micro_batches_in_flight, pipeline_step_s
 from autoplan.costmodel.rank_memory import (LayerMemory, RankMemoryInputs, backward_excess, backward_steps,
-                                            executor_refusal, forward_excess, layer_memory, rank_peak)
+                                            forward_excess, layer_memory, rank_peak)
 from autoplan.schema import Cluster, Estimate, LayerProfile, ModelProfile, Plan, check_plan
+from autoplan.support import unsupported_reason
 
 
 MEMORY_MODELS = ("executor", "paper")
@@ -267,7 +268,7 @@ def dp_sync_s(rank: RankCost, cluster: Cluster, plan: Plan) -> tuple[float, floa
 def rank_memory(rank: RankCost, index: int, cluster: Cluster, plan: Plan, memory: str = "executor") -> dict[str, int]:
     """Peak memory of pipeline rank `index` by category, plus the cluster's reserve: as autoplan's executor
     holds it (costmodel.rank_memory), or (memory="paper") as the papers account for it."""
-    if memory == "paper" or executor_refusal(plan, num_experts=rank.memory.experts):
+    if memory == "paper" or unsupported_reason(plan, moe=rank.memory.experts > 0):
         breakdown = paper_rank_memory(rank, index, plan)
     else:
         breakdown, _ = rank_peak(rank.memory, plan, index)
@@ -318,7 +319,7 @@ def _assemble(profile: ModelProfile, cluster: Cluster, plan: Plan, ranks: list[R
         "pp_comm": pipe.p2p_s, "pp_bubble": pipe.bubble_s, "dp_comm_exposed": dp_exposed, "optimizer": optimizer_s,
         "overhead": fixed_s,
     }
-    refusal = executor_refusal(plan, num_experts=profile.num_experts) if memory == "executor" else None
+    refusal = unsupported_reason(plan, moe=profile.num_experts > 0) if memory == "executor" else None
     if refusal:  # nothing to hold the memory model to: the papers' accounting, as the design intends
         memory = "paper"
     memories = [rank_memory(rank, i, cluster, plan, memory) for i, rank in enumerate(ranks)]

@@ -12,6 +12,7 @@ adds sum(coefficient x count) to the step. The counts are per step on one rank, 
 
 from __future__ import annotations
 
+from autoplan.costmodel.rank_memory import data_parallel_wrapper
 from autoplan.schema import Cluster, ModelProfile, Plan
 
 FEATURES = ("per_step", "per_micro_batch", "tp_per_layer_call", "cp_per_attention_call", "fsdp_per_unit_call",
@@ -19,8 +20,8 @@ FEATURES = ("per_step", "per_micro_batch", "tp_per_layer_call", "cp_per_attentio
 
 
 def uses_fsdp(plan: Plan) -> bool:
-    """The executor's ZeRO mapping (executor.data_parallel): FSDP2 for stages 2-3, and for stage 1 with tp."""
-    return plan.dp * plan.cp > 1 and (plan.zero_stage >= 2 or (plan.zero_stage == 1 and plan.tp > 1))
+    """The executor's ZeRO mapping (executor.data_parallel): FSDP2 for stages 2-3."""
+    return data_parallel_wrapper(plan).startswith("fsdp")
 
 
 def call_counts(profile: ModelProfile, plan: Plan) -> dict[str, float]:

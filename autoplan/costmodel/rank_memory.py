@@ -189,7 +189,7 @@ class RankMemoryInputs:
     kept_head: float = 0.0           # kept per micro-batch by the final norm, head and loss, logits included
     loss_kept: float = 0.0           # part of kept_head only the loss needs
     weight_grad_inputs: float = 0.0  # per micro-batch: what zero-bubble's deferred weight-gradient step waits with
-    largest_tensor_params: float = 0.0  # its largest parameter tensor (ZeroRedundancyOptimizer hands out whole ones)
+    largest_tensor_params: float = 0.0  # its largest parameter tensor (the optimizer step's scratch is bounded by it)
     experts: int = 0                 # rows of the stacked expert weights on this rank (FSDP shards dim 0)
     largest_unit_expert_params: float = 0.0  # the routed-expert part of the largest FSDP unit
     head_backward: tuple[float, float] = (0.0, 0.0)   # (temporaries, kept already freed) at the worst moment of
@@ -204,13 +204,13 @@ class RankMemoryInputs:
 
 def data_parallel_wrapper(plan: Plan) -> str:
     """What executor.data_parallel does with the plan over its dp x cp replicas: "none" (one replica, or
-    ep > 1: gradients averaged by hand), "ddp" (composable replicate: ZeRO 0, and ZeRO 1 with tp = 1),
-    "ddp-by-hand" (DDP's arithmetic without DDP, gradients all-reduced in place after the step: under a
-    pipeline, or with tp > 1), "fsdp-gathered" (FSDP2 without resharding: ZeRO 2, and ZeRO 1 with tp > 1),
-    "fsdp" (FSDP2 resharding after forward: ZeRO 3)."""
+    ep > 1: gradients averaged by hand), "ddp" (composable replicate: ZeRO 0 and 1), "ddp-by-hand" (DDP's
+    arithmetic without DDP, gradients all-reduced in place after the step: under a pipeline, or with
+    tp > 1), "fsdp-gathered" (FSDP2 without resharding: ZeRO 2), "fsdp" (FSDP2 resharding after forward:
+    ZeRO 3). ZeRO 1's optimizer (executor.zero_one) splits its states evenly whatever the wrapper."""
     if plan.dp * plan.cp == 1 or plan.ep > 1:
         return "none"
-    if plan.zero_stage == 0 or (plan.zero_stage == 1 and plan.tp == 1):
+    if plan.zero_stage <= 1:
         return "ddp" if plan.pp == 1 and plan.tp == 1 else "ddp-by-hand"
     return "fsdp" if plan.zero_stage == 3 else "fsdp-gathered"
 
@@ -225,12 +225,8 @@ def model_states(rank: RankMemoryInputs, plan: Plan) -> dict[str, float]:
     whole = rank.dense_params + rank.expert_params
     if fsdp:
         optimizer_shard = sharded
-    elif wrapper != "none" and plan.zero_stage == 1:
-        # the ZeRO paper's even share Psi/N_d. The executor's ZeroRedundancyOptimizer hands whole tensors to the
-        # dp ranks (largest first, each to the least loaded), so its rank 0 holds at least the largest tensor's
-        # states: more than Psi/N_d once the largest tensor is (dry run; benchmarks/results/memory_truth.md).
-        # Kept even here: tests/costmodel pins the paper's division.
-        optimizer_shard = whole / (plan.dp * plan.cp)
+    elif plan.zero_stage == 1:  # executor.zero_one: each tensor cut in even chunks over its replicas
+        optimizer_shard = rank.dense_params / (plan.dp * plan.cp) + rank.expert_params * plan.ep / (plan.dp * plan.cp)
     else:
         optimizer_shard = whole
     grads = GRAD_BYTES * (sharded if fsdp else whole)
@@ -258,15 +254,6 @@ def _expert_shard(rank: RankMemoryInputs, plan: Plan) -> float:
     return -(-rank.experts // n) / rank.experts if rank.experts else 1 / n
 
 
-def executor_refusal(plan: Plan, *, num_experts: int) -> str | None:
-    """Why the executor refuses the plan (executor.expert_parallel, executor.tensor_parallel), or None."""
-    if plan.ep > 1 and (plan.tp > 1 or plan.cp > 1 or plan.zero_stage > 0):
-        return "the executor runs ep > 1 only with tp=1, cp=1 and ZeRO-0"
-    if num_experts and plan.tp > 1:
-        return "the executor does not run tp > 1 on a MoE model"
-    return None
-
-
 def _expert_padding(rank: RankMemoryInputs, plan: Plan) -> float:
     """The gathered expert weights FSDP holds over their size: N chunks of ceil(E/N) rows, padded."""
     return _expert_shard(rank, plan) * plan.dp * plan.cp if rank.experts else 1.0
@@ -279,17 +266,19 @@ def rank_peak(rank: RankMemoryInputs, plan: Plan, stage: int, *, physical: bool 
     Categories are accounted as the ZeRO paper and Korthikanti et al. do: params, grads and optimizer are the
     rank's states; activations the micro-batches in flight times what one keeps; temporaries what the moment
     adds on top, net of the kept activations its backward has freed. The step's gradients exist from its
-    second backward on: a pipeline's first backward (the most micro-batches in flight) is costed without
-    them, a later one with them. A rank that runs a single backward per step (one micro-batch, no pipeline)
-    is costed with them: they fill in as that backward runs, the peak comes at its start, and counting them
-    errs on the safe side (and keeps the ZeRO paper's accounting, which tests/costmodel pins).
+    second backward on: the first backward (a pipeline's holds the most micro-batches in flight) is costed
+    with only the gradients it has made by the moment (through a block: those of the layers after the blocks,
+    the head's above all), a later one with all of them. A rank that runs a single backward per step (one
+    micro-batch) thus peaks without most of its gradients, as the dry run showed (llama3-8b, dp=8, one
+    micro-batch: 15 GiB of gradients the first version counted were not there at the peak); they are all there
+    at the optimizer step, which is a candidate.
     physical: split activations and temporaries as the dry run measures them, the activations a backward
     has freed by the moment gone from activations and its temporaries counted whole (same total).
     """
     first, later = micro_batches_at_backward(schedule=plan.schedule, pp=plan.pp, stage=stage,
                                              num_micro_batches=plan.num_micro_batches,
                                              virtual_stages=plan.virtual_stages)
-    peaks = [(first, later is None)] + ([(later, True)] if later is not None else [])
+    peaks = [(first, False)] + ([(later, True)] if later is not None else [])
     best = max((_rank_peak(rank, plan, stage, in_flight, grads, physical) for in_flight, grads in peaks),
                key=lambda found: sum(found[0].values()))
     return best
@@ -324,8 +313,12 @@ def _rank_peak(rank: RankMemoryInputs, plan: Plan, stage: int, in_flight: float,
                physical: bool) -> tuple[dict[str, int], str]:
     """rank_peak for one backward: `in_flight` micro-batches held, the step's gradients there or not."""
     states = model_states(rank, plan)
+    # the step's first backward: the gradients of the layers after the blocks exist once it reaches a block
+    tail_grads = 0.0
     if not grads:
-        states["grads"] = 0.0
+        whole = rank.dense_params + rank.expert_params
+        tail = rank.root_params - rank.embedding_params if rank.head_backward[0] else 0.0
+        tail_grads, states["grads"] = (states["grads"] * tail / whole if whole else 0.0), 0.0
     wrapper = data_parallel_wrapper(plan)
     pad = _expert_padding(rank, plan)
     whole_params = PARAM_BYTES * (rank.dense_params + rank.expert_params * pad)
@@ -367,6 +360,8 @@ def _rank_peak(rank: RankMemoryInputs, plan: Plan, stage: int, in_flight: float,
     own = rank.weight_grad_inputs if waiting else 0.0
     candidates["backward through a block"] = moment(
         (made + own, freed), unit_grads + (PARAM_BYTES * (2 * unit_params + rank.root_params) if zero3 else 0.0))
+    if not (plan.pp > 1 and wrapper.startswith("fsdp")):
+        candidates["backward through a block"]["grads"] += tail_grads
     candidates["forward"] = moment((rank.forward, 0.0), PARAM_BYTES * 2 * unit_params if zero3 else 0.0,
                                    forward=True)
     if wrapper.startswith("fsdp") and plan.pp == 1:  # forward gathering the last block, the next prefetched

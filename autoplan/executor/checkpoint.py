@@ -19,11 +19,9 @@ chunk): the ModuleList's `<chunk>.` prefix is dropped and the chunks' states mer
 optimizer state is flattened (`state.<param>.exp_avg`, `param_groups.<param>.lr`: DCP's
 `flatten_optimizer_state_dict`, made for pipelines), so every key names one parameter.
 
-ZeRO-1 on DDP uses torch's ZeroRedundancyOptimizer, which `get_optimizer_state_dict` does not understand
-(its `state_dict()` needs a `consolidate_state_dict()` gather onto one rank). Each rank's share of the
-state lives in a plain AdamW, `optimizer.optim`, over the original parameters, so that local optimizer is
-saved and loaded through DCP like any other, keyed by the names of the parameters this rank owns; the
-partition is a function of the parameters and the dp size, which the plan check below pins.
+ZeRO-1's optimizer (executor.zero_one) keeps a different chunk of every parameter's states on each rank;
+it saves them under keys of its rank's own (`rank<r>.state.<name>.exp_avg`), which a resume with the
+same plan and number of ranks (checked below) reads back on the same rank.
 
 A checkpoint is reloaded by the same plan, model and number of ranks only (checked from meta.json).
 
@@ -46,9 +44,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
-from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from autoplan.errors import InvalidInputError, first_line
+from autoplan.executor.zero_one import ZeroOneAdamW
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -118,8 +116,14 @@ def load_checkpoint(path, *, par, optimizer: torch.optim.Optimizer, model_name: 
 
 def _state(par, optimizer: torch.optim.Optimizer) -> dict:
     """{"model": ..., "optimizer": ...} as the setters take them (with pp > 1, keys carry the chunk index)."""
-    return {"model": get_model_state_dict(par.model, options=_OPTIONS),
-            "optimizer": get_optimizer_state_dict(par.model, _local_optimizer(optimizer), options=_OPTIONS)}
+    model = get_model_state_dict(par.model, options=_OPTIONS)
+    if isinstance(optimizer, ZeroOneAdamW):
+        return {"model": model, "optimizer": optimizer.rank_state_dict(_names(par))}
+    return {"model": model, "optimizer": get_optimizer_state_dict(par.model, optimizer, options=_OPTIONS)}
+
+
+def _names(par) -> dict[int, str]:
+    return {id(param): name for name, param in par.model.named_parameters()}
 
 
 def _on_disk(par, state: dict) -> dict:
@@ -139,22 +143,11 @@ def _global_key(key: str) -> str:
 
 def _set_state(par, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Put `state` (keyed as `_state` returns it) into the model and optimizer."""
-    local = _local_optimizer(optimizer)
     set_model_state_dict(par.model, state["model"], options=_OPTIONS)
-    set_optimizer_state_dict(par.model, local, state["optimizer"], options=_OPTIONS)
-    if local is not optimizer:  # ZeRO-1: the hyperparameters the wrapper hands its local optimizer each step
-        for outer, inner in zip(optimizer.param_groups, local.param_groups, strict=True):
-            outer.update({key: value for key, value in inner.items() if key != "params"})
-
-
-def _local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The optimizer holding this rank's state: ZeroRedundancyOptimizer's local one, or `optimizer`."""
-    if isinstance(optimizer, ZeroRedundancyOptimizer):
-        if optimizer.parameters_as_bucket_view:
-            raise InvalidInputError("checkpointing ZeroRedundancyOptimizer(parameters_as_bucket_view=True) "
-                                    "is not supported")
-        return optimizer.optim
-    return optimizer
+    if isinstance(optimizer, ZeroOneAdamW):
+        optimizer.load_rank_state_dict(state["optimizer"], _names(par))
+    else:
+        set_optimizer_state_dict(par.model, optimizer, state["optimizer"], options=_OPTIONS)
 
 
 def _cause(err: BaseException) -> str:

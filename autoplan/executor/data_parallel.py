@@ -4,8 +4,7 @@
 |------------|--------------------------------------------------------|--------------------------------------|
 | 0          | composable DDP `replicate` (with tp or pp: the same    | nothing (gradients all-reduced)      |
 |            | all-reduce after backward, `all_reduce_gradients`)     |                                      |
-| 1          | DDP + `ZeroRedundancyOptimizer` (tp = 1);              | optimizer states                     |
-|            | with tp > 1: FSDP2, reshard_after_forward=False        | optimizer states + gradients (= 2)   |
+| 1          | as stage 0, with executor.zero_one.ZeroOneAdamW        | optimizer states, evenly             |
 | 2          | FSDP2 `fully_shard(reshard_after_forward=False)`       | optimizer states + gradients; params |
 |            |                                                        | are gathered once per step and kept  |
 | 3          | FSDP2 `fully_shard(reshard_after_forward=True)`        | parameters, gradients, optimizer     |
@@ -23,8 +22,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 
-def uses_ddp(*, zero_stage: int, tp: int) -> bool:
-    return zero_stage == 0 or (zero_stage == 1 and tp == 1)
+def uses_ddp(*, zero_stage: int) -> bool:
+    """Stages 0 and 1 all-reduce whole gradients (DDP's arithmetic); 2 and 3 run on FSDP2."""
+    return zero_stage <= 1
 
 
 def averages_by_hand(*, zero_stage: int, tp: int, pipelined: bool) -> bool:
@@ -32,7 +32,7 @@ def averages_by_hand(*, zero_stage: int, tp: int, pipelined: bool) -> bool:
     pipeline schedule, whose several forwards before their backwards confuse the hooks, and with tensor
     parallelism, whose DTensor gradients DDP's `replicate` reduces wrongly (dp=2 x tp=2 missed the
     single-process loss by 1.6% at step 2)."""
-    return uses_ddp(zero_stage=zero_stage, tp=tp) and (pipelined or tp > 1)
+    return uses_ddp(zero_stage=zero_stage) and (pipelined or tp > 1)
 
 
 def apply_data_parallel(model: nn.Module, dp_mesh: DeviceMesh, *, zero_stage: int, tp: int,
@@ -43,7 +43,7 @@ def apply_data_parallel(model: nn.Module, dp_mesh: DeviceMesh, *, zero_stage: in
     step (`all_reduce_gradients`): DDP's arithmetic, no hooks."""
     if averages_by_hand(zero_stage=zero_stage, tp=tp, pipelined=pipelined):
         return model
-    if uses_ddp(zero_stage=zero_stage, tp=tp):
+    if uses_ddp(zero_stage=zero_stage):
         from torch.distributed._composable.replicate import replicate
 
         return replicate(model, device_mesh=dp_mesh)
@@ -54,23 +54,25 @@ def apply_data_parallel(model: nn.Module, dp_mesh: DeviceMesh, *, zero_stage: in
     return model
 
 
-def build_optimizer(model: nn.Module, *, zero_stage: int, tp: int, dp_mesh: DeviceMesh | None,
-                    lr: float, weight_decay: float, master_weights: bool = False) -> torch.optim.Optimizer:
-    """AdamW; sharded across the dp ranks with ZeroRedundancyOptimizer for ZeRO-1 on plain DDP.
+def build_optimizer(model: nn.Module, *, zero_stage: int, dp_mesh: DeviceMesh | None, lr: float,
+                    weight_decay: float, master_weights: bool = False,
+                    expert_mesh: DeviceMesh | None = None) -> torch.optim.Optimizer:
+    """AdamW; for ZeRO-1 with several dp ranks its states split evenly over them (executor.zero_one; expert
+    weights over the ranks holding the same experts, `expert_mesh`).
     master_weights: fp32 master copies of low-precision parameters (executor.precision.MasterWeightAdamW)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if zero_stage == 1 and dp_mesh is not None and dp_mesh.size() > 1:
+        from autoplan.executor.expert_parallel import EXPERT_ATTR
+        from autoplan.executor.zero_one import ZeroOneAdamW
+
+        dense, experts = dp_mesh.get_group(), (expert_mesh or dp_mesh).get_group()
+        return ZeroOneAdamW(params, group_of=lambda p: experts if getattr(p, EXPERT_ATTR, False) else dense,
+                            master_weights=master_weights, lr=lr, weight_decay=weight_decay)
     if master_weights:
         from autoplan.executor.precision import MasterWeightAdamW
 
-        optimizer_class, extra = MasterWeightAdamW, {}
-    else:
-        optimizer_class, extra = torch.optim.AdamW, {"foreach": False}
-    if zero_stage == 1 and tp == 1 and dp_mesh is not None and dp_mesh.size() > 1:
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-
-        return ZeroRedundancyOptimizer(params, optimizer_class=optimizer_class, process_group=dp_mesh.get_group(),
-                                       lr=lr, weight_decay=weight_decay)
-    return optimizer_class(params, lr=lr, weight_decay=weight_decay, **extra)
+        return MasterWeightAdamW(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=False)
 
 
 def all_reduce_gradients(model: nn.Module, dp_mesh: DeviceMesh) -> None:

@@ -46,7 +46,6 @@ from torch import nn
 from torch._guards import active_fake_mode
 
 from autoplan.errors import InvalidInputError, InvalidPlanError
-from autoplan.executor.data_parallel import build_optimizer
 from autoplan.executor.memtrack import Category, RankMemoryTracker
 from autoplan.executor.precision import MIXED_PRECISION_DTYPE
 from autoplan.schema import Cluster, DryRunResult, Plan, StageMemory
@@ -213,7 +212,7 @@ def prepare(model: nn.Module, plan: Plan, *, tp_plan=None, fake_mode=None):
     """The executor's `apply` on `model` (built on meta) for the initialised process group, in the GPU dtype,
     then its parameters made (fake tensors under `fake_mode`, else real ones, normal(0, 0.02)) and the
     optimizer built with fp32 master weights: (Parallelized, optimizer)."""
-    from autoplan.executor.train import apply
+    from autoplan.executor.train import apply, make_optimizer
 
     model = model.to(MIXED_PRECISION_DTYPE)
     with _static_pipeline_shapes(plan, model):
@@ -231,9 +230,7 @@ def prepare(model: nn.Module, plan: Plan, *, tp_plan=None, fake_mode=None):
             with torch.no_grad():
                 for param in par.model.parameters():
                     param.normal_(0.0, 0.02)
-        optimizer = build_optimizer(par.model, zero_stage=plan.zero_stage, tp=plan.tp,
-                                    dp_mesh=par.mesh["dp"] if par.mesh is not None else None, lr=1e-3,
-                                    weight_decay=0.0, master_weights=True)
+        optimizer = make_optimizer(par)
     return par, optimizer
 
 

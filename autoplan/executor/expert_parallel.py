@@ -18,7 +18,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.nn.functional import all_to_all_single
 
 from autoplan.errors import InvalidPlanError
-from autoplan.executor.support import EP_LIMITS
+from autoplan.support import EP_LIMITS
 from autoplan.schema import Plan
 
 EXPERT_ATTR = "_autoplan_expert"  # marks expert weights (averaged over the expert-data-parallel ranks)
@@ -67,7 +67,7 @@ def _expert_modules(model: nn.Module) -> list[nn.Module]:
 
 def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, plan: Plan) -> None:
     """Shard every MoE layer's experts over `ep_mesh` and route tokens through all-to-all (in place)."""
-    if plan.tp > 1 or plan.cp > 1 or plan.zero_stage > 0:
+    if plan.tp > 1 or plan.cp > 1 or plan.zero_stage > 1:
         raise InvalidPlanError(EP_LIMITS)
     rank, size = ep_mesh.get_local_rank(), ep_mesh.size()
     for moe in _expert_modules(model):

@@ -182,8 +182,7 @@ class RankMemoryTracker(FSDPMemTracker):
         self._in_step = False
 
     def _file_optimizer_states(self) -> None:
-        inner = getattr(self._optm, "optim", self._optm)  # ZeroRedundancyOptimizer keeps its partition's optimizer
-        self.file([v for state in inner.state.values() for v in state.values() if isinstance(v, torch.Tensor)],
+        self.file([v for state in self._optm.state.values() for v in state.values() if isinstance(v, torch.Tensor)],
                   Category.OPTIMIZER)
 
     # FSDP hooks (FSDPMemTracker installs them) without per-module snapshots, which raise on the repeated

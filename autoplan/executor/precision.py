@@ -5,7 +5,7 @@ Per parameter (Rajbhandari et al. 2020, ZeRO, Sec. 3.1; costmodel.memory): 2 byt
 2 bytes bf16 gradient, K = 12 bytes of optimizer state (fp32 master 4, momentum 4, variance 4). The
 model is cast to bf16 before the plan is applied, so tensor parallelism and FSDP shard bf16 tensors and
 reduce bf16 gradients; `MasterWeightAdamW` holds the fp32 states of whatever parameters it is given
-(all of them, the local shard of an FSDP/DTensor parameter, or a ZeroRedundancyOptimizer partition).
+(all of them, or the local shard of an FSDP/DTensor parameter; executor.zero_one splits them over ranks).
 
 The update runs over chunks of CHUNK_ELEMENTS, as a fused multi-tensor kernel would (Apex FusedAdam
 with master weights): its temporaries are bounded by a chunk, not by the largest parameter.
@@ -48,7 +48,11 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             for param in group["params"]:
                 if param.grad is not None:
                     self._update(param, group)
+                    self._after_update(param)
         return loss
+
+    def _after_update(self, param: torch.Tensor) -> None:
+        """What a subclass does with `param` once updated (executor.zero_one gathers its chunks)."""
 
     def _update(self, param: torch.Tensor, group: dict) -> None:
         state = self.state[param]
@@ -59,19 +63,34 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros_like(state["master"])
             state["exp_avg_sq"] = torch.zeros_like(state["master"])
         state["step"] += 1
-        beta1, beta2 = group["betas"]
-        lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
-        step_size = lr / (1 - beta1 ** state["step"])
-        bias2_sqrt = math.sqrt(1 - beta2 ** state["step"])
-        grad = param.grad
-        if hasattr(grad, "placements") and grad.placements != param.placements:
-            # e.g. a vocabulary-parallel embedding's gradient comes back Replicate: take this rank's shard
-            grad = grad.redistribute(param.device_mesh, param.placements)
-        tensors = (weight, _local(grad), state["master"], state["exp_avg"], state["exp_avg_sq"])
-        for w, g, master, m, v in zip(*(t.view(-1).split(CHUNK_ELEMENTS) for t in tensors)):
-            g32 = g.to(torch.float32)
-            m.lerp_(g32, 1 - beta1)
-            v.mul_(beta2).addcmul_(g32, g32, value=1 - beta2)
-            denom = v.sqrt().div_(bias2_sqrt).add_(eps)
-            master.mul_(1 - lr * decay).addcdiv_(m, denom, value=-step_size)
-            w.copy_(master)
+        adamw_update(weight, local_grad(param), state["master"], state["exp_avg"], state["exp_avg_sq"],
+                     step=state["step"], group=group)
+
+
+def local_grad(param: torch.Tensor) -> torch.Tensor:
+    """The rank's own part of param's gradient, laid out as the parameter (a vocabulary-parallel embedding's
+    gradient comes back Replicate: its shard is taken)."""
+    grad = param.grad
+    if hasattr(grad, "placements") and grad.placements != param.placements:
+        grad = grad.redistribute(param.device_mesh, param.placements)
+    return _local(grad)
+
+
+def adamw_update(weight: torch.Tensor, grad: torch.Tensor, master: torch.Tensor | None, exp_avg: torch.Tensor,
+                 exp_avg_sq: torch.Tensor, *, step: int, group: dict) -> None:
+    """One AdamW update (torch.optim.AdamW's arithmetic, foreach=False) of `weight` in place, over chunks of
+    CHUNK_ELEMENTS; with `master` (fp32) the update is made there and rounded into `weight`, without it
+    `weight` is itself fp32 and updated directly. All tensors have `weight`'s number of elements."""
+    beta1, beta2 = group["betas"]
+    lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
+    step_size = lr / (1 - beta1 ** step)
+    bias2_sqrt = math.sqrt(1 - beta2 ** step)
+    target = weight if master is None else master
+    for w, g, t, m, v in zip(*(x.view(-1).split(CHUNK_ELEMENTS) for x in (weight, grad, target, exp_avg, exp_avg_sq))):
+        g32 = g.to(torch.float32)
+        m.lerp_(g32, 1 - beta1)
+        v.mul_(beta2).addcmul_(g32, g32, value=1 - beta2)
+        denom = v.sqrt().div_(bias2_sqrt).add_(eps)
+        t.mul_(1 - lr * decay).addcdiv_(m, denom, value=-step_size)
+        if master is not None:
+            w.copy_(t)

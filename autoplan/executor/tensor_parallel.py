@@ -15,7 +15,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
                                                RowwiseParallel, SequenceParallel, parallelize_module)
 
 from autoplan.errors import InvalidPlanError
-from autoplan.executor.support import MOE_TP
+from autoplan.support import MOE_TP
 
 
 def block_layout(block: nn.Module, *, sequence_parallel: bool) -> dict:

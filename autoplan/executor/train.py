@@ -31,7 +31,7 @@ from autoplan.executor.expert_parallel import apply_expert_parallel, average_gra
 from autoplan.executor.mesh import build_expert_mesh, build_mesh, rank_coordinates, replica_mesh
 from autoplan.executor.pipeline import build_schedule, split_model
 from autoplan.executor.recompute import apply_recompute
-from autoplan.executor.support import unsupported_reason
+from autoplan.support import unsupported_reason
 from autoplan.executor.tensor_parallel import apply_tensor_parallel
 from autoplan.schema import Plan
 
@@ -144,13 +144,14 @@ def train_step(par: Parallelized, optimizer: torch.optim.Optimizer, step: int, *
 
 
 def make_optimizer(par: Parallelized, *, lr: float = 1e-3) -> torch.optim.Optimizer:
-    """AdamW for the plan's ZeRO stage (ZeroRedundancyOptimizer for stage 1 on DDP, plain AdamW otherwise);
+    """AdamW for the plan's ZeRO stage (states split over the replicas for stage 1, plain AdamW otherwise);
     with fp32 master weights (executor.precision) when the model's parameters are in a low precision."""
     plan = par.plan
     dp_mesh = replica_mesh(par.mesh, plan) if par.mesh is not None else None
+    expert_mesh = par.expert_mesh["edp"] if par.expert_mesh is not None else None
     low = any(p.dtype in (torch.bfloat16, torch.float16) for p in par.model.parameters())
-    return build_optimizer(par.model, zero_stage=plan.zero_stage, tp=plan.tp, dp_mesh=dp_mesh, lr=lr,
-                           weight_decay=0.0, master_weights=low)
+    return build_optimizer(par.model, zero_stage=plan.zero_stage, dp_mesh=dp_mesh, lr=lr, weight_decay=0.0,
+                           master_weights=low, expert_mesh=expert_mesh)
 
 
 def train(par: Parallelized, *, steps: int, seq_len: int, vocab: int, device: torch.device, lr: float = 1e-3,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autoplan.errors import InvalidInputError
-from autoplan.executor.support import unsupported_reason
+from autoplan.support import unsupported_reason
 from autoplan.planner import search
 from autoplan.report.accuracy import mape, regret, spearman
 from autoplan.schema import Cluster, Estimate, ModelProfile, Plan

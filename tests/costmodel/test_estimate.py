@@ -38,10 +38,12 @@ def test_single_gpu_has_no_communication(gpt_eager_profile):
 
 def test_zero_memory_in_estimate_matches_zero_formula(gpt_eager_profile):
     """Oracle: Rajbhandari et al. 2020: with dp=8 and no other split, params/grads/optimizer are the
-    ZeRO formula applied to the model's parameter count."""
+    ZeRO formula applied to the model's parameter count. Two micro-batches per replica: the peak comes in
+    the second backward, with every gradient of the step there (in a single backward per step they are
+    made as it runs, and the peak comes before most of them: test_one_backward_peaks_before_its_gradients)."""
     psi = gpt_eager_profile.total_params
     for stage in range(4):
-        est = _est(gpt_eager_profile, dp=8, zero_stage=stage)
+        est = _est(gpt_eager_profile, dp=8, zero_stage=stage, global_batch_size=16)
         expected = model_state_bytes(params=psi, zero_stage=stage, shard_degree=8)
         got = (est.memory_breakdown["params"], est.memory_breakdown["grads"], est.memory_breakdown["optimizer"])
         assert got == pytest.approx(expected, abs=3)

@@ -6,8 +6,9 @@ import pytest
 import autoplan as ap
 from autoplan.costmodel.pipeline import micro_batches_at_backward
 from autoplan.costmodel.rank_memory import (RankMemoryInputs, backward_excess, data_parallel_wrapper,
-                                            executor_activation_bytes, executor_refusal, model_states)
+                                            executor_activation_bytes, model_states, rank_peak)
 from autoplan.schema import LayerProfile
+from autoplan.support import unsupported_reason
 
 
 def _plan(**kw):
@@ -28,11 +29,11 @@ def test_backward_excess_is_the_worst_step_net_of_what_came_before():
     (dict(dp=1, zero_stage=3), "none"),                     # dp = 1: no data-parallel wrapper at all
     (dict(dp=8, ep=8), "none"),                             # expert parallelism: gradients averaged by hand
     (dict(dp=8, zero_stage=0), "ddp"),
-    (dict(dp=8, zero_stage=1), "ddp"),                      # + ZeroRedundancyOptimizer
+    (dict(dp=8, zero_stage=1), "ddp"),                      # + executor.zero_one's optimizer
     (dict(dp=8, zero_stage=1, pp=2), "ddp-by-hand"),        # under a pipeline: no DDP hooks
     (dict(dp=4, tp=2, zero_stage=0), "ddp-by-hand"),        # with tp: DDP's hooks miss DTensor gradients
     (dict(dp=1, cp=2, zero_stage=3), "fsdp"),               # the replicas are dp x cp
-    (dict(dp=4, tp=2, zero_stage=1), "fsdp-gathered"),      # ZeRO-1 with tp > 1 runs on FSDP2
+    (dict(dp=4, tp=2, zero_stage=1), "ddp-by-hand"),        # ZeRO-1 is ZeRO-0 + a sharded optimizer
     (dict(dp=8, zero_stage=2), "fsdp-gathered"),
     (dict(dp=8, zero_stage=3), "fsdp"),
 ])
@@ -50,6 +51,9 @@ def test_model_states_add_what_the_wrappers_keep():
     assert model_states(rank, _plan(dp=8, zero_stage=0)) == {"params": 2e9, "grads": 2e9, "optimizer": 12e9,
                                                               "buffers": 2e9}
     assert model_states(rank, _plan(dp=8, zero_stage=1))["optimizer"] == 1.5e9
+    assert model_states(rank, _plan(dp=4, tp=2, zero_stage=1))["optimizer"] == 3e9  # also with tp (the rank's params)
+    experts = RankMemoryInputs(dense_params=1e9, expert_params=4e9)  # ep=4 of dp=8: experts over 8/4 = 2 ranks
+    assert model_states(experts, _plan(dp=8, ep=4, zero_stage=1))["optimizer"] == 12 * (1e9 / 8 + 4e9 / 2)
     zero2 = model_states(rank, _plan(dp=8, zero_stage=2))
     assert zero2 == {"params": 2e9, "grads": 0.25e9, "optimizer": 1.5e9, "buffers": 0.25e9}
 
@@ -101,14 +105,15 @@ def test_micro_batches_at_the_first_and_later_backwards(schedule, pp, stage, m, 
 @pytest.mark.parametrize("plan, experts, refused", [
     (dict(dp=8, ep=8), 8, False),
     (dict(dp=4, ep=8, tp=2), 8, True),             # ep with tp > 1
-    (dict(dp=8, ep=8, zero_stage=1), 8, True),     # ep with ZeRO > 0
+    (dict(dp=8, ep=8, zero_stage=1), 8, False),    # ep with ZeRO-1 (executor.zero_one)
+    (dict(dp=8, ep=8, zero_stage=2), 8, True),     # ep with FSDP
     (dict(dp=4, tp=2), 8, True),                   # tp on a MoE model
     (dict(dp=4, tp=2), 0, False),                  # tp on a dense one
 ])
 def test_plans_the_executor_refuses_are_named(plan, experts, refused):
     """Oracle: executor.expert_parallel.apply_expert_parallel and executor.tensor_parallel.block_layout refuse
     these; the estimate then accounts for memory as the papers do (and says so in its notes)."""
-    assert (executor_refusal(_plan(**plan), num_experts=experts) is not None) == refused
+    assert (unsupported_reason(_plan(**plan), moe=experts > 0) is not None) == refused
 
 
 def test_fsdp_shards_stacked_experts_by_rows():
@@ -116,3 +121,18 @@ def test_fsdp_shards_stacked_experts_by_rows():
     1/16), so its optimizer states for 8e9 expert parameters are 12 x 1e9 bytes."""
     rank = RankMemoryInputs(expert_params=8e9, experts=8)
     assert model_states(rank, _plan(dp=16, zero_stage=3))["optimizer"] == 12e9
+
+
+def test_one_backward_peaks_before_its_gradients():
+    """Worked example (DDP, dp=8, 1e9 parameters, 0.1e9 of them after the blocks): one micro-batch keeps
+    10 GB in the blocks and 5 GB for the loss, whose backward makes 8 GB of temporaries. With one micro-batch
+    per step the peak is that moment, before any gradient: 2 (params) + 12 (optimizer) + 2 (DDP buckets) +
+    15 + 8 = 39 GB; through a block the head's 0.2 GB of gradients exist but the moment is smaller. With two
+    micro-batches the second backward has all 2 GB of gradients: 41 GB. (The dry run, llama3-8b dp=8 with one
+    micro-batch: benchmarks/results/memory_truth.md.)"""
+    rank = RankMemoryInputs(dense_params=1e9, root_params=0.2e9, embedding_params=0.1e9, kept=10e9, kept_head=5e9,
+                            head_backward=(8e9, 0.0), block_backward=(1e9, 0.0))
+    one, when = rank_peak(rank, _plan(dp=8, global_batch_size=8), 0)
+    assert (one["grads"], sum(one.values()), when) == (0, 39e9, "backward through the loss (the step's first)")
+    two, _ = rank_peak(rank, _plan(dp=8, global_batch_size=16), 0)
+    assert (two["grads"], sum(two.values())) == (2e9, 41e9)

@@ -83,6 +83,8 @@ def test_fewer_micro_batches_hold_the_same_peak(plan):
 
 @pytest.mark.parametrize("plan", [
     ap.Plan(dp=2, zero_stage=1, global_batch_size=4),
+    ap.Plan(dp=8, zero_stage=1, global_batch_size=8),  # one micro-batch; the embedding alone is > 1/8 of the states
+    ap.Plan(dp=4, tp=2, zero_stage=1, global_batch_size=8),
     ap.Plan(dp=2, zero_stage=3, global_batch_size=4),
     ap.Plan(tp=4, sequence_parallel=True, global_batch_size=2),
     ap.Plan(dp=2, recompute="full", global_batch_size=4),
@@ -116,10 +118,10 @@ def test_a_large_dry_run_allocates_no_real_memory():
 
 
 def test_executor_refusals_stay_refusals():
-    """A plan the executor refuses (expert parallelism with ZeRO > 0) is refused by the dry run, with the
+    """A plan the executor refuses (expert parallelism with FSDP) is refused by the dry run, with the
     executor's own error."""
     with pytest.raises(InvalidPlanError, match="ep > 1"):
-        ap.dryrun("moe-tiny", ap.Plan(dp=2, ep=2, zero_stage=1, global_batch_size=4))
+        ap.dryrun("moe-tiny", ap.Plan(dp=2, ep=2, zero_stage=2, global_batch_size=4))
 
 
 def test_gpus_must_match_the_plan():
@@ -144,9 +146,9 @@ def test_verify_drops_the_plans_that_do_not_fit():
 
 
 def test_verify_drops_plans_the_executor_refuses():
-    """A ranked plan the executor does not run (expert parallelism with ZeRO-1) cannot be verified: it is
+    """A ranked plan the executor does not run (expert parallelism with ZeRO-3) cannot be verified: it is
     dropped with the executor's reason, and a runnable one is kept."""
-    refused, runnable = ap.Plan(dp=2, ep=2, zero_stage=1, global_batch_size=4), ap.Plan(dp=2, ep=2, global_batch_size=4)
+    refused, runnable = ap.Plan(dp=2, ep=2, zero_stage=3, global_batch_size=4), ap.Plan(dp=2, ep=2, global_batch_size=4)
     cluster = ap.Cluster.preset("dgx-h100", gpus=2)
     profile = ap.profile_model("moe-tiny")
     ranked = [(plan, ap.estimate(profile, cluster, plan)) for plan in (refused, runnable)]

@@ -56,3 +56,46 @@ def run_on_ranks(world: int, jobs: list[tuple[str, Plan, dict]]) -> list[list[fl
     mp.start_processes(_worker, args=(world, free_port(), payload, out), nprocs=world, join=True,
                        start_method="spawn")
     return out.get(timeout=10)
+
+
+SHAPES = [(10,), (6, 4), (3, 5, 7)]  # 10 and 105 elements do not split evenly over 3 ranks
+
+
+def fake_gradient(shape: tuple[int, ...], step: int, index: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 * step + index)
+    return torch.randn(shape, generator=g)
+
+
+def zero_one_steps(dtype: torch.dtype, steps: int = 4) -> tuple[list[torch.Tensor], list[int]]:
+    """ZeroOneAdamW on this rank over SHAPES with the same gradients on every rank: (parameters after `steps`
+    steps as lists, elements of optimizer state this rank holds per parameter)."""
+    from autoplan.executor.zero_one import ZeroOneAdamW
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape).to(dtype)) for shape in SHAPES]
+    optimizer = ZeroOneAdamW(params, group_of=lambda p: dist.group.WORLD, master_weights=dtype != torch.float32,
+                             lr=1e-2, weight_decay=0.1)
+    for step in range(steps):
+        for i, p in enumerate(params):
+            p.grad = fake_gradient(p.shape, step, i).to(dtype)
+        optimizer.step()
+    return [p.detach().float().tolist() for p in params], [optimizer.state[p]["exp_avg"].numel() for p in params]
+
+
+def _zero_one_worker(rank: int, world: int, port: int, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = {str(dtype): zero_one_steps(dtype) for dtype in (torch.float32, torch.bfloat16)}
+        out.put((rank, results))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_zero_one(world: int) -> dict[int, dict]:
+    """zero_one_steps for fp32 and bf16 parameters on `world` ranks: {rank: {dtype: (params, state sizes)}}."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    mp.start_processes(_zero_one_worker, args=(world, free_port(), out), nprocs=world, join=True,
+                       start_method="spawn")
+    return dict(out.get(timeout=10) for _ in range(world))

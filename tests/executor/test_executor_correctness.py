@@ -67,9 +67,12 @@ FOUR_RANK_PLANS = {
     "dp2 x tp2 sp zero3": Plan(dp=2, tp=2, sequence_parallel=True, zero_stage=3, global_batch_size=GBS,
                                micro_batch_size=MBS),
     "dp2 x tp2 zero0": Plan(dp=2, tp=2, zero_stage=0, global_batch_size=GBS, micro_batch_size=MBS),
+    "dp2 x tp2 sp zero1": Plan(dp=2, tp=2, sequence_parallel=True, zero_stage=1, global_batch_size=GBS,
+                               micro_batch_size=MBS),
     "pp2 x dp2 zero1": Plan(pp=2, dp=2, zero_stage=1, global_batch_size=GBS, micro_batch_size=MBS),
     "tp2 x pp2 sp": Plan(tp=2, pp=2, sequence_parallel=True, global_batch_size=GBS, micro_batch_size=MBS),
     "moe dp4 ep2": Plan(dp=4, ep=2, global_batch_size=GBS, micro_batch_size=MBS),
+    "moe dp4 ep2 zero1": Plan(dp=4, ep=2, zero_stage=1, global_batch_size=GBS, micro_batch_size=MBS),
     "moe pp2 x dp2 ep2": Plan(pp=2, dp=2, ep=2, global_batch_size=GBS, micro_batch_size=MBS),
 }
 

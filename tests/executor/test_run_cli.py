@@ -36,7 +36,7 @@ def test_run_refuses_what_the_executor_cannot_do_yet(tmp_path, capsys):
 
 
 def test_moe_with_tp_and_ep_refused_before_any_mesh(tmp_path, capsys):
-    """Oracle: executor.support says tp > 1 on a MoE model is not run; the refusal comes in one line before
+    """Oracle: autoplan.support says tp > 1 on a MoE model is not run; the refusal comes in one line before
     a mesh is built (it once surfaced as an internal ZeroDivisionError from the expert mesh)."""
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"tp": 2, "ep": 2, "zero_stage": 2, "sequence_parallel": True, "global_batch_size": 4}))
@@ -46,9 +46,9 @@ def test_moe_with_tp_and_ep_refused_before_any_mesh(tmp_path, capsys):
 
 
 def test_search_executable_keeps_to_plans_the_executor_runs(capsys):
-    """Oracle: executor.support.unsupported_reason is None for every ranked plan of `search --executable`;
+    """Oracle: autoplan.support.unsupported_reason is None for every ranked plan of `search --executable`;
     without the flag the top plans of moe-tiny on 2 GPUs include one it refuses (ep with ZeRO > 0)."""
-    from autoplan.executor.support import unsupported_reason
+    from autoplan.support import unsupported_reason
     from autoplan.schema import Plan
 
     def ranked(*extra):

@@ -1,12 +1,13 @@
-"""Which plans this executor runs, decided from the plan and the model's shape alone (no model built), so
-`autoplan search --executable` and `autoplan bench` can keep to them and `apply` refuses the rest in one
-line before it builds a mesh."""
+"""Which plans the executor runs, decided from the plan and the model's shape alone (no model built, no
+torch imported), so `autoplan search --executable` and `autoplan bench` can keep to them, `apply` refuses
+the rest in one line before it builds a mesh, and the cost model knows which plans it can hold its memory
+model to (costmodel.estimate)."""
 
 from __future__ import annotations
 
 MOE_TP = "tp > 1 on a MoE model is not supported by the executor yet (experts would need their gradients " \
          "reduced over the tp ranks); use ep and dp"
-EP_LIMITS = "ep > 1 is supported by the executor with tp=1, cp=1 and zero_stage=0 so far"
+EP_LIMITS = "ep > 1 is supported by the executor with tp=1, cp=1 and zero_stage 0 or 1 so far"
 
 
 def unsupported_reason(plan, *, moe: bool) -> str | None:
@@ -15,6 +16,6 @@ def unsupported_reason(plan, *, moe: bool) -> str | None:
         return MOE_TP
     if plan.ep > 1 and plan.cp > 1:
         return f"cp={plan.cp} with ep={plan.ep}: expert parallelism runs with cp=1 only so far"
-    if plan.ep > 1 and (plan.tp > 1 or plan.zero_stage > 0):
+    if plan.ep > 1 and (plan.tp > 1 or plan.zero_stage > 1):
         return EP_LIMITS
     return None

@@ -1,0 +1,49 @@
+"""ZeRO-1's optimizer (executor.zero_one) on 3 gloo ranks: each rank keeps an even share of the states, and
+the parameters every rank ends with are AdamW's."""
+
+import pytest
+import torch
+
+from autoplan.executor.precision import MasterWeightAdamW
+from dist_worker import SHAPES, fake_gradient, run_zero_one
+
+WORLD = 3
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    return run_zero_one(WORLD)
+
+
+def _single_process(dtype: torch.dtype, steps: int = 4) -> list[torch.Tensor]:
+    """Oracle: torch.optim.AdamW (fp32) or the master-weight AdamW (bf16) on one process, same gradients."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape).to(dtype)) for shape in SHAPES]
+    if dtype == torch.float32:
+        optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, foreach=False)
+    else:
+        optimizer = MasterWeightAdamW(params, lr=1e-2, weight_decay=0.1)
+    for step in range(steps):
+        for i, p in enumerate(params):
+            p.grad = fake_gradient(p.shape, step, i).to(dtype)
+        optimizer.step()
+    return [p.detach().float() for p in params]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_rank_ends_with_adamws_parameters(ranks, dtype):
+    expected = _single_process(dtype)
+    for rank in range(WORLD):
+        params, _ = ranks[rank][str(dtype)]
+        for got, want in zip(params, expected, strict=True):
+            torch.testing.assert_close(torch.tensor(got), want, rtol=1e-6, atol=1e-7)
+
+
+def test_states_are_split_evenly(ranks):
+    """Oracle: ZeRO P_os (Rajbhandari et al. 2020): a parameter of n elements leaves ceil(n/3) on the first
+    ranks and the rest on the last, together exactly n."""
+    for index, shape in enumerate(SHAPES):
+        n = torch.Size(shape).numel()
+        sizes = [ranks[rank][str(torch.float32)][1][index] for rank in range(WORLD)]
+        assert sum(sizes) == n
+        assert max(sizes) == -(-n // WORLD)

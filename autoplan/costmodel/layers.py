@@ -100,11 +100,15 @@ def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, 
     seqs = mbs / cp  # sequences' worth of tokens per rank
     cost = LayerCost()
     # -- compute: GEMMs (TP splits n or k), fused attention core, memory-bound ops
-    gemm_s = 0.0
+    gemm_s = row_parallel_s = row_parallel_flops = 0.0
     for g in layer.gemms:
         # experts are not split by tp (expert tensor parallel = 1); with SP each tp rank routes 1/tp of the tokens
         split = tp if (sp if layer.kind == "moe" else g.tp_split != "none") else 1
-        gemm_s += g.count * gemm_time_s(flops=2.0 * g.m_per_sequence * g.n * g.k * seqs / split, cluster=cluster)
+        flops = 2.0 * g.m_per_sequence * g.n * g.k * seqs / split
+        gemm_s += g.count * gemm_time_s(flops=flops, cluster=cluster)
+        if g.tp_split == "k":
+            row_parallel_s += g.count * gemm_time_s(flops=flops, cluster=cluster)
+            row_parallel_flops += g.count * 2.0 * g.m_per_sequence * g.n * g.k  # per sequence, all tp ranks
     if layer.kind == "moe":
         gemm_s *= ROUTING_IMBALANCE
     causal = CAUSAL_ATTENTION_WORK_FRACTION if profile.attention == "flash" else 1.0
@@ -119,8 +123,14 @@ def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, 
                           + MEMORY_BOUND_BWD_FACTOR * mem_fwd_s + cluster.layer_overhead_bwd_s)
     if layer.block is not None and recompute == "full":
         cost.recompute_s, cost.recompute_flops_per_sequence = cost.fwd_compute_s, layer.fwd_flops
-    elif layer.block is not None and recompute == "selective" and layer.attention_score_bytes:
-        cost.recompute_s, cost.recompute_flops_per_sequence = attn_fwd_s, layer.attention_core_fwd_flops
+    elif layer.block is not None and recompute == "selective":
+        # autoplan.selective: the memory-bound ops run again, and an eager attention's core (its scores);
+        # a fused attention's output is kept; under tp the row-parallel GEMMs of the block's first part (the
+        # attention's output projection) run again, those of its last part are not needed
+        eager, rerun_rows = bool(layer.attention_score_bytes), tp > 1 and block_first
+        cost.recompute_s = mem_fwd_s + (attn_fwd_s if eager else 0.0) + (row_parallel_s if rerun_rows else 0.0)
+        cost.recompute_flops_per_sequence = ((layer.attention_core_fwd_flops if eager else 0.0)
+                                             + (row_parallel_flops if rerun_rows else 0.0))
     # -- communication on the critical path
     boundary_bytes = profile.hidden * profile.seq_len * profile.dtype_bytes * seqs  # [b, s, h] per rank
     tp_topo = comm.group_topology(group_size=tp, stride=1, gpus_per_node=cluster.gpus_per_node)

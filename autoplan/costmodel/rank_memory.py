@@ -12,7 +12,8 @@ The model the dry run taught (benchmarks/results/memory_truth.md):
    keeps the all-gathered input of each column-parallel GEMM whole; the executor gathers the logits
    before the loss (no vocabulary-parallel loss), so the head's activations are not split by tp; the
    training loop (or the pipeline schedule) holds the bf16 logits until backward; selective recompute
-   keeps every forward op's output except square ones (measured by the profiler as selective_bytes);
+   keeps the GEMMs', fused attention's and collectives' outputs (autoplan.selective; measured by the
+   profiler as selective_bytes) and the block's input;
    expert parallelism keeps the tokens its all-to-all dispatched.
 3. The peak is a moment, not a sum of maxima: it is the largest of the candidates in `rank_peak` —
    backward through the loss and head, backward through the last block, the end of a forward, the
@@ -64,13 +65,12 @@ def executor_activation_bytes(*, layer: LayerProfile, tp: int, sequence_parallel
     if recompute == "full" and layer.block is not None:
         return (layer.output_bytes / (tp if sequence_parallel else 1) if block_first else 0.0) * scale
     if recompute == "selective" and layer.block is not None and layer.selective_bytes:
-        # torch's policy keeps every op's output, the collectives' among them: under tp each row-parallel
-        # GEMM's partial sum [b, s, h] before its all-reduce (or reduce-scatter), and with SP each gathered
-        # column-parallel input twice (the all-gather's output and its re-laid-out copy)
-        total, sharded = layer.selective_bytes, layer.selective_tp_sharded_bytes
-        gathered = layer.tp_collectives * layer.output_bytes if tp > 1 else 0.0
-        if sequence_parallel:
-            gathered += 2 * layer.activation_column_input_bytes
+        # autoplan.selective keeps the GEMMs' and reductions' outputs (under tp a row-parallel GEMM's reduced
+        # output, not its partial sum); SP's all-gathers run again in backward; the checkpoint keeps the
+        # block's input
+        total, sharded, gathered = layer.selective_bytes, layer.selective_tp_sharded_bytes, 0.0
+        if block_first:
+            total += layer.output_bytes
     else:
         total, sharded = layer.activation_bytes, layer.activation_tp_sharded_bytes
         gathered = layer.activation_column_input_bytes if sequence_parallel else 0.0
@@ -157,12 +157,14 @@ def backward_excess(steps: Sequence[tuple[float, float]]) -> tuple[float, float]
 
 def backward_steps(layers: Sequence[LayerMemory], recompute: str) -> list[tuple[float, float]]:
     """(kept, temporaries) of the backward steps through one block's layers (forward order given); under
-    full recompute the block first rebuilds all its activations, which then count among the temporaries."""
-    if recompute != "full":
+    recompute the block first rebuilds the activations it did not keep (full: all; selective: all but the
+    GEMMs' outputs it kept), which then count among the temporaries."""
+    if recompute not in ("full", "selective"):
         return [(m.kept, m.backward_excess) for m in reversed(layers)]
-    rebuilt = sum(m.kept_none for m in layers)
+    kept = sum(m.kept for m in layers)
+    rebuilt = sum(m.kept_none for m in layers) - (kept if recompute == "selective" else 0.0)
     temporaries, freed = backward_excess([(m.kept_none, m.backward_excess) for m in reversed(layers)])
-    return [(sum(m.kept for m in layers), rebuilt + temporaries - freed)]
+    return [(kept, max(rebuilt, 0.0) + temporaries - freed)]
 
 
 def forward_excess(layers: Sequence[LayerMemory]) -> float:

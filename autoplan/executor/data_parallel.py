@@ -62,11 +62,12 @@ def build_optimizer(model: nn.Module, *, zero_stage: int, dp_mesh: DeviceMesh | 
     master_weights: fp32 master copies of low-precision parameters (executor.precision.MasterWeightAdamW)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if zero_stage == 1 and dp_mesh is not None and dp_mesh.size() > 1:
-        from autoplan.executor.expert_parallel import EXPERT_ATTR
+        from autoplan.executor.expert_parallel import expert_parameters
         from autoplan.executor.zero_one import ZeroOneAdamW
 
         dense, experts = dp_mesh.get_group(), (expert_mesh or dp_mesh).get_group()
-        return ZeroOneAdamW(params, group_of=lambda p: experts if getattr(p, EXPERT_ATTR, False) else dense,
+        expert_ids = expert_parameters(model)
+        return ZeroOneAdamW(params, group_of=lambda p: experts if id(p) in expert_ids else dense,
                             master_weights=master_weights, lr=lr, weight_decay=weight_decay)
     if master_weights:
         from autoplan.executor.precision import MasterWeightAdamW

@@ -21,7 +21,7 @@ from autoplan.errors import InvalidPlanError
 from autoplan.support import EP_LIMITS
 from autoplan.schema import Plan
 
-EXPERT_ATTR = "_autoplan_expert"  # marks expert weights (averaged over the expert-data-parallel ranks)
+EXPERT_WEIGHTS = ("w1", "w2", "w3")  # a MoE module's stacked expert weights [E, ...]
 
 
 class ExpertParallelMixin:
@@ -74,21 +74,27 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, plan: Plan) -> 
         if moe.num_experts % size:
             raise InvalidPlanError(f"ep={size} does not divide {moe.num_experts} experts")
         local = moe.num_experts // size
-        for name in ("w1", "w2", "w3"):
-            shard = nn.Parameter(getattr(moe, name).data[rank * local:(rank + 1) * local].clone())
-            setattr(shard, EXPERT_ATTR, True)
-            setattr(moe, name, shard)
+        for name in EXPERT_WEIGHTS:
+            setattr(moe, name, nn.Parameter(getattr(moe, name).data[rank * local:(rank + 1) * local].clone()))
         moe.__class__ = type(f"ExpertParallel{type(moe).__name__}", (ExpertParallelMixin, type(moe)), {})
         moe.ep_group, moe.ep_size = ep_mesh.get_group(), size
+
+
+def expert_parameters(model: nn.Module) -> set[int]:
+    """ids of the expert weights sharded over the ep ranks (found by module, not marked on the tensors:
+    `to_empty` and dtype casts make new parameter objects)."""
+    return {id(getattr(m, name)) for m in model.modules() if isinstance(m, ExpertParallelMixin)
+            for name in EXPERT_WEIGHTS}
 
 
 def average_gradients(model: nn.Module, dp_mesh: DeviceMesh, edp_mesh: DeviceMesh, dp: int) -> None:
     """Average over the dp ranks: the sum over the dp group, or for expert weights over the ranks that
     hold the same experts (their gradient already gathers every ep rank's tokens), divided by dp."""
+    experts = expert_parameters(model)
     for param in model.parameters():
         if param.grad is None:
             continue
-        group = edp_mesh.get_group() if getattr(param, EXPERT_ATTR, False) else dp_mesh.get_group()
-        if not getattr(param, EXPERT_ATTR, False) or edp_mesh.size() > 1:
-            dist.all_reduce(param.grad, group=group)
+        expert = id(param) in experts
+        if not expert or edp_mesh.size() > 1:
+            dist.all_reduce(param.grad, group=edp_mesh.get_group() if expert else dp_mesh.get_group())
         param.grad.div_(dp)

@@ -292,7 +292,9 @@ class RankMemoryTracker(FSDPMemTracker):
             category = Category.TEMPORARIES
         else:
             category = Category.ACTIVATIONS
-        if func is _c10d._allgather_base_.default and self._fsdp_state in (_FSDPState.PRE_FW, _FSDPState.PRE_BW):
+        # FSDP's all-gather output is a buffer; ZeRO-1's optimizer step all-gathers into the parameters themselves
+        if func is _c10d._allgather_base_.default and self._fsdp_state in (_FSDPState.PRE_FW, _FSDPState.PRE_BW) \
+                and not self._in_step:
             self.file(args[0], Category.BUFFERS)
         if func is _c10d._reduce_scatter_base_.default and self._fsdp_state == _FSDPState.POST_BW:
             self.file(args[1], Category.BUFFERS)

@@ -1,12 +1,9 @@
 """Activation recomputation per transformer block (torch.utils.checkpoint).
 
 full: checkpoint the whole block, keeping only its input (Chen et al. 2016).
-selective: keep everything but the seq x seq attention scores, which are recomputed (Korthikanti et al.
-2022, Sec. 4.3), through torch's selective-checkpoint policy: an op that makes or works on the scores
-(Q K^T, scale, mask, softmax, dropout) is recomputed, every other op's output saved. torch's policy saves
-an op's output whether or not autograd needs it, so this keeps more than no recompute outside the scores
-(the dry run measures it; the profiler counts it as selective_bytes); with a fused attention kernel there
-are no scores to recompute.
+selective: keep the outputs of the GEMMs, the fused attention and the collectives, recompute every other op
+of the block in backward (autoplan.selective: the memory-bound ops and, with an eager attention, the
+seq x seq scores: Korthikanti et al. 2022, Sec. 4.3), through torch's selective-checkpoint policy.
 """
 
 from __future__ import annotations
@@ -18,9 +15,12 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from autoplan.selective import kept_by_selective
+
 
 def apply_recompute(model: nn.Module, mode: str | list[str], *, stage_of_block=None) -> None:
-    """Wrap each block of model.layers for `mode` (or per block: mode[stage_of_block(name)])."""
+    """Wrap each block of model.layers for `mode` (or per block: mode[stage_of_block(name)]). Call after
+    tensor parallelism (selective recompute finds the row-parallel GEMMs by their sharded weights)."""
     if mode == "none" or not hasattr(model, "layers"):
         return
     for name, block in list(model.layers.items()):
@@ -28,27 +28,29 @@ def apply_recompute(model: nn.Module, mode: str | list[str], *, stage_of_block=N
         if block_mode == "full":
             model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=True)
         elif block_mode == "selective":
+            inside = _mark_row_parallel(block)
             model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=True,
                                                     context_fn=functools.partial(create_selective_checkpoint_contexts,
-                                                                                 _square_output_policy()))
+                                                                                 _selective_policy(inside)))
 
 
-_BATCHED_GEMMS = {torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default}
+def _mark_row_parallel(block: nn.Module) -> list[bool]:
+    """A flag that each Linear of the block sets when it starts: True for a row-parallel one (weight Shard(1)
+    over tp). (Set on entry, never reset on exit: backward's recomputation may stop inside a Linear.)"""
+    from torch.distributed.tensor import DTensor, Shard
+
+    inside = [False]
+    for module in block.modules():
+        if isinstance(module, nn.Linear):
+            weight = module.weight
+            row = isinstance(weight, DTensor) and weight.placements == (Shard(1),)
+            module.register_forward_pre_hook(lambda *_, row=row: inside.__setitem__(0, row))
+    return inside
 
 
-def _square_output_policy():
-    """Recompute the ops that make or work on the attention scores [b, heads, s, s]: a batched GEMM whose
-    output is square (Q K^T) and any op on a 4-D input square in its last two dims (scale, mask, softmax,
-    dropout); save every other op's output. A policy decides before the op runs, so the output shape is
-    inferred from the inputs. (Only 4-D inputs and batched GEMMs: a [b, s, h] activation or a [b*s, n] GEMM
-    is square whenever s = h or b*s = n, llama3-70b's 8192 x 8192 at seq_len 8192 among them.)"""
+def _selective_policy(inside_row_parallel: list[bool]):
+    """torch's selective-checkpoint policy for autoplan.selective's rule: save what it keeps, recompute the rest."""
     def policy(ctx, op, *args, **kwargs):
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        if op in _BATCHED_GEMMS and len(tensors) >= 2:
-            rows, cols = tensors[-2].shape[-2], tensors[-1].shape[-1]
-        elif tensors and tensors[0].dim() >= 4:
-            rows, cols = tensors[0].shape[-2], tensors[0].shape[-1]
-        else:
-            return CheckpointPolicy.MUST_SAVE
-        return CheckpointPolicy.PREFER_RECOMPUTE if rows == cols > 1 else CheckpointPolicy.MUST_SAVE
+        keep = kept_by_selective(op, args, row_parallel=inside_row_parallel[0])
+        return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
     return policy

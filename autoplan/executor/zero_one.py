@@ -7,7 +7,7 @@ weights (with low-precision parameters) and both moments of chunk r only, 12 byt
 paper's division. A step, after the gradients have been averaged over the group (DDP, or by hand):
 
 1. each rank updates its chunk of every parameter from its chunk of the (full) gradient;
-2. the updated chunks are all-gathered back into every rank's parameter (`all_gather_into_tensor`).
+2. the updated chunks are all-gathered back into every rank's parameter (one all-gather per tensor).
 
 This replaces torch's ZeroRedundancyOptimizer, which hands whole tensors to ranks: with dp = 64 on
 llama3-8b its rank 0 kept the 525M-element embedding's states, 4x the even share (the dry run measured it;
@@ -22,6 +22,9 @@ import torch
 import torch.distributed as dist
 
 from autoplan.executor.precision import MasterWeightAdamW, _local, adamw_update, local_grad
+
+# torch 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class ZeroOneAdamW(MasterWeightAdamW):
@@ -106,8 +109,8 @@ class ZeroOneAdamW(MasterWeightAdamW):
         piece = flat.new_zeros(length)
         piece[:stop - start] = flat[start:stop]
         if flat.numel() == size * length:
-            dist.all_gather_into_tensor(flat, piece, group=process_group)
+            _all_gather(flat, piece, group=process_group)
         else:  # the last chunks are short: gather into a padded buffer
             whole = flat.new_empty(size * length)
-            dist.all_gather_into_tensor(whole, piece, group=process_group)
+            _all_gather(whole, piece, group=process_group)
             flat.copy_(whole[:flat.numel()])

@@ -28,8 +28,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
+from autoplan.selective import GEMM_OPS, kept_by_selective
+
 aten = torch.ops.aten
-_GEMM_OPS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
 _FUSED_ATTENTION_OPS = {aten._scaled_dot_product_efficient_attention.default,
                         aten._scaled_dot_product_flash_attention.default}
 
@@ -126,7 +127,7 @@ class _Tracer(TorchDispatchMode):
                     self.live.add(t)
         if self.forward and self.counting:
             self._record(func, args, inputs, outputs)
-            if not func.is_view and not _recomputed_by_selective(func, args):
+            if not func.is_view and kept_by_selective(func, args):
                 self._count_selective(outputs)
         return out
 
@@ -153,7 +154,7 @@ class _Tracer(TorchDispatchMode):
             self.result.selective_tp_sharded_bytes += seen[1] if sharded else -seen[1]
 
     def _record(self, func, args, inputs, outputs) -> None:
-        if func in _GEMM_OPS:
+        if func in GEMM_OPS:
             a, b = (args[1], args[2]) if func in (aten.addmm.default, aten.baddbmm.default) else (args[0], args[1])
             batch = a.shape[0] if a.dim() == 3 else 1
             m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
@@ -170,20 +171,6 @@ class _Tracer(TorchDispatchMode):
             self.result.attention_core_fwd_flops += 2.0 * b * heads * s_q * key.shape[-2] * (d + value.shape[-1])
         elif not func.is_view:
             self.result.memory_bound_bytes += sum(t.numel() * t.element_size() for t in inputs + outputs)
-
-
-def _recomputed_by_selective(func, args) -> bool:
-    """The executor's selective-recompute policy (executor.recompute: recompute a batched GEMM with a square
-    output and any op on a 4-D input square in its last two dims, inferred from its inputs; save every other
-    op's output), restated here because the profiler does not import the executor."""
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    if func in (aten.bmm.default, aten.baddbmm.default) and len(tensors) >= 2:
-        rows, cols = tensors[-2].shape[-2], tensors[-1].shape[-1]
-    elif tensors and tensors[0].dim() >= 4:
-        rows, cols = tensors[0].shape[-2], tensors[0].shape[-1]
-    else:
-        return False
-    return rows == cols > 1
 
 
 class LiveBytes:

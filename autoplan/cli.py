@@ -6,6 +6,7 @@ Exit codes: 0 done; 2 bad input (one line on stderr, no traceback); 3 no plan fi
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -423,6 +424,10 @@ def _run(args) -> int:
               metrics_path=args.metrics, checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
               keep_checkpoints=args.keep_checkpoints, model_name=_model_name(args.model, seq_len),
               track_memory=args.track_memory)
+        # the data-parallel wrappers go before their process group: torch's composable DDP, destroyed after it
+        # at exit, aborted the process now and then ("terminate called without an active exception")
+        del par, model, loaded
+        gc.collect()
         if dist.is_initialized():
             dist.barrier()  # every rank done with its last collective before any tears the group down (FSDP2)
     finally:
@@ -449,6 +454,8 @@ def _launch(args) -> int:
                f"--nnodes={args.nnodes}", f"--max-restarts={args.max_restarts}"]
     if args.rdzv_endpoint:
         command += ["--rdzv-backend=c10d", f"--rdzv-endpoint={args.rdzv_endpoint}"]
+    elif str(args.nnodes) == "1":  # a free port on this machine: several jobs (or test workers) side by side
+        command += ["--standalone"]
     command += ["-m", "autoplan", "run", *rest]
     return subprocess.call(command)
 

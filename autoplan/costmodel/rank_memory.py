@@ -5,7 +5,7 @@ temporaries, buffers.
 The model the dry run taught (benchmarks/results/memory_truth.md):
 1. Model states follow the executor's data-parallel wrapper, not only the ZeRO stage
    (`data_parallel_wrapper`): DDP keeps a second copy of the gradients in its buckets; FSDP without
-   resharding (ZeRO-2, and ZeRO-1 with tp > 1) keeps its sharded parameter storage beside the gathered
+   resharding (ZeRO-2) keeps its sharded parameter storage beside the gathered
    copy; under a pipeline, torch's schedule keeps FSDP's gathered parameters and unsharded gradients
    for the whole step (it reduces once, after the last micro-batch).
 2. Activations follow the executor's kernels (`executor_activation_bytes`): DTensor sequence parallelism

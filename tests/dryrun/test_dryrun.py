@@ -88,6 +88,8 @@ def test_fewer_micro_batches_hold_the_same_peak(plan):
     ap.Plan(dp=2, zero_stage=3, global_batch_size=4),
     ap.Plan(tp=4, sequence_parallel=True, global_batch_size=2),
     ap.Plan(dp=2, recompute="full", global_batch_size=4),
+    ap.Plan(dp=2, recompute="selective", global_batch_size=4),
+    ap.Plan(tp=4, sequence_parallel=True, recompute="selective", global_batch_size=2),
     ap.Plan(pp=2, schedule="zero-bubble", global_batch_size=4),
 ], ids=lambda p: p.describe())
 def test_cost_model_holds_to_the_dry_run(plan):
@@ -103,6 +105,18 @@ def test_cost_model_holds_to_the_dry_run(plan):
     for stage in dry.stages:
         predicted = est.memory_per_stage_bytes[stage.stage] - cluster.memory_reserve_bytes
         assert predicted == pytest.approx(stage.peak_memory_bytes, rel=0.05), stage.stage
+
+
+@pytest.mark.parametrize("layout", [dict(dp=2), dict(tp=4, sequence_parallel=True)], ids=["dp", "tp-sp"])
+def test_selective_recompute_keeps_less_than_none_and_more_than_full(layout):
+    """Oracle: what recomputation is for (autoplan.selective keeps the GEMMs' and reductions' outputs, full
+    only each block's input): measured activations none > selective > full, on llama3-8b's shapes."""
+    with torch.device("meta"):
+        model = ap.models.build_named("llama3-8b", layers=2)
+    kept = {mode: ap.dryrun(model, ap.Plan(recompute=mode, global_batch_size=2 * layout.get("dp", 1),
+                                           **layout)).memory_breakdown["activations"]
+            for mode in ("none", "selective", "full")}
+    assert kept["none"] > kept["selective"] > kept["full"]
 
 
 def test_a_large_dry_run_allocates_no_real_memory():

@@ -27,6 +27,21 @@ def test_launch_two_ranks_writes_metrics(tmp_path):
     assert summary["summary"] and summary["steps"] == 4 and summary["median_step_time_s"] > 0
 
 
+def test_two_launches_side_by_side(tmp_path):
+    """Two single-node jobs on one machine at once both run (each rendezvous takes a free port; a fixed
+    default port made the second fail, seen as a flaky test under parallel workers)."""
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"dp": 2, "global_batch_size": 4, "micro_batch_size": 2}))
+    jobs = [subprocess.Popen([sys.executable, "-m", "autoplan", "launch", "--nproc-per-node", "2", "gpt-tiny",
+                              "--plan", str(plan), "--steps", "2", "--metrics", str(tmp_path / f"m{i}.jsonl")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for job in jobs:
+        _, err = job.communicate(timeout=300)
+        assert job.returncode == 0, err[-2000:]
+    for i in range(2):
+        assert len((tmp_path / f"m{i}.jsonl").read_text().splitlines()) == 3  # 2 steps and the summary
+
+
 def test_run_refuses_what_the_executor_cannot_do_yet(tmp_path, capsys):
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"cp": 2, "ep": 2, "global_batch_size": 4}))

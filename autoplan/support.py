@@ -9,6 +9,9 @@ MOE_TP = "tp > 1 on a MoE model is not supported by the executor yet (experts wo
          "reduced over the tp ranks); use ep and dp"
 EP_LIMITS = "ep > 1 is supported by the executor with tp=1, cp=1 and zero_stage 0 or 1 so far"
 
+ZERO_BUBBLE_SELECTIVE = "the zero-bubble schedule with selective recompute is not supported: it runs each backward " \
+                        "in two passes and torch's selective checkpointing allows one; use full recompute or 1f1b"
+
 
 def unsupported_reason(plan, *, moe: bool) -> str | None:
     """Why the executor cannot run `plan` on a model (MoE or not), or None if it can."""
@@ -18,4 +21,7 @@ def unsupported_reason(plan, *, moe: bool) -> str | None:
         return f"cp={plan.cp} with ep={plan.ep}: expert parallelism runs with cp=1 only so far"
     if plan.ep > 1 and (plan.tp > 1 or plan.zero_stage > 1):
         return EP_LIMITS
+    if plan.schedule == "zero-bubble" and plan.pp > 1 and \
+            any(plan.stage_recompute(stage) == "selective" for stage in range(plan.pp)):
+        return ZERO_BUBBLE_SELECTIVE
     return None

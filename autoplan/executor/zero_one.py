@@ -54,8 +54,9 @@ class ZeroOneAdamW(MasterWeightAdamW):
         start, stop, _ = self.chunk(param)
         state = self._state_of(param)
         state["step"] += 1
-        adamw_update(_local(param).view(-1)[start:stop], local_grad(param).reshape(-1)[start:stop], state.get("master"),
-                     state["exp_avg"], state["exp_avg_sq"], step=state["step"], group=group)
+        weight, grad = _local(param).view(-1)[start:stop], local_grad(param).reshape(-1)[start:stop]
+        adamw_update(weight, grad, state.get("master"), state["exp_avg"], state["exp_avg_sq"], step=state["step"],
+                     group=group)
 
     def _state_of(self, param: torch.Tensor) -> dict:
         """param's state, made on first use: step 0, fp32 zeros for the moments, the master from the weights."""

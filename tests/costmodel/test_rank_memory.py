@@ -109,6 +109,8 @@ def test_micro_batches_at_the_first_and_later_backwards(schedule, pp, stage, m, 
     (dict(dp=8, ep=8, zero_stage=2), 8, True),     # ep with FSDP
     (dict(dp=4, tp=2), 8, True),                   # tp on a MoE model
     (dict(dp=4, tp=2), 0, False),                  # tp on a dense one
+    (dict(pp=2, schedule="zero-bubble", recompute="selective"), 0, True),  # two backward passes under SAC
+    (dict(pp=2, schedule="zero-bubble", recompute="full"), 0, False),
 ])
 def test_plans_the_executor_refuses_are_named(plan, experts, refused):
     """Oracle: executor.expert_parallel.apply_expert_parallel and executor.tensor_parallel.block_layout refuse

@@ -138,6 +138,13 @@ def test_executor_refusals_stay_refusals():
         ap.dryrun("moe-tiny", ap.Plan(dp=2, ep=2, zero_stage=2, global_batch_size=4))
 
 
+def test_zero_bubble_with_selective_recompute_is_refused():
+    """torch's selective checkpointing allows one backward through a region; zero-bubble runs two (input and
+    weight gradients): refused in one line before any rank runs (it crashed inside the schedule before)."""
+    with pytest.raises(InvalidPlanError, match="zero-bubble"):
+        ap.dryrun("gpt-tiny", ap.Plan(pp=2, schedule="zero-bubble", recompute="selective", global_batch_size=4))
+
+
 def test_gpus_must_match_the_plan():
     with pytest.raises(InvalidPlanError, match="--gpus"):
         ap.dryrun("gpt-tiny", ap.Plan(dp=2, global_batch_size=4), gpus=8)

@@ -27,7 +27,7 @@ STEPS, SAVED_AFTER = 4, 2  # train 2 steps, save, resume for 2 more
 TOL = 1e-5
 PLANS = {
     "dp2 zero0": Plan(dp=2, zero_stage=0, global_batch_size=GBS, micro_batch_size=MBS),
-    "dp2 zero1": Plan(dp=2, zero_stage=1, global_batch_size=GBS, micro_batch_size=MBS),  # ZeroRedundancyOptimizer
+    "dp2 zero1": Plan(dp=2, zero_stage=1, global_batch_size=GBS, micro_batch_size=MBS),  # executor.zero_one
     "dp2 zero3": Plan(dp=2, zero_stage=3, global_batch_size=GBS, micro_batch_size=MBS),
     "tp2": Plan(tp=2, global_batch_size=GBS, micro_batch_size=MBS),
     "pp2 1f1b": Plan(pp=2, schedule="1f1b", global_batch_size=GBS, micro_batch_size=MBS),

@@ -298,9 +298,10 @@ def _activations_held(rank: RankMemoryInputs, plan: Plan, stage: int, in_flight:
     # (all but what only the loss needs) and the gradients the step needs; rank 0 has no input gradient
     # to split off and runs like 1F1B (torch ScheduleInterleavedZeroBubble, pipeline_order)
     waiting = min(stage, plan.num_micro_batches - 1) if plan.schedule == "zero-bubble" and plan.pp > 1 else 0
-    # a waiting micro-batch of a recomputed stage keeps what its input-gradient step rebuilt (all of it)
-    rebuilt = rank.kept_none - rank.kept if plan.stage_recompute(stage) != "none" else 0.0
-    held = (in_flight * body + head_in_flight * rank.kept_head
+    # a waiting micro-batch of a recomputed stage keeps what its input-gradient step rebuilt (all of it), and
+    # so does the one whose input-gradient step just ran, until its own weight-gradient step
+    rebuilt = rank.kept_none - rank.kept if plan.stage_recompute(stage) != "none" and waiting else 0.0
+    held = (in_flight * body + head_in_flight * rank.kept_head + rebuilt
             + waiting * (body + rebuilt + rank.kept_head - rank.loss_kept))
     return held, waiting
 

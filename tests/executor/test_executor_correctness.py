@@ -74,6 +74,7 @@ FOUR_RANK_PLANS = {
     "moe dp4 ep2": Plan(dp=4, ep=2, global_batch_size=GBS, micro_batch_size=MBS),
     "moe dp4 ep2 zero1": Plan(dp=4, ep=2, zero_stage=1, global_batch_size=GBS, micro_batch_size=MBS),
     "moe pp2 x dp2 ep2": Plan(pp=2, dp=2, ep=2, global_batch_size=GBS, micro_batch_size=MBS),
+    "moe pp2 x dp2 ep2 zero1": Plan(pp=2, dp=2, ep=2, zero_stage=1, global_batch_size=GBS, micro_batch_size=MBS),
 }
 
 

@@ -8,7 +8,7 @@ activations, temporaries, buffers), the estimate's split as the dry run measures
 (costmodel.rank_memory.rank_peak(physical=True): the activations a backward has freed by the peak
 moment are gone, its temporaries whole; Estimate.memory_breakdown accounts as the papers do, same total). Target: total within 5%; a category within 10% of its dry-run value,
 or within 1% of the peak when it is smaller than that (a near-empty category has no meaningful ratio).
-Points the executor refuses (expert parallelism with tp > 1 or ZeRO > 0, tp > 1 on MoE) are skipped
+Points the executor refuses (autoplan.support: e.g. tp > 1 on MoE, expert parallelism with tp > 1) are skipped
 with its reason.
 
 Run: python -m benchmarks.memory_truth [--only SUBSTRING]   (writes benchmarks/results/memory_truth.{md,json})

@@ -319,9 +319,9 @@ def _assemble(profile: ModelProfile, cluster: Cluster, plan: Plan, ranks: list[R
         "pp_comm": pipe.p2p_s, "pp_bubble": pipe.bubble_s, "dp_comm_exposed": dp_exposed, "optimizer": optimizer_s,
         "overhead": fixed_s,
     }
+    # a plan the executor refuses has nothing to hold the memory model to: rank_memory accounts for it as the
+    # papers do, as the design intends
     refusal = unsupported_reason(plan, moe=profile.num_experts > 0) if memory == "executor" else None
-    if refusal:  # nothing to hold the memory model to: the papers' accounting, as the design intends
-        memory = "paper"
     memories = [rank_memory(rank, i, cluster, plan, memory) for i, rank in enumerate(ranks)]
     totals = [sum(mem.values()) for mem in memories]
     peak = max(range(len(totals)), key=totals.__getitem__)

@@ -104,10 +104,10 @@ def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, 
     for g in layer.gemms:
         # experts are not split by tp (expert tensor parallel = 1); with SP each tp rank routes 1/tp of the tokens
         split = tp if (sp if layer.kind == "moe" else g.tp_split != "none") else 1
-        flops = 2.0 * g.m_per_sequence * g.n * g.k * seqs / split
-        gemm_s += g.count * gemm_time_s(flops=flops, cluster=cluster)
+        time_s = g.count * gemm_time_s(flops=2.0 * g.m_per_sequence * g.n * g.k * seqs / split, cluster=cluster)
+        gemm_s += time_s
         if g.tp_split == "k":
-            row_parallel_s += g.count * gemm_time_s(flops=flops, cluster=cluster)
+            row_parallel_s += time_s
             row_parallel_flops += g.count * 2.0 * g.m_per_sequence * g.n * g.k  # per sequence, all tp ranks
     if layer.kind == "moe":
         gemm_s *= ROUTING_IMBALANCE

@@ -18,7 +18,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.nn.functional import all_to_all_single
 
 from autoplan.errors import InvalidPlanError
-from autoplan.support import EP_LIMITS
+from autoplan.support import unsupported_reason
 from autoplan.schema import Plan
 
 EXPERT_WEIGHTS = ("w1", "w2", "w3")  # a MoE module's stacked expert weights [E, ...]
@@ -67,8 +67,8 @@ def _expert_modules(model: nn.Module) -> list[nn.Module]:
 
 def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, plan: Plan) -> None:
     """Shard every MoE layer's experts over `ep_mesh` and route tokens through all-to-all (in place)."""
-    if plan.tp > 1 or plan.cp > 1 or plan.zero_stage > 1:
-        raise InvalidPlanError(EP_LIMITS)
+    if reason := unsupported_reason(plan, moe=True):
+        raise InvalidPlanError(reason)
     rank, size = ep_mesh.get_local_rank(), ep_mesh.size()
     for moe in _expert_modules(model):
         if moe.num_experts % size:

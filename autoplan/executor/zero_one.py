@@ -40,15 +40,12 @@ class ZeroOneAdamW(MasterWeightAdamW):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self.master_weights = master_weights
         self._groups = {id(p): group_of(p) for group in self.param_groups for p in group["params"]}
+        self._chunks = {id(p): _chunk(_local(p).numel(), self._groups[id(p)])
+                        for group in self.param_groups for p in group["params"]}
 
     def chunk(self, param: torch.Tensor) -> tuple[int, int, int]:
         """(start, stop, chunk length) of this rank's part of `param`'s flat local storage."""
-        group = self._groups[id(param)]
-        size, rank = dist.get_world_size(group), dist.get_rank(group)
-        numel = _local(param).numel()
-        length = -(-numel // size)
-        start = min(rank * length, numel)
-        return start, min(start + length, numel), length
+        return self._chunks[id(param)]
 
     def _update(self, param: torch.Tensor, group: dict) -> None:
         start, stop, _ = self.chunk(param)
@@ -115,3 +112,11 @@ class ZeroOneAdamW(MasterWeightAdamW):
             whole = flat.new_empty(size * length)
             _all_gather(whole, piece, group=process_group)
             flat.copy_(whole[:flat.numel()])
+
+
+def _chunk(numel: int, group: dist.ProcessGroup) -> tuple[int, int, int]:
+    """(start, stop, length) of this rank's chunk of `numel` elements cut in ceil(numel / size) over `group`."""
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    length = -(-numel // size)
+    start = min(rank * length, numel)
+    return start, min(start + length, numel), length

@@ -66,19 +66,26 @@ def fake_gradient(shape: tuple[int, ...], step: int, index: int) -> torch.Tensor
     return torch.randn(shape, generator=g)
 
 
-def zero_one_steps(dtype: torch.dtype, steps: int = 4) -> tuple[list[torch.Tensor], list[int]]:
-    """ZeroOneAdamW on this rank over SHAPES with the same gradients on every rank: (parameters after `steps`
-    steps as lists, elements of optimizer state this rank holds per parameter)."""
-    from autoplan.executor.zero_one import ZeroOneAdamW
-
+def adamw_steps(make_optimizer, dtype: torch.dtype, steps: int = 4):
+    """Parameters of SHAPES (seeded) stepped `steps` times with the same fake gradients by
+    make_optimizer(params, lr=, weight_decay=): (params, optimizer)."""
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(shape).to(dtype)) for shape in SHAPES]
-    optimizer = ZeroOneAdamW(params, group_of=lambda p: dist.group.WORLD, master_weights=dtype != torch.float32,
-                             lr=1e-2, weight_decay=0.1)
+    optimizer = make_optimizer(params, lr=1e-2, weight_decay=0.1)
     for step in range(steps):
         for i, p in enumerate(params):
             p.grad = fake_gradient(p.shape, step, i).to(dtype)
         optimizer.step()
+    return params, optimizer
+
+
+def zero_one_steps(dtype: torch.dtype) -> tuple[list[list[float]], list[int]]:
+    """ZeroOneAdamW on this rank (adamw_steps): (parameters as lists, elements of optimizer state this rank
+    holds per parameter)."""
+    from autoplan.executor.zero_one import ZeroOneAdamW
+
+    params, optimizer = adamw_steps(lambda ps, **kw: ZeroOneAdamW(ps, group_of=lambda p: dist.group.WORLD,
+                                                                  master_weights=dtype != torch.float32, **kw), dtype)
     return [p.detach().float().tolist() for p in params], [optimizer.state[p]["exp_avg"].numel() for p in params]
 
 

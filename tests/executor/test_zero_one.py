@@ -1,11 +1,13 @@
 """ZeRO-1's optimizer (executor.zero_one) on 3 gloo ranks: each rank keeps an even share of the states, and
 the parameters every rank ends with are AdamW's."""
 
+import functools
+
 import pytest
 import torch
 
 from autoplan.executor.precision import MasterWeightAdamW
-from dist_worker import SHAPES, fake_gradient, run_zero_one
+from dist_worker import SHAPES, adamw_steps, run_zero_one
 
 WORLD = 3
 
@@ -15,18 +17,13 @@ def ranks():
     return run_zero_one(WORLD)
 
 
-def _single_process(dtype: torch.dtype, steps: int = 4) -> list[torch.Tensor]:
+def _single_process(dtype: torch.dtype) -> list[torch.Tensor]:
     """Oracle: torch.optim.AdamW (fp32) or the master-weight AdamW (bf16) on one process, same gradients."""
-    torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(shape).to(dtype)) for shape in SHAPES]
     if dtype == torch.float32:
-        optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, foreach=False)
+        make = functools.partial(torch.optim.AdamW, foreach=False)
     else:
-        optimizer = MasterWeightAdamW(params, lr=1e-2, weight_decay=0.1)
-    for step in range(steps):
-        for i, p in enumerate(params):
-            p.grad = fake_gradient(p.shape, step, i).to(dtype)
-        optimizer.step()
+        make = MasterWeightAdamW
+    params, _ = adamw_steps(make, dtype)
     return [p.detach().float() for p in params]
 
 

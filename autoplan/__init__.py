@@ -15,7 +15,7 @@ from autoplan.costmodel import estimate
 from autoplan.planner import Constraints, SearchResult, search
 from autoplan.errors import (AutoplanError, InfeasiblePlanError, InvalidInputError, InvalidPlanError,
                              ModelLoadError)
-from autoplan.schema import (SCHEMA_VERSION, Cluster, DryRunResult, Estimate, LayerProfile, Link, ModelProfile,
+from autoplan.schema import (SCHEMA_VERSION, Cluster, DryRunResult, Estimate, LayerProfile, Link, ModelProfile, Stack,
                              Plan, check_plan)
 
 
@@ -45,6 +45,6 @@ def verify_plans(ranked, model, cluster, *, seq_len=None, top=None, progress=Non
 
 
 __version__ = "0.1.0"
-__all__ = ["SCHEMA_VERSION", "AutoplanError", "Cluster", "Constraints", "DryRunResult", "Estimate", "InfeasiblePlanError",
+__all__ = ["SCHEMA_VERSION", "AutoplanError", "Cluster", "Stack", "Constraints", "DryRunResult", "Estimate", "InfeasiblePlanError",
            "InvalidInputError", "InvalidPlanError", "LayerProfile", "Link", "ModelLoadError", "ModelProfile", "Plan",
            "SearchResult", "check_plan", "dryrun", "estimate", "models", "profile_model", "search", "verify_plans"]

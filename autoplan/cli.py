@@ -22,6 +22,12 @@ class _Parser(argparse.ArgumentParser):
         raise InvalidInputError(f"{self.prog}: {message}")
 
 
+def _stack_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stack", help="the software the plan runs on: torch (default: eager PyTorch, autoplan's "
+                                        "executor), torch-compile, megatron-te, megatron-2021, llm-foundry, or a "
+                                        "stack JSON file (fusion, attention kernel, float8 linears)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="autoplan", description="Find the fastest way to train a PyTorch model on N GPUs.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -33,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     srch.add_argument("--gpus", type=int, required=True, help="GPUs in the job")
     srch.add_argument("--cluster", default=DEFAULT_CLUSTER,
                       help=f"preset name or cluster JSON file (default {DEFAULT_CLUSTER})")
+    _stack_arg(srch)
     srch.add_argument("--global-batch", type=int, help="sequences per optimizer step (default: 512, or the "
                                                        "next power of two >= GPUs)")
     srch.add_argument("--top", type=int, default=5, help="how many plans to rank (default 5)")
@@ -54,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     est.add_argument("--gpus", type=int, help="GPUs in the job (default: the plan's dp*tp*pp*cp)")
     est.add_argument("--cluster", default=DEFAULT_CLUSTER,
                      help=f"preset name or cluster JSON file (default {DEFAULT_CLUSTER})")
+    _stack_arg(est)
     est.add_argument("--json", action="store_true", help="print the Estimate as JSON")
     est.set_defaults(run=_estimate)
 
@@ -165,7 +173,7 @@ def _load_profile(args):
 def _estimate(args) -> int:
     from autoplan.costmodel import estimate
     from autoplan.report import estimate_table
-    from autoplan.schema import Cluster, parse_plan_file
+    from autoplan.schema import Cluster, Stack, parse_plan_file
 
     plan_path = Path(args.plan)
     if not plan_path.is_file():
@@ -175,7 +183,7 @@ def _estimate(args) -> int:
     profile = _load_profile(args)
     if origin is not None:
         _warn_if_other_target(plan_path, origin, args.model, profile.seq_len, cluster)
-    result = estimate(profile, cluster, plan)
+    result = estimate(profile, cluster, plan, stack=Stack.resolve(args.stack))
     if args.json:
         print(result.model_dump_json(indent=2))
     else:
@@ -218,7 +226,7 @@ def _search(args) -> int:
 
     from autoplan.planner import search
     from autoplan.report import search_report
-    from autoplan.schema import Cluster, PlanFile
+    from autoplan.schema import Cluster, PlanFile, Stack
 
     if args.gpus < 1 or args.top < 1:
         raise InvalidInputError(f"--gpus and --top must be positive, got {args.gpus} and {args.top}")
@@ -231,6 +239,7 @@ def _search(args) -> int:
     with Progress(transient=True, disable=args.json or not sys.stderr.isatty()) as bar:
         task = bar.add_task("searching", total=None)
         result = search(profile, cluster, global_batch_size=batch, top_k=args.top, accept=_executable(args, profile),
+                        stack=Stack.resolve(args.stack),
                         progress=lambda done, total: bar.update(task, completed=done, total=total), **fixed)
     verification = _verify(args, result, cluster, profile.seq_len) if args.verify else None
     if verification is not None:
@@ -289,7 +298,7 @@ def _dryrun(args) -> int:
     from autoplan.costmodel.estimate import Coster
     from autoplan.costmodel.rank_memory import rank_peak
     from autoplan.report.dryrun import dryrun_table
-    from autoplan.schema import Cluster, parse_plan_file
+    from autoplan.schema import Cluster, Stack, parse_plan_file
 
     plan_path = Path(args.plan)
     if not plan_path.is_file():

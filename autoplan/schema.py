@@ -166,6 +166,16 @@ class Cluster(_Noun):
     gemm_efficiency: list[EfficiencyPoint] = Field(description="Achieved fraction of peak against GEMM size; interpolated in log FLOPs.")
     attention_efficiency: float = Field(gt=0, le=1, description="Achieved fraction of peak in the attention core (flash attention fwd+bwd).")
     memory_bound_efficiency: float = Field(gt=0, le=1, description="Achieved fraction of HBM bandwidth in elementwise/normalisation kernels.")
+    sustained_clock_fraction: float = Field(1.0, gt=0, le=1, description="Tensor-core throughput a training step sustains, as a fraction of "
+                                                                         "what the isolated-kernel measurements behind gemm_efficiency and "
+                                                                         "attention_efficiency reached (clocks under the power limit with every "
+                                                                         "SM and HBM busy for hours, not seconds). Scales GEMM and attention "
+                                                                         "time, not memory-bound time.")
+    overlap_slowdown: float = Field(0.0, ge=0, le=1, description="Fraction of an overlapped collective's duration by which "
+                                                                "the compute beside it slows (NCCL kernels take SMs and HBM "
+                                                                "bandwidth); 0 is perfect overlap.")
+    fp8_gemm_speedup: float = Field(1.0, ge=1, le=4, description="Speed of a float8 GEMM relative to a bf16 GEMM of the same shape "
+                                                                "(1 where the GPU has no float8 tensor cores).")
     layer_overhead_fwd_s: float = Field(0.0, ge=0, description="Fixed seconds per layer and micro-batch in forward beyond its kernels' work (framework dispatch, kernel launches); fitted by `autoplan profile` from measured layer times, 0 in the presets.")
     layer_overhead_bwd_s: float = Field(0.0, ge=0, description="The same in backward.")
     overheads: dict[str, float] = Field(default_factory=dict, description="Seconds per call of the fixed costs of costmodel.overhead.FEATURES (loop, DTensor dispatch, FSDP units, DDP sync, pipeline micro-batches), fitted by `autoplan calibrate` from measured runs; empty in the presets.")
@@ -201,6 +211,55 @@ class Cluster(_Noun):
         if gpus < 1:
             raise InvalidInputError(f"--gpus must be at least 1, got {gpus}")
         return self.model_copy(update={"num_gpus": gpus})
+
+
+STACKS_DIR = PRESETS_DIR / "stacks"
+
+
+class Stack(_Noun):
+    """The software that runs a plan: which kernels it launches, what it fuses, in what precision.
+
+    The same plan on the same GPUs runs at different speeds under Megatron-LM with fused kernels, eager
+    PyTorch and torch.compile; the cost model takes the stack as an input instead of hiding it in a
+    constant. Presets (autoplan/profiler/presets/stacks/*.json) carry a source for each number."""
+
+    schema_version: int = Field(SCHEMA_VERSION, description="Version of this file format.")
+    name: str = Field(description="Preset name or a label.")
+    description: str = Field("", description="What software this is.")
+    memory_bound_traffic: float = Field(1.0, gt=0, le=2, description="HBM bytes the stack's element-wise, normalisation "
+                                                                      "and softmax kernels move, as a fraction of what the "
+                                                                      "eager trace's ops move one by one (fusion moves fewer).")
+    attention_speedup: float = Field(1.0, gt=0, le=4, description="Speed of the stack's fused attention kernel relative to "
+                                                                  "the FlashAttention-2-class kernel the cluster's "
+                                                                  "attention_efficiency describes (FA3/cuDNN on Hopper > 1).")
+    zero3_collectives_per_block: int = Field(1, ge=1, le=64, description="All-gathers (and reduce-scatters) a ZeRO-3 step issues per "
+                                                                          "transformer block and pass: 1 where a block is one FSDP unit; "
+                                                                          "more where parameters are gathered module by module.")
+    fp8_linears: bool = Field(False, description="Linear layers run in float8 (2x the bf16 tensor-core peak on Hopper) "
+                                                 "with per-tensor scaling casts around them.")
+    sources: dict[str, str] = Field(default_factory=dict, description="Where each number comes from.")
+
+    @classmethod
+    def presets(cls) -> list[str]:
+        return sorted(p.stem for p in STACKS_DIR.glob("*.json"))
+
+    @classmethod
+    def preset(cls, name: str) -> Stack:
+        """A built-in stack: torch (eager PyTorch, what autoplan's executor runs), torch-compile,
+        megatron-2021, megatron-te, llm-foundry."""
+        path = STACKS_DIR / f"{name}.json"
+        if not path.is_file():
+            raise InvalidInputError(f"unknown stack {name!r}; stacks: {', '.join(cls.presets())}")
+        return cls.load(path)
+
+    @classmethod
+    def resolve(cls, name_or_path: str | None) -> Stack:
+        """A preset name, a stack JSON file, or None for the default (eager PyTorch)."""
+        if name_or_path is None:
+            return cls.preset("torch")
+        if name_or_path.endswith(".json") or Path(name_or_path).is_file():
+            return cls.load(name_or_path)
+        return cls.preset(name_or_path)
 
 
 # ----------------------------------------------------------------------------------------- how
@@ -339,6 +398,12 @@ class Estimate(_Noun):
     memory_per_gpu_bytes: int = Field(description="Peak memory of the fullest rank.")
     memory_limit_bytes: int = Field(description="GPU memory per rank.")
     fits: bool = Field(description="memory_per_gpu_bytes <= memory_limit_bytes.")
+    step_time_band_s: tuple[float, float] | None = Field(None, description="Where the step time falls for most runs: the "
+                                                                            "cross-validated error band of the published runs "
+                                                                            "(costmodel.bands) around step_time_s.")
+    memory_band_bytes: tuple[int, int] | None = Field(None, description="memory_per_gpu_bytes within the dry-run grid's "
+                                                                         "tolerance (costmodel.bands).")
+    memory_at_risk: bool = Field(False, description="Fits by the estimate, but the top of memory_band_bytes does not.")
     peak_stage: int = Field(0, description="Pipeline stage whose ranks hold the most memory.")
     memory_per_stage_bytes: list[int] = Field(default_factory=list, description="Peak memory per GPU of each pipeline stage.")
     time_breakdown: dict[str, float] = Field(description="Seconds of the step by cause (compute, recompute, tp_comm, ...).")

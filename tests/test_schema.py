@@ -10,7 +10,7 @@ import autoplan as ap
 from autoplan.errors import InvalidInputError, InvalidPlanError
 from autoplan.schema import Cluster, Link, ModelProfile, Plan, check_plan, one_line, parse_plan
 
-PRESETS = ["dgx-a100-80gb", "dgx-h100", "dgx-h200"]
+PRESETS = ["dgx-a100-40gb", "dgx-a100-80gb", "dgx-h100", "dgx-h200", "h100-96gb-500w"]
 
 
 def plan_error(**kwargs) -> str:
@@ -249,7 +249,8 @@ def test_numeric_fields_are_the_expected_set():
         "num_gpus", "gpus_per_node", "peak_flops_per_s", "memory_bytes", "memory_bandwidth_bytes_per_s",
         "memory_reserve_bytes", "intra_node.bandwidth_bytes_per_s", "intra_node.latency_s",
         "inter_node.bandwidth_bytes_per_s", "inter_node.latency_s", "gemm_efficiency", "attention_efficiency",
-        "memory_bound_efficiency", "layer_overhead_fwd_s", "layer_overhead_bwd_s"}
+        "memory_bound_efficiency", "layer_overhead_fwd_s", "layer_overhead_bwd_s", "sustained_clock_fraction",
+        "overlap_slowdown", "fp8_gemm_speedup"}
 
 
 @pytest.mark.parametrize("name", PRESETS)

@@ -130,21 +130,25 @@ def group_all_reduce_s(*, message_bytes: float, topo: GroupTopology, cluster: Cl
 def group_all_gather_s(*, message_bytes: float, topo: GroupTopology, cluster: Cluster) -> float:
     """All-gather whose full output is M bytes, over a group placed as `topo` says.
 
-    One node: ring on intra_node. Spanning k nodes with r members each, two levels (the all-gather half
-    of the hierarchical all-reduce, Jia et al. 2018):
-      1. all-gather across the k nodes among ranks of the same local index: output M/r (inter_node),
-      2. all-gather inside the node over r ranks: output M (intra_node).
-    Cost (k-1)·α_e + (k-1)/k·(M/r)/B_e + (r-1)·α_i + (r-1)/r·M/B_i; r = 1 is a flat inter-node ring.
+    One node: ring on intra_node. Spanning k nodes with r members each:
+      bandwidth: two levels (the all-gather half of the hierarchical all-reduce, Jia et al. 2018):
+        1. across the k nodes among ranks of the same local index: output M/r, (k-1)/k·(M/r)/B_e,
+        2. inside the node over r ranks: output M, (r-1)/r·M/B_i;
+        a ring through all n ranks with one channel per NIC moves the same bytes per link;
+      latency: NCCL runs all-gather and reduce-scatter as one ring over all n = k·r ranks (NCCL's
+        src/graph/tuning.cc models ring all-gather latency as n-1 steps; there is no tree for them), and
+        every step waits for its slowest hop, an inter-node one: (n-1)·α_e.
+    Cost (n-1)·α_e + (k-1)/k·(M/r)/B_e + (r-1)/r·M/B_i; r = 1 is a flat inter-node ring.
     Ignores NIC sharing with other groups and overlap between the two levels.
     """
     if topo.group_size <= 1:
         return 0.0
     if topo.intra_node:
         return ring_all_gather_s(message_bytes=message_bytes, group_size=topo.group_size, link=cluster.intra_node)
-    r = topo.ranks_per_node
-    across_s = ring_all_gather_s(message_bytes=message_bytes / r, group_size=topo.nodes, link=cluster.inter_node)
-    inside_s = ring_all_gather_s(message_bytes=message_bytes, group_size=r, link=cluster.intra_node)
-    return across_s + inside_s
+    r, k = topo.ranks_per_node, topo.nodes
+    across_s = (k - 1) / k * message_bytes / r / cluster.inter_node.bandwidth_bytes_per_s
+    inside_s = (r - 1) / r * message_bytes / cluster.intra_node.bandwidth_bytes_per_s
+    return (topo.group_size - 1) * cluster.inter_node.latency_s + across_s + inside_s
 
 
 def group_reduce_scatter_s(*, message_bytes: float, topo: GroupTopology, cluster: Cluster) -> float:

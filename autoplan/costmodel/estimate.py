@@ -10,15 +10,15 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from autoplan.costmodel import comm
+from autoplan.costmodel import bands, comm
 from autoplan.costmodel.compute import memory_bound_time_s
-from autoplan.costmodel.layers import ROUTING_IMBALANCE, LayerCost, ProfileDigest, digest, layer_cost
+from autoplan.costmodel.layers import DEFAULT_STACK, ROUTING_IMBALANCE, LayerCost, ProfileDigest, digest, layer_cost
 from autoplan.costmodel.memory import ADAM_STEP_BYTES, GRAD_BYTES, PARAM_BYTES, model_state_bytes
 from autoplan.costmodel.overhead import overhead_s
 from autoplan.costmodel.pipeline import micro_batches_in_flight, pipeline_step_s
 from autoplan.costmodel.rank_memory import (LayerMemory, RankMemoryInputs, backward_excess, backward_steps,
                                             forward_excess, layer_memory, rank_peak)
-from autoplan.schema import Cluster, Estimate, LayerProfile, ModelProfile, Plan, check_plan
+from autoplan.schema import Cluster, Estimate, LayerProfile, ModelProfile, Plan, Stack, check_plan
 from autoplan.support import unsupported_reason
 
 
@@ -33,6 +33,7 @@ class RankCost:
     memory: RankMemoryInputs = field(default_factory=RankMemoryInputs)
     logits_bytes: float = 0.0        # the papers' accounting (memory="paper"): the head's activations
     max_layer_params: float = 0.0    # and the largest layer (ZeRO-3's gathered pair)
+    blocks: int = 0                  # transformer blocks on the rank (ZeRO-3 gathers and scatters per block)
 
 
 def even_split(num_blocks: int, chunks: int) -> list[int]:
@@ -50,20 +51,22 @@ class Coster:
     """Costs plans of one (profile, cluster). Layer costs depend on the plan only through
     (tp, sp, cp, ep, micro-batch, recompute), so they are cached across the plans a search tries."""
 
-    _recent: dict[tuple[int, int], Coster] = {}
+    _recent: dict[tuple[int, int, int], Coster] = {}
 
-    def __init__(self, profile: ModelProfile, cluster: Cluster):
-        self.profile, self.cluster = profile, cluster
+    def __init__(self, profile: ModelProfile, cluster: Cluster, stack: Stack | None = None):
+        self.profile, self.cluster, self.stack = profile, cluster, stack or DEFAULT_STACK
         self.digest = digest(profile)
         self._layers: dict[tuple, tuple[LayerCost, float]] = {}
 
     @classmethod
-    def of(cls, profile: ModelProfile, cluster: Cluster) -> Coster:
-        coster = cls._recent.get((id(profile), id(cluster)))
-        if coster is None or coster.profile is not profile or coster.cluster is not cluster:
+    def of(cls, profile: ModelProfile, cluster: Cluster, stack: Stack | None = None) -> Coster:
+        stack = stack or DEFAULT_STACK
+        key = (id(profile), id(cluster), id(stack))
+        coster = cls._recent.get(key)
+        if coster is None or coster.profile is not profile or coster.cluster is not cluster or coster.stack is not stack:
             if len(cls._recent) > 16:
                 cls._recent.clear()
-            coster = cls._recent[(id(profile), id(cluster))] = cls(profile, cluster)
+            coster = cls._recent[key] = cls(profile, cluster, stack)
         return coster
 
     def layers_cost(self, layers: tuple[LayerProfile, ...], plan: Plan, recompute: str) -> tuple[LayerCost, float]:
@@ -75,7 +78,7 @@ class Coster:
             total, logits = LayerCost(), 0.0
             for i, layer in enumerate(layers):
                 one = layer_cost(layer=layer, profile=self.profile, cluster=self.cluster, plan=plan,
-                                 recompute=recompute, block_first=i == 0)
+                                 recompute=recompute, block_first=i == 0, stack=self.stack)
                 total.add(one)
                 if layer.kind == "head":
                     logits += one.activation_bytes
@@ -115,6 +118,7 @@ class Coster:
         memory = result.memory
         self._pipeline_buffers(memory, plan, rank)
         for template, n in templates.items():
+            result.blocks += n
             layers = self.digest.block_templates[template]
             block_cost, _ = self.layers_cost(layers, plan, recompute)
             result.layers.add(block_cost, n)
@@ -230,39 +234,59 @@ class Coster:
         if memory not in MEMORY_MODELS:
             raise ValueError(f"memory must be one of {', '.join(MEMORY_MODELS)}, not {memory!r}")
         ranks = self.rank_costs(plan)
-        return _assemble(self.profile, self.cluster, plan, ranks, self.pipeline(plan, ranks), memory)
+        return _assemble(self.profile, self.cluster, plan, ranks, self.pipeline(plan, ranks), memory, self.stack)
 
 
-def dp_sync_s(rank: RankCost, cluster: Cluster, plan: Plan) -> tuple[float, float]:
+def dp_sync_s(rank: RankCost, cluster: Cluster, plan: Plan, stack: Stack | None = None) -> tuple[float, float]:
     """(exposed seconds per step, seconds on the link per step) of data-parallel synchronisation.
 
     ZeRO 0/1: gradient all-reduce; 2: reduce-scatter; both overlap with the last micro-batch's backward
     (PyTorch DDP buckets, Li et al. 2020, Sec. 3.2.3) and ZeRO 1/2 all-gather the updated parameters,
     overlapping the next step's first forward. ZeRO 3 (FSDP, Zhao et al. 2023, Sec. 3.3): every
-    micro-batch all-gathers parameters for forward and for backward and reduce-scatters gradients,
-    prefetched behind that micro-batch's compute. Dense parameters sync over dp*cp (stride tp); experts
-    over the expert-data-parallel ranks dp*cp*tp/ep (stride ep).
+    micro-batch all-gathers each block's parameters for forward and again for backward and
+    reduce-scatters its gradients, one collective per block (FSDP's unit; `stack.zero3_collectives_per_block`
+    where a stack gathers per module), prefetched behind the compute of the block before: what the
+    compute cannot hide is exposed, and so are the first block's gather (nothing runs before it) and
+    the last block's reduce-scatter (nothing runs after it). Each collective pays its own latency, which
+    at hundreds of ranks is (n-1)·α (comm.group_all_gather_s). Dense parameters sync over dp*cp
+    (stride tp); experts over the expert-data-parallel ranks dp*cp*tp/ep (stride ep).
     """
+    stack = stack or DEFAULT_STACK
     groups = [(rank.layers.dense_params, plan.dp * plan.cp, plan.tp),
               (rank.layers.expert_params, plan.dp * plan.cp * plan.tp // plan.ep, plan.ep)]
+    units = (max(rank.blocks, 1) * stack.zero3_collectives_per_block + 1) if plan.zero_stage == 3 else 1
     reduce_s = gather_s = 0.0
     for params, size, stride in groups:
         if size <= 1 or params <= 0:
             continue
         topo = comm.group_topology(group_size=size, stride=stride, gpus_per_node=cluster.gpus_per_node)
-        grads, weights = GRAD_BYTES * params, PARAM_BYTES * params
+        grads, weights = GRAD_BYTES * params / units, PARAM_BYTES * params / units
         if plan.zero_stage <= 1:
-            reduce_s += comm.group_all_reduce_s(message_bytes=grads, topo=topo, cluster=cluster)
+            reduce_s += units * comm.group_all_reduce_s(message_bytes=grads, topo=topo, cluster=cluster)
         else:
-            reduce_s += comm.group_reduce_scatter_s(message_bytes=grads, topo=topo, cluster=cluster)
+            reduce_s += units * comm.group_reduce_scatter_s(message_bytes=grads, topo=topo, cluster=cluster)
         if plan.zero_stage >= 1:
-            gather_s += comm.group_all_gather_s(message_bytes=weights, topo=topo, cluster=cluster)
+            gather_s += units * comm.group_all_gather_s(message_bytes=weights, topo=topo, cluster=cluster)
     m = plan.num_micro_batches
     fwd_s, bwd_s = rank.layers.fwd_compute_s, rank.layers.bwd_compute_s + rank.layers.recompute_s
     if plan.zero_stage == 3:
         per_micro = 2 * gather_s + reduce_s
-        return m * max(0.0, per_micro - (fwd_s + bwd_s)), m * per_micro
-    return max(0.0, reduce_s - bwd_s) + max(0.0, gather_s - fwd_s), reduce_s + gather_s
+        edges = (gather_s + reduce_s) / units  # the first gather and the last reduce-scatter
+        return m * (overlapped_s(comm_s=per_micro, compute_s=fwd_s + bwd_s, cluster=cluster) + edges), m * per_micro
+    exposed = (overlapped_s(comm_s=reduce_s, compute_s=bwd_s, cluster=cluster)
+               + overlapped_s(comm_s=gather_s, compute_s=fwd_s, cluster=cluster))
+    return exposed, reduce_s + gather_s
+
+
+def overlapped_s(*, comm_s: float, compute_s: float, cluster: Cluster) -> float:
+    """Time a collective adds to compute it runs beside: max(0, comm - compute) + κ·min(comm, compute).
+
+    The part longer than the compute is exposed; the overlapped part still slows the compute by κ
+    (Cluster.overlap_slowdown): NCCL's kernels occupy SMs (one per channel, 16-32 channels on NVLink
+    systems) and share HBM bandwidth with the GEMMs beside them (Rashidi et al. 2021, 'Enabling Compute-
+    Communication Overlap in Distributed Deep Learning Training Platforms', ISCA, Sec. 3: overlapped
+    compute slows by up to tens of percent). κ = 0 is perfect overlap."""
+    return max(0.0, comm_s - compute_s) + cluster.overlap_slowdown * min(comm_s, compute_s)
 
 
 def rank_memory(rank: RankCost, index: int, cluster: Cluster, plan: Plan, memory: str = "executor") -> dict[str, int]:
@@ -296,18 +320,19 @@ def paper_rank_memory(rank: RankCost, index: int, plan: Plan) -> dict[str, int]:
 
 
 def estimate(profile: ModelProfile, cluster: Cluster, plan: Plan, *, check: bool = True,
-             memory: str = "executor") -> Estimate:
+             memory: str = "executor", stack: Stack | None = None) -> Estimate:
     """Predict step time, throughput, MFU and per-GPU memory of training `profile` on `cluster` with `plan`.
     memory: "executor" (how autoplan's executor holds memory, held to its dry run) or "paper" (the
-    ZeRO and Korthikanti et al. accounting that Megatron-LM runs follow)."""
-    return Coster.of(profile, cluster).estimate(plan, check=check, memory=memory)
+    ZeRO and Korthikanti et al. accounting that Megatron-LM runs follow). stack: the software that runs
+    the plan (autoplan.schema.Stack; None: eager PyTorch, what autoplan's executor runs)."""
+    return Coster.of(profile, cluster, stack).estimate(plan, check=check, memory=memory)
 
 
 def _assemble(profile: ModelProfile, cluster: Cluster, plan: Plan, ranks: list[RankCost], pipe,
-              memory: str = "executor") -> Estimate:
+              memory: str = "executor", stack: Stack | None = None) -> Estimate:
     m = plan.num_micro_batches
     distinct = list({id(rank): rank for rank in ranks}.values())
-    dp_exposed = max(dp_sync_s(rank, cluster, plan)[0] for rank in distinct)
+    dp_exposed = max(dp_sync_s(rank, cluster, plan, stack)[0] for rank in distinct)
     optimizer_s = max(optimizer_step_s(rank, cluster, plan) for rank in distinct)
     fixed_s = overhead_s(profile, cluster, plan)
     step_s = pipe.total_s + dp_exposed + optimizer_s + fixed_s
@@ -326,6 +351,9 @@ def _assemble(profile: ModelProfile, cluster: Cluster, plan: Plan, ranks: list[R
     totals = [sum(mem.values()) for mem in memories]
     peak = max(range(len(totals)), key=totals.__getitem__)
     gpus = plan.gpus
+    # the band covers the tensors' bytes; the reserve is a fixed budget, not a prediction
+    reserve = cluster.memory_reserve_bytes
+    memory_band = tuple(reserve + b for b in bands.memory_band_bytes(totals[peak] - reserve))
     model_flops = profile.train_flops_per_sequence * plan.global_batch_size
     recompute_flops = sum(r.layers.recompute_flops_per_sequence for r in ranks) * plan.global_batch_size
     return Estimate(
@@ -335,6 +363,8 @@ def _assemble(profile: ModelProfile, cluster: Cluster, plan: Plan, ranks: list[R
         hardware_flops_per_gpu_per_s=(model_flops + recompute_flops) / step_s / gpus,
         memory_per_gpu_bytes=totals[peak], memory_limit_bytes=cluster.memory_bytes,
         fits=totals[peak] <= cluster.memory_bytes, peak_stage=peak, memory_per_stage_bytes=totals,
+        step_time_band_s=bands.step_time_band_s(step_s), memory_band_bytes=memory_band,
+        memory_at_risk=totals[peak] <= cluster.memory_bytes < memory_band[1],
         time_breakdown=time_breakdown, memory_breakdown=memories[peak],
         notes=_notes(profile, plan) + ([f"{refusal}: memory as the papers account for it"] if refusal else []),
     )

@@ -13,12 +13,13 @@ from autoplan.costmodel.compute import (ATTENTION_BWD_FACTOR, CAUSAL_ATTENTION_W
                                         MEMORY_BOUND_BWD_FACTOR, attention_core_time_s, gemm_time_s,
                                         memory_bound_time_s)
 from autoplan.costmodel.memory import layer_activation_bytes, local_params
-from autoplan.schema import Cluster, LayerProfile, ModelProfile, Plan
+from autoplan.schema import Cluster, LayerProfile, ModelProfile, Plan, Stack
 
 # Expected load of the busiest expert over the mean under top-k routing with a load-balancing loss:
 # Switch Transformer trains at capacity factor 1.0-1.25 with few dropped tokens (Fedus et al. 2022,
 # Table 1); we take the busiest expert at 1.1x the mean. The busiest EP rank sets the MoE layer's pace.
 ROUTING_IMBALANCE = 1.1
+DEFAULT_STACK = Stack(name="torch", description="eager PyTorch (autoplan's executor)")
 
 
 @dataclass
@@ -92,19 +93,37 @@ def digest(profile: ModelProfile) -> ProfileDigest:
     return result
 
 
+# A float8 linear casts its bf16 input and weight to float8 before the GEMM (read 2 bytes, write 1, per
+# element: 3 bytes), as torchao's Float8Linear does with per-tensor dynamic scaling (plus an amax pass that
+# a fused stack folds into the cast).
+FP8_CAST_BYTES_PER_ELEMENT = 3.0
+
+
 def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, plan: Plan, recompute: str,
-               block_first: bool) -> LayerCost:
-    """Time and memory of `layer` for one micro-batch of plan.micro_batch_size sequences on one rank."""
+               block_first: bool, stack: Stack | None = None) -> LayerCost:
+    """Time and memory of `layer` for one micro-batch of plan.micro_batch_size sequences on one rank,
+    run by `stack` (None: eager PyTorch, what autoplan's executor runs).
+
+    The stack scales what it changes: the bytes its memory-bound kernels move (fusion), its attention
+    kernel's speed, and float8 linears (GEMMs at the cluster's fp8_gemm_speedup plus their casts).
+    Tensor-core work (GEMMs, attention) runs at the cluster's sustained_clock_fraction of the
+    isolated-kernel rates."""
+    stack = stack or DEFAULT_STACK
     tp, cp, ep, mbs = plan.tp, plan.cp, plan.ep, plan.micro_batch_size
     sp = plan.sequence_parallel and tp > 1
     seqs = mbs / cp  # sequences' worth of tokens per rank
     cost = LayerCost()
     # -- compute: GEMMs (TP splits n or k), fused attention core, memory-bound ops
-    gemm_s = row_parallel_s = row_parallel_flops = 0.0
+    clock = cluster.sustained_clock_fraction
+    fp8 = stack.fp8_linears and layer.kind in ("attention", "mlp")  # float8 recipes keep the head and experts in bf16
+    gemm_s = row_parallel_s = row_parallel_flops = cast_bytes = 0.0
     for g in layer.gemms:
         # experts are not split by tp (expert tensor parallel = 1); with SP each tp rank routes 1/tp of the tokens
         split = tp if (sp if layer.kind == "moe" else g.tp_split != "none") else 1
-        time_s = g.count * gemm_time_s(flops=2.0 * g.m_per_sequence * g.n * g.k * seqs / split, cluster=cluster)
+        time_s = g.count * gemm_time_s(flops=2.0 * g.m_per_sequence * g.n * g.k * seqs / split, cluster=cluster) / clock
+        if fp8:
+            time_s /= cluster.fp8_gemm_speedup
+            cast_bytes += g.count * FP8_CAST_BYTES_PER_ELEMENT * (g.m_per_sequence * seqs * g.k + g.n * g.k) / split
         gemm_s += time_s
         if g.tp_split == "k":
             row_parallel_s += time_s
@@ -113,10 +132,11 @@ def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, 
         gemm_s *= ROUTING_IMBALANCE
     causal = CAUSAL_ATTENTION_WORK_FRACTION if profile.attention == "flash" else 1.0
     attn_fwd_s = attention_core_time_s(flops=layer.attention_core_fwd_flops * seqs / tp, causal_fraction=causal,
-                                       cluster=cluster)
+                                       cluster=cluster) / (clock * stack.attention_speedup)
     sharded_fraction = layer.activation_tp_sharded_bytes / layer.activation_bytes if layer.activation_bytes else 0.0
     mem_split = tp if sp else 1 / (sharded_fraction / tp + (1 - sharded_fraction))
-    mem_fwd_s = memory_bound_time_s(bytes_moved=layer.memory_bound_bytes * seqs / mem_split, cluster=cluster)
+    mem_fwd_s = memory_bound_time_s(bytes_moved=(layer.memory_bound_bytes * seqs / mem_split + cast_bytes)
+                                    * stack.memory_bound_traffic, cluster=cluster)
     # a fixed cost per layer call on top (dispatch, launches): 0 in presets, fitted on measured machines
     cost.fwd_compute_s = gemm_s + attn_fwd_s + mem_fwd_s + cluster.layer_overhead_fwd_s
     cost.bwd_compute_s = (GEMM_BWD_FACTOR * gemm_s + ATTENTION_BWD_FACTOR * attn_fwd_s

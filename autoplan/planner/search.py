@@ -26,7 +26,7 @@ from autoplan.errors import InfeasiblePlanError, InvalidInputError
 from autoplan.planner.baselines import expert_defaults
 from autoplan.planner.partition import solve_partition
 from autoplan.planner.space import Constraints, Layout, layouts, micro_batch_sizes, schedules
-from autoplan.schema import Cluster, Estimate, ModelProfile, Plan
+from autoplan.schema import Cluster, Estimate, ModelProfile, Plan, Stack
 
 # An evaluated configuration whose best uniform plan is within this fraction of its lower bound is not
 # worth an ILP: uneven stages could at most close that gap.
@@ -110,8 +110,9 @@ def time_bound_s(coster: Coster, plan: Plan, whole: LayerCost) -> float:
         pipe = (m - 1 / v) * slowest + f / v
     average = RankCost(LayerCost(fwd_compute_s=whole.fwd_compute_s / p,
                                  bwd_compute_s=(whole.bwd_compute_s + whole.fwd_compute_s) / p,
-                                 dense_params=whole.dense_params / p, expert_params=whole.expert_params / p))
-    tail = dp_sync_s(average, coster.cluster, plan)[0] + optimizer_step_s(average, coster.cluster, plan)
+                                 dense_params=whole.dense_params / p, expert_params=whole.expert_params / p),
+                       blocks=coster.profile.num_blocks // p)
+    tail = dp_sync_s(average, coster.cluster, plan, coster.stack)[0] + optimizer_step_s(average, coster.cluster, plan)
     return pipe + coster.p2p_total_s(plan) + tail
 
 
@@ -234,12 +235,14 @@ def _rank_key(plan: Plan, est: Estimate) -> tuple:
 
 def search(profile: ModelProfile, cluster: Cluster, *, global_batch_size: int, top_k: int = 5,
            constraints: Constraints | None = None, progress: Callable[[int, int], None] | None = None,
-           ilp_time_limit_s: float = 5.0, accept: Callable[[Plan], bool] | None = None, **fixed) -> SearchResult:
+           ilp_time_limit_s: float = 5.0, accept: Callable[[Plan], bool] | None = None, stack: Stack | None = None,
+           **fixed) -> SearchResult:
     """The `top_k` fastest plans of `profile` on `cluster` that fit in GPU memory.
 
     `accept(plan)` (optional) keeps only the configurations it returns True for, e.g. what an executor runs;
     it is asked once per layout, micro-batch, schedule and ZeRO stage, before recompute and partition.
 
+    `stack` is the software the plan will run on (autoplan.schema.Stack; None: eager PyTorch, autoplan's executor).
     `fixed` pins plan fields (e.g. tp=8, zero_stage=1). Raises InfeasiblePlanError (with the closest plan
     and its overflow in bytes) when nothing fits.
     """
@@ -249,7 +252,7 @@ def search(profile: ModelProfile, cluster: Cluster, *, global_batch_size: int, t
     constraints = constraints or Constraints()
     if fixed:
         constraints = Constraints(**{**constraints.__dict__, "fixed": {**constraints.fixed, **fixed}})
-    coster = Coster.of(profile, cluster)
+    coster = Coster.of(profile, cluster, stack)
     pruned = {"memory_bound": 0, "time_bound": 0, "dominated": 0, "unrunnable": 0, "not accepted": 0}
     configs, leanest = _configs(profile, cluster, coster, global_batch_size, constraints, pruned, accept)
     configs.sort()

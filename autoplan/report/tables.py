@@ -32,11 +32,13 @@ def estimate_table(estimate: Estimate, *, plan: Plan, cluster: Cluster, profile:
     console.print(f"cluster {cluster.name}: {cluster.num_gpus} x {cluster.gpu}, {cluster.gpus_per_node} per node")
     console.print(f"plan    {plan.describe()}")
     headline = Table(show_header=False, box=None, pad_edge=False)
-    headline.add_row("step time", f"{estimate.step_time_s * 1e3:,.1f} ms")
+    headline.add_row("step time", f"{estimate.step_time_s * 1e3:,.1f} ms{_band(estimate)}")
     headline.add_row("throughput", f"{estimate.tokens_per_s:,.0f} tokens/s")
     headline.add_row("MFU", f"{estimate.mfu * 100:.1f}%  ({estimate.model_flops_per_gpu_per_s / 1e12:.0f} TFLOP/s "
                              f"per GPU; {estimate.hardware_flops_per_gpu_per_s / 1e12:.0f} with recompute)")
     verdict = "fits" if estimate.fits else "DOES NOT FIT"
+    if estimate.memory_at_risk:
+        verdict = "fits, but within the memory model's error of the limit"
     headline.add_row("memory/GPU", f"{estimate.memory_per_gpu_bytes / GIB:.2f} GiB of "
                                    f"{estimate.memory_limit_bytes / GIB:.2f} GiB ({verdict}; stage {estimate.peak_stage})")
     console.print(headline)
@@ -47,6 +49,14 @@ def estimate_table(estimate: Estimate, *, plan: Plan, cluster: Cluster, profile:
     for note in estimate.notes:
         console.print(f"note: {note}")
     return buffer.getvalue()
+
+
+def _band(estimate: Estimate) -> str:
+    """'  (published runs: 3,600-4,700 ms)': where runs predicted at this time took (costmodel.bands)."""
+    band = estimate.step_time_band_s
+    if not band or band[0] == band[1]:
+        return ""
+    return f"  (published runs so predicted took {band[0] * 1e3:,.0f}-{band[1] * 1e3:,.0f} ms)"
 
 
 def _breakdown(title: str, parts: dict[str, float], unit: str, total: float) -> Table:
@@ -72,16 +82,23 @@ def plans_table(rows: list[tuple[str, Plan, Estimate]], *, title: str) -> Table:
     table = Table(title=title, title_justify="left")
     for name, justify in (("#", "left"), ("dp", "right"), ("tp", "right"), ("pp", "right"), ("cp", "right"),
                           ("ep", "right"), ("zero", "right"), ("recompute", "left"), ("mbs", "right"),
-                          ("schedule", "left"), ("step ms", "right"), ("tokens/s", "right"), ("MFU", "right"),
+                          ("schedule", "left"), ("step ms", "right"), ("band ms", "right"), ("tokens/s", "right"),
+                          ("MFU", "right"),
                           ("mem GiB / limit", "right")):
         table.add_column(name, justify=justify)
     for label, plan, est in rows:
         schedule, rec = _short(plan)
         table.add_row(label, str(plan.dp), str(plan.tp), str(plan.pp), str(plan.cp), str(plan.ep),
                       str(plan.zero_stage), rec, str(plan.micro_batch_size), schedule,
-                      f"{est.step_time_s * 1e3:,.1f}", f"{est.tokens_per_s:,.0f}", f"{est.mfu * 100:.1f}%",
-                      f"{est.memory_per_gpu_bytes / GIB:.1f} / {est.memory_limit_bytes / GIB:.1f}")
+                      f"{est.step_time_s * 1e3:,.1f}", _band_cell(est), f"{est.tokens_per_s:,.0f}", f"{est.mfu * 100:.1f}%",
+                      f"{est.memory_per_gpu_bytes / GIB:.1f} / {est.memory_limit_bytes / GIB:.1f}"
+                      + (" !" if est.memory_at_risk else ""))
     return table
+
+
+def _band_cell(est: Estimate) -> str:
+    band = est.step_time_band_s
+    return f"{band[0] * 1e3:,.0f}-{band[1] * 1e3:,.0f}" if band and band[0] != band[1] else "-"
 
 
 def comparison_table(columns: list[tuple[str, Estimate]], *, title: str) -> Table:
@@ -111,6 +128,8 @@ def search_report(result, *, profile: ModelProfile, cluster: Cluster) -> str:
                   f"{result.lower_bound_s * 1e3:,.1f} ms (best is within {result.optimality_gap * 100:.2f}%)")
     rows = [(str(i + 1), plan, est) for i, (plan, est) in enumerate(result.ranked)]
     console.print(plans_table(rows, title="top plans"))
+    console.print("band ms: the step times that published runs predicted at this time took (80% of them, "
+                  "benchmarks/results/published_runs.md); !: memory within the memory model's error of the limit")
     defaults = [(name, *found) for name, found in result.baselines.items() if found]
     if defaults:
         console.print(plans_table(defaults, title="expert defaults (best fitting variant of each)"))

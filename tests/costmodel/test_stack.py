@@ -1,0 +1,115 @@
+"""The software stack and the sustained clock as inputs: each moves exactly the time it describes."""
+
+import pytest
+import torch
+
+import autoplan as ap
+from autoplan.costmodel.compute import gemm_time_s
+from autoplan.costmodel.estimate import Coster, dp_sync_s
+from autoplan.costmodel.layers import FP8_CAST_BYTES_PER_ELEMENT, layer_cost
+from autoplan.errors import InvalidInputError
+from autoplan.schema import Stack
+
+
+@pytest.fixture(scope="module")
+def llama_profile():
+    with torch.device("meta"):
+        model = ap.models.llama(layers=2, hidden=1024, heads=8, kv_heads=8, ffn_hidden=2816, vocab=1000, seq_len=512)
+    return ap.profile_model(model)
+
+
+def _plan(**kw):
+    base = dict(dp=1, micro_batch_size=2, global_batch_size=2)
+    base.update(kw)
+    return ap.Plan(**base)
+
+
+def _mlp(profile):
+    return next(layer for layer in profile.layers if layer.kind == "mlp")
+
+
+def test_every_stack_preset_loads_with_a_source_for_each_number():
+    """Oracle: the presets' contract: every number a stack sets has a source (or says it is judgement)."""
+    names = Stack.presets()
+    assert {"torch", "torch-compile", "megatron-2021", "megatron-te", "llm-foundry"} <= set(names)
+    for name in names:
+        stack = Stack.preset(name)
+        assert {"memory_bound_traffic", "attention_speedup"} <= stack.sources.keys(), name
+    with pytest.raises(InvalidInputError, match="unknown stack"):
+        Stack.preset("nonesuch")
+
+
+def test_sustained_clock_scales_gemm_time_exactly(llama_profile):
+    """Worked example: a layer's GEMM seconds are each GEMM's isolated-kernel time / sustained_clock_fraction;
+    memory-bound time (HBM, not the SM clock) does not change."""
+    cluster = ap.Cluster.preset("dgx-h100", gpus=1).model_copy(update={"sustained_clock_fraction": 1.0})
+    slow = cluster.model_copy(update={"sustained_clock_fraction": 0.8})
+    layer, plan = _mlp(llama_profile), _plan()
+    full = layer_cost(layer=layer, profile=llama_profile, cluster=cluster, plan=plan, recompute="none", block_first=False)
+    derated = layer_cost(layer=layer, profile=llama_profile, cluster=slow, plan=plan, recompute="none", block_first=False)
+    gemm_s = sum(g.count * gemm_time_s(flops=2.0 * g.m_per_sequence * g.n * g.k * 2, cluster=cluster)
+                 for g in layer.gemms)
+    # the difference is exactly the GEMM time scaled by 1/0.8 - 1 = 0.25
+    assert derated.fwd_compute_s - full.fwd_compute_s == pytest.approx(0.25 * gemm_s, rel=1e-9)
+
+
+def test_fp8_linears_speed_gemms_and_add_their_casts(llama_profile):
+    """Worked example: with fp8_linears each attention/MLP GEMM runs fp8_gemm_speedup times faster, and
+    its input and weight casts (3 bytes per element) join the memory-bound time."""
+    cluster = ap.Cluster.preset("dgx-h100", gpus=1).model_copy(update={"sustained_clock_fraction": 1.0})
+    layer, plan = _mlp(llama_profile), _plan()
+    bf16 = layer_cost(layer=layer, profile=llama_profile, cluster=cluster, plan=plan, recompute="none",
+                      block_first=False, stack=Stack(name="bf16"))
+    fp8 = layer_cost(layer=layer, profile=llama_profile, cluster=cluster, plan=plan, recompute="none",
+                     block_first=False, stack=Stack(name="fp8", fp8_linears=True))
+    # (a fused stack's memory_bound_traffic scales the casts as it scales the other memory-bound ops; 1 here)
+    gemm_s = sum(g.count * gemm_time_s(flops=2.0 * g.m_per_sequence * g.n * g.k * 2, cluster=cluster) for g in layer.gemms)
+    cast_bytes = sum(g.count * FP8_CAST_BYTES_PER_ELEMENT * (g.m_per_sequence * 2 * g.k + g.n * g.k) for g in layer.gemms)
+    cast_s = cast_bytes / (cluster.memory_bandwidth_bytes_per_s * cluster.memory_bound_efficiency)
+    assert cluster.fp8_gemm_speedup == 1.6
+    expected = bf16.fwd_compute_s - gemm_s + gemm_s / 1.6 + cast_s
+    assert fp8.fwd_compute_s == pytest.approx(expected, rel=1e-9)
+
+
+def test_fused_stack_moves_fewer_bytes(llama_profile):
+    """torch.compile fuses element-wise chains: its memory-bound time is memory_bound_traffic of eager's;
+    the GEMMs are the same, so the step is faster but not by more than the memory-bound part."""
+    cluster, plan = ap.Cluster.preset("dgx-h100", gpus=1), _plan()
+    eager = ap.estimate(llama_profile, cluster, plan, stack=Stack.preset("torch"))
+    compiled = ap.estimate(llama_profile, cluster, plan, stack=Stack.preset("torch-compile"))
+    assert compiled.step_time_s < eager.step_time_s
+    assert compiled.step_time_s > 0.5 * eager.step_time_s
+
+
+def test_zero3_collectives_pay_latency_per_collective(llama_profile):
+    """FSDP gathers and scatters block by block: a stack that gathers module by module (six collectives a
+    block) pays six times the latencies on the link; with a bandwidth-free link the difference is
+    exactly (6-1) x units x the latency terms."""
+    cluster = ap.Cluster.preset("dgx-h100", gpus=256)
+    plan = _plan(dp=256, zero_stage=3, global_batch_size=256, micro_batch_size=1)
+    per_block = Coster.of(llama_profile, cluster, Stack(name="fsdp")).rank_costs(plan)[0]
+    link_1 = dp_sync_s(per_block, cluster, plan, Stack(name="fsdp"))[1]
+    link_6 = dp_sync_s(per_block, cluster, plan, Stack(name="ds", zero3_collectives_per_block=6))[1]
+    latency = 255 * cluster.inter_node.latency_s  # one all-gather or reduce-scatter over 32 nodes: (n-1)·α_e
+    # per micro-batch: 2 gathers + 1 reduce-scatter per unit; units = 2 blocks + 1 (embedding and head) = 3 vs 13
+    assert link_6 - link_1 == pytest.approx(3 * latency * (13 - 3), rel=1e-6)
+
+
+def test_estimate_carries_its_error_band(llama_profile):
+    """The step-time band comes from the published runs' cross-validated residuals (costmodel.bands):
+    it brackets the estimate; the memory band is the dry-run grid's 5% around the tensors' bytes."""
+    est = ap.estimate(llama_profile, ap.Cluster.preset("dgx-h100", gpus=1), _plan())
+    low, high = est.step_time_band_s
+    assert low < est.step_time_s < high
+    mem_low, mem_high = est.memory_band_bytes
+    assert mem_low < est.memory_per_gpu_bytes < mem_high
+    assert not est.memory_at_risk
+
+
+def test_memory_at_risk_when_the_band_crosses_the_limit(llama_profile):
+    """A plan that fits by the estimate but not at the top of its memory band is flagged."""
+    cluster = ap.Cluster.preset("dgx-h100", gpus=1)
+    est = ap.estimate(llama_profile, cluster, _plan())
+    tight = cluster.model_copy(update={"memory_bytes": est.memory_per_gpu_bytes + 1024})
+    flagged = ap.estimate(llama_profile, tight, _plan())
+    assert flagged.fits and flagged.memory_at_risk

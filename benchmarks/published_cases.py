@@ -148,8 +148,7 @@ def map_case(raw: dict) -> Case:
         v = int(match.group(1)) if match else 2
         if not match:
             case.assumptions.append("2 virtual stages (count not stated)")
-        while (model["layers"] % (pp * v)) and v > 1:
-            v -= 1
+        v = min(v, model["layers"] // pp)  # uneven chunks are allowed (the cost model splits the remainder)
         if v == 1:
             schedule = "1f1b"
     zero = cfg.get("zero_stage")

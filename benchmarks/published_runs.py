@@ -39,7 +39,7 @@ BASELINE_MFU = 0.45  # the folklore rule: 6N FLOPs per token at 45% of peak
 PARAMS = ("clock.a100", "clock.h100", "attention", "overlap")
 START = {"clock.a100": 0.85, "clock.h100": 0.8, "attention": 0.8, "overlap": 0.2}
 GRID = {"clock.a100": [x / 100 for x in range(60, 101, 2)], "clock.h100": [x / 100 for x in range(50, 101, 2)],
-        "attention": [x / 100 for x in range(40, 131, 5)], "overlap": [x / 100 for x in range(0, 81, 5)]}
+        "attention": [x / 100 for x in range(40, 131, 5)], "overlap": [x / 100 for x in range(0, 101, 5)]}
 
 
 def family(case: Case) -> str:

@@ -171,9 +171,10 @@ class Cluster(_Noun):
                                                                          "attention_efficiency reached (clocks under the power limit with every "
                                                                          "SM and HBM busy for hours, not seconds). Scales GEMM and attention "
                                                                          "time, not memory-bound time.")
-    overlap_slowdown: float = Field(0.0, ge=0, le=1, description="Fraction of an overlapped collective's duration by which "
-                                                                "the compute beside it slows (NCCL kernels take SMs and HBM "
-                                                                "bandwidth); 0 is perfect overlap.")
+    overlap_slowdown: float = Field(0.0, ge=0, le=1, description="Fraction of an overlapped collective's duration that "
+                                                                "still lands on the step: the compute beside it slows (NCCL "
+                                                                "kernels take SMs and HBM bandwidth) and prefetching does not "
+                                                                "hide every gather; 0 is perfect overlap, 1 none.")
     fp8_gemm_speedup: float = Field(1.0, ge=1, le=4, description="Speed of a float8 GEMM relative to a bf16 GEMM of the same shape "
                                                                 "(1 where the GPU has no float8 tensor cores).")
     layer_overhead_fwd_s: float = Field(0.0, ge=0, description="Fixed seconds per layer and micro-batch in forward beyond its kernels' work (framework dispatch, kernel launches); fitted by `autoplan profile` from measured layer times, 0 in the presets.")
@@ -235,6 +236,8 @@ class Stack(_Noun):
     zero3_collectives_per_block: int = Field(1, ge=1, le=64, description="All-gathers (and reduce-scatters) a ZeRO-3 step issues per "
                                                                           "transformer block and pass: 1 where a block is one FSDP unit; "
                                                                           "more where parameters are gathered module by module.")
+    fused_loss: bool = Field(False, description="The loss is a fused, chunked cross-entropy kernel that keeps the 16-bit "
+                                                "logits and writes their gradient in place (no fp32 copies of the logits).")
     fp8_linears: bool = Field(False, description="Linear layers run in float8 (2x the bf16 tensor-core peak on Hopper) "
                                                  "with per-tensor scaling casts around them.")
     sources: dict[str, str] = Field(default_factory=dict, description="Where each number comes from.")

@@ -20,6 +20,19 @@ def test_estimate_prints_breakdowns(plan_file, run_cli):
         assert word in out
 
 
+def test_estimate_on_a_stack_prints_its_band(plan_file, run_cli):
+    """--stack picks the software the plan runs on: a fused stack is faster on the same plan; the step time
+    is printed with the band the published runs held (costmodel.bands); an unknown stack is one line, exit 2."""
+    argv = ["estimate", "gpt-tiny", "--plan", str(plan_file), "--gpus", "4", "--json"]
+    eager = Estimate.model_validate_json(run_cli(argv)[1])
+    fused = Estimate.model_validate_json(run_cli(argv + ["--stack", "torch-compile"])[1])
+    assert fused.step_time_s < eager.step_time_s
+    code, out, _ = run_cli(argv[:-1])
+    assert code == 0 and "published runs so predicted took" in out
+    code, _, err = run_cli(argv + ["--stack", "nonesuch"])
+    assert code == 2 and "unknown stack 'nonesuch'" in err and len(err.strip().splitlines()) == 1
+
+
 def test_estimate_json_is_an_estimate(plan_file, run_cli):
     code, out, _ = run_cli(["estimate", "gpt-tiny", "--plan", str(plan_file), "--json"])
     assert code == 0

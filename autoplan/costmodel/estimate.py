@@ -34,6 +34,7 @@ class RankCost:
     logits_bytes: float = 0.0        # the papers' accounting (memory="paper"): the head's activations
     max_layer_params: float = 0.0    # and the largest layer (ZeRO-3's gathered pair)
     blocks: int = 0                  # transformer blocks on the rank (ZeRO-3 gathers and scatters per block)
+    working_bytes_but_head: float = 0.0  # the largest layer's working activations, the head left out
 
 
 def even_split(num_blocks: int, chunks: int) -> list[int]:
@@ -122,6 +123,7 @@ class Coster:
             layers = self.digest.block_templates[template]
             block_cost, _ = self.layers_cost(layers, plan, recompute)
             result.layers.add(block_cost, n)
+            result.working_bytes_but_head = max(result.working_bytes_but_head, block_cost.working_bytes)
             unit = block_cost.dense_params + block_cost.expert_params
             result.max_layer_params = max(result.max_layer_params, unit)
             if unit > memory.largest_unit_params:
@@ -136,6 +138,8 @@ class Coster:
             cost, logits = self.layers_cost(layers, plan, recompute)
             result.layers.add(cost)
             result.logits_bytes += logits
+            if not logits:
+                result.working_bytes_but_head = max(result.working_bytes_but_head, cost.working_bytes)
             result.max_layer_params = max(result.max_layer_params, cost.dense_params + cost.expert_params)
             memory.root_params += cost.dense_params + cost.expert_params
             memory.embedding_params += sum(layer.params / plan.tp for layer in layers if layer.kind == "embedding")
@@ -242,13 +246,14 @@ def dp_sync_s(rank: RankCost, cluster: Cluster, plan: Plan, stack: Stack | None 
 
     ZeRO 0/1: gradient all-reduce; 2: reduce-scatter; both overlap with the last micro-batch's backward
     (PyTorch DDP buckets, Li et al. 2020, Sec. 3.2.3) and ZeRO 1/2 all-gather the updated parameters,
-    overlapping the next step's first forward. ZeRO 3 (FSDP, Zhao et al. 2023, Sec. 3.3): every
-    micro-batch all-gathers each block's parameters for forward and again for backward and
+    overlapping the next step's first forward. ZeRO 3 (FSDP, Zhao et al. 2023, Sec. 3.3): without a
+    pipeline every micro-batch all-gathers each block's parameters for forward and again for backward and
     reduce-scatters its gradients, one collective per block (FSDP's unit; `stack.zero3_collectives_per_block`
     where a stack gathers per module), prefetched behind the compute of the block before: what the
     compute cannot hide is exposed, and so are the first block's gather (nothing runs before it) and
     the last block's reduce-scatter (nothing runs after it). Each collective pays its own latency, which
-    at hundreds of ranks is (n-1)·α (comm.group_all_gather_s). Dense parameters sync over dp*cp
+    at hundreds of ranks is (n-1)·α (comm.group_all_gather_s). Under a pipeline, one gather and one
+    reduce-scatter per step. Dense parameters sync over dp*cp
     (stride tp); experts over the expert-data-parallel ranks dp*cp*tp/ep (stride ep).
     """
     stack = stack or DEFAULT_STACK
@@ -269,6 +274,13 @@ def dp_sync_s(rank: RankCost, cluster: Cluster, plan: Plan, stack: Stack | None 
             gather_s += units * comm.group_all_gather_s(message_bytes=weights, topo=topo, cluster=cluster)
     m = plan.num_micro_batches
     fwd_s, bwd_s = rank.layers.fwd_compute_s, rank.layers.bwd_compute_s + rank.layers.recompute_s
+    if plan.zero_stage == 3 and plan.pp > 1:
+        # under a pipeline schedule FSDP keeps the gathered parameters for all the step's micro-batches and
+        # reduce-scatters the accumulated gradients once (torch.distributed.pipelining with FSDP2, as
+        # torchtitan applies it: reshard_after_forward off for pp; autoplan's executor does the same)
+        exposed = (overlapped_s(comm_s=gather_s, compute_s=fwd_s, cluster=cluster)
+                   + overlapped_s(comm_s=reduce_s, compute_s=bwd_s, cluster=cluster))
+        return exposed, gather_s + reduce_s
     if plan.zero_stage == 3:
         per_micro = 2 * gather_s + reduce_s
         edges = (gather_s + reduce_s) / units  # the first gather and the last reduce-scatter
@@ -289,23 +301,33 @@ def overlapped_s(*, comm_s: float, compute_s: float, cluster: Cluster) -> float:
     return max(0.0, comm_s - compute_s) + cluster.overlap_slowdown * min(comm_s, compute_s)
 
 
-def rank_memory(rank: RankCost, index: int, cluster: Cluster, plan: Plan, memory: str = "executor") -> dict[str, int]:
+def rank_memory(rank: RankCost, index: int, cluster: Cluster, plan: Plan, memory: str = "executor",
+                stack: Stack | None = None) -> dict[str, int]:
     """Peak memory of pipeline rank `index` by category, plus the cluster's reserve: as autoplan's executor
-    holds it (costmodel.rank_memory), or (memory="paper") as the papers account for it."""
+    holds it (costmodel.rank_memory), or (memory="paper") as the papers account for it, with the stack's
+    loss kernel."""
     if memory == "paper" or unsupported_reason(plan, moe=rank.memory.experts > 0):
-        breakdown = paper_rank_memory(rank, index, plan)
+        breakdown = paper_rank_memory(rank, index, plan, stack)
     else:
         breakdown, _ = rank_peak(rank.memory, plan, index)
     breakdown["reserve"] = cluster.memory_reserve_bytes
     return breakdown
 
 
-def paper_rank_memory(rank: RankCost, index: int, plan: Plan) -> dict[str, int]:
+def paper_rank_memory(rank: RankCost, index: int, plan: Plan, stack: Stack | None = None) -> dict[str, int]:
     """The papers' accounting, as Megatron-LM runs hold memory: ZeRO's model states (Rajbhandari et al. 2020)
     for the ZeRO stage, Korthikanti et al. 2022's activations (costmodel.memory) times the micro-batches in
     flight, the largest layer's activations as temporaries, ZeRO-3's two gathered layers. What the published
     runs (benchmarks/published_runs.py), made with Megatron-LM, are reproduced with; autoplan's executor holds
-    more (costmodel.rank_memory, benchmarks/results/memory_truth.md)."""
+    more (costmodel.rank_memory, benchmarks/results/memory_truth.md).
+
+    A stack with a fused loss (Stack.fused_loss: a chunked cross-entropy kernel that writes the logits'
+    gradient in place) keeps the 16-bit logits for backward instead of the trace's fp32 copy (half its
+    bytes) and has no loss temporaries: the largest other layer's are the rank's."""
+    activations, temporaries = rank.layers.activation_bytes, rank.layers.working_bytes
+    if stack is not None and stack.fused_loss and rank.logits_bytes:
+        activations -= rank.logits_bytes / 2
+        temporaries = rank.working_bytes_but_head
     in_flight = micro_batches_in_flight(schedule=plan.schedule, pp=plan.pp, stage=index,
                                         num_micro_batches=plan.num_micro_batches, virtual_stages=plan.virtual_stages)
     dense = model_state_bytes(params=rank.layers.dense_params, zero_stage=plan.zero_stage, shard_degree=plan.dp * plan.cp)
@@ -314,8 +336,8 @@ def paper_rank_memory(rank: RankCost, index: int, plan: Plan) -> dict[str, int]:
     zero3_buffers = 2 * PARAM_BYTES * rank.max_layer_params if plan.zero_stage == 3 else 0.0
     return {
         "params": int(dense[0] + expert[0]), "grads": int(dense[1] + expert[1]),
-        "optimizer": int(dense[2] + expert[2]), "activations": int(rank.layers.activation_bytes * in_flight),
-        "temporaries": int(rank.layers.working_bytes), "buffers": int(zero3_buffers),
+        "optimizer": int(dense[2] + expert[2]), "activations": int(activations * in_flight),
+        "temporaries": int(temporaries), "buffers": int(zero3_buffers),
     }
 
 
@@ -347,7 +369,7 @@ def _assemble(profile: ModelProfile, cluster: Cluster, plan: Plan, ranks: list[R
     # a plan the executor refuses has nothing to hold the memory model to: rank_memory accounts for it as the
     # papers do, as the design intends
     refusal = unsupported_reason(plan, moe=profile.num_experts > 0) if memory == "executor" else None
-    memories = [rank_memory(rank, i, cluster, plan, memory) for i, rank in enumerate(ranks)]
+    memories = [rank_memory(rank, i, cluster, plan, memory, stack) for i, rank in enumerate(ranks)]
     totals = [sum(mem.values()) for mem in memories]
     peak = max(range(len(totals)), key=totals.__getitem__)
     gpus = plan.gpus

@@ -113,3 +113,17 @@ def test_memory_at_risk_when_the_band_crosses_the_limit(llama_profile):
     tight = cluster.model_copy(update={"memory_bytes": est.memory_per_gpu_bytes + 1024})
     flagged = ap.estimate(llama_profile, tight, _plan())
     assert flagged.fits and flagged.memory_at_risk
+
+
+def test_fused_loss_keeps_16_bit_logits_and_no_loss_temporaries(llama_profile):
+    """Worked example (the papers' accounting): a fused cross-entropy keeps the logits in 16 bits, half the
+    trace's fp32 copy, and leaves no loss temporaries, so the largest block's working bytes are the rank's."""
+    cluster, plan = ap.Cluster.preset("dgx-h100", gpus=1), _plan()
+    plain = ap.estimate(llama_profile, cluster, plan, memory="paper", stack=Stack(name="plain"))
+    fused = ap.estimate(llama_profile, cluster, plan, memory="paper", stack=Stack(name="fused", fused_loss=True))
+    rank = Coster.of(llama_profile, cluster, Stack(name="plain")).rank_costs(plan)[0]
+    assert rank.logits_bytes > 0
+    drop = plain.memory_breakdown["activations"] - fused.memory_breakdown["activations"]
+    assert drop == pytest.approx(rank.logits_bytes / 2, abs=2)
+    assert fused.memory_breakdown["temporaries"] == int(rank.working_bytes_but_head)
+    assert fused.memory_breakdown["temporaries"] <= plain.memory_breakdown["temporaries"]

@@ -236,6 +236,13 @@ class Stack(_Noun):
     zero3_collectives_per_block: int = Field(1, ge=1, le=64, description="All-gathers (and reduce-scatters) a ZeRO-3 step issues per "
                                                                           "transformer block and pass: 1 where a block is one FSDP unit; "
                                                                           "more where parameters are gathered module by module.")
+    selective_recompute: Literal["autoplan", "attention-core"] = Field(
+        "autoplan", description="What plan.recompute='selective' reruns: autoplan's rule (autoplan.selective: element-wise "
+                                "ops, SP's all-gathers, eager attention scores) or Korthikanti et al.'s (the attention "
+                                "core only), as Megatron-LM does.")
+    vocab_parallel_loss: bool = Field(False, description="Under tensor parallelism the loss runs on vocabulary-sharded logits "
+                                                         "(Megatron-LM's vocab-parallel cross-entropy, torch's loss_parallel); "
+                                                         "false: the logits are all-gathered first, as autoplan's executor does.")
     fused_loss: bool = Field(False, description="The loss is a fused, chunked cross-entropy kernel that keeps the 16-bit "
                                                 "logits and writes their gradient in place (no fp32 copies of the logits).")
     fp8_linears: bool = Field(False, description="Linear layers run in float8 (2x the bf16 tensor-core peak on Hopper) "

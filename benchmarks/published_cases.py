@@ -89,7 +89,8 @@ def _stack(case: dict, source: str) -> Stack:
         return Stack.preset("megatron-2021")
     if source == "torchtitan":
         name = "torch-compile" if cfg.get("torch_compile") else "torch"
-        return Stack.preset(name).model_copy(update={"fp8_linears": fp8})
+        # torchtitan turns on torch's loss_parallel with TP (its default `disable_loss_parallel = false`)
+        return Stack.preset(name).model_copy(update={"fp8_linears": fp8, "vocab_parallel_loss": True})
     return Stack.preset("llm-foundry").model_copy(update={"fp8_linears": fp8})
 
 

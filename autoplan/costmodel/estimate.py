@@ -244,7 +244,8 @@ class Coster:
 def dp_sync_s(rank: RankCost, cluster: Cluster, plan: Plan, stack: Stack | None = None) -> tuple[float, float]:
     """(exposed seconds per step, seconds on the link per step) of data-parallel synchronisation.
 
-    ZeRO 0/1: gradient all-reduce; 2: reduce-scatter; both overlap with the last micro-batch's backward
+    ZeRO 0/1: gradient all-reduce; 2: reduce-scatter (after every micro-batch's backward without a pipeline,
+    as FSDP reshards gradients each time; once per step under one); both overlap with backward
     (PyTorch DDP buckets, Li et al. 2020, Sec. 3.2.3) and ZeRO 1/2 all-gather the updated parameters,
     overlapping the next step's first forward. ZeRO 3 (FSDP, Zhao et al. 2023, Sec. 3.3): without a
     pipeline every micro-batch all-gathers each block's parameters for forward and again for backward and
@@ -268,6 +269,11 @@ def dp_sync_s(rank: RankCost, cluster: Cluster, plan: Plan, stack: Stack | None 
         grads, weights = GRAD_BYTES * params / units, PARAM_BYTES * params / units
         if plan.zero_stage <= 1:
             reduce_s += units * comm.group_all_reduce_s(message_bytes=grads, topo=topo, cluster=cluster)
+        elif plan.zero_stage == 2 and plan.pp == 1:
+            # FSDP reshards gradients after every micro-batch's backward (autoplan's executor: no
+            # no_sync for ZeRO-2), each reduce-scatter beside that micro-batch's backward
+            reduce_s += plan.num_micro_batches * comm.group_reduce_scatter_s(message_bytes=grads, topo=topo,
+                                                                             cluster=cluster)
         else:
             reduce_s += units * comm.group_reduce_scatter_s(message_bytes=grads, topo=topo, cluster=cluster)
         if plan.zero_stage >= 1:
@@ -285,7 +291,8 @@ def dp_sync_s(rank: RankCost, cluster: Cluster, plan: Plan, stack: Stack | None 
         per_micro = 2 * gather_s + reduce_s
         edges = (gather_s + reduce_s) / units  # the first gather and the last reduce-scatter
         return m * (overlapped_s(comm_s=per_micro, compute_s=fwd_s + bwd_s, cluster=cluster) + edges), m * per_micro
-    exposed = (overlapped_s(comm_s=reduce_s, compute_s=bwd_s, cluster=cluster)
+    reduce_beside_s = bwd_s * (plan.num_micro_batches if plan.zero_stage == 2 and plan.pp == 1 else 1)
+    exposed = (overlapped_s(comm_s=reduce_s, compute_s=reduce_beside_s, cluster=cluster)
                + overlapped_s(comm_s=gather_s, compute_s=fwd_s, cluster=cluster))
     return exposed, reduce_s + gather_s
 

@@ -143,6 +143,14 @@ def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, 
                           + MEMORY_BOUND_BWD_FACTOR * mem_fwd_s + cluster.layer_overhead_bwd_s)
     if layer.block is not None and recompute == "full":
         cost.recompute_s, cost.recompute_flops_per_sequence = cost.fwd_compute_s, layer.fwd_flops
+    elif layer.block is not None and recompute == "selective" and stack.selective_recompute == "attention-core":
+        # Korthikanti et al. 2022, Sec. 4.3: only the attention core is recomputed (QK^T, softmax, dropout, AV),
+        # its score-shaped element-wise ops reading and writing what the profile saw saved; a fused attention
+        # kernel already recomputes inside its backward, so nothing more runs
+        if layer.attention_score_bytes:
+            score_s = memory_bound_time_s(bytes_moved=2 * layer.attention_score_bytes * seqs / tp, cluster=cluster)
+            cost.recompute_s = attn_fwd_s + score_s
+            cost.recompute_flops_per_sequence = layer.attention_core_fwd_flops
     elif layer.block is not None and recompute == "selective":
         # autoplan.selective: the memory-bound ops run again, and an eager attention's core (its scores);
         # a fused attention's output is kept; under tp the row-parallel GEMMs of the block's first part (the
@@ -159,6 +167,11 @@ def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, 
         # with SP an all-gather + reduce-scatter pair, the same bytes on a ring (Korthikanti et al. 2022, Sec. 4.2.2).
         one = comm.group_all_reduce_s(message_bytes=boundary_bytes, topo=tp_topo, cluster=cluster)
         cost.tp_comm_s = 2 * layer.tp_collectives * one
+    if tp > 1 and layer.kind == "head" and not stack.vocab_parallel_loss:
+        # the loss needs whole rows of logits: the column-parallel head's output is all-gathered over tp
+        # forward ([b, s, V] in the activation dtype); its backward is a local slice, no communication
+        logits_bytes = profile.vocab_size * profile.seq_len * profile.dtype_bytes * seqs
+        cost.tp_comm_s += 2 * comm.group_all_gather_s(message_bytes=logits_bytes, topo=tp_topo, cluster=cluster)
     if cp > 1 and layer.kind == "attention":
         cost.cp_comm_s = _ring_attention_exposed_s(layer=layer, cluster=cluster, plan=plan, attn_fwd_s=attn_fwd_s)
     if ep > 1 and layer.kind == "moe":
@@ -166,6 +179,13 @@ def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, 
         routed_bytes = boundary_bytes * layer.top_k / (tp if sp else 1) * ROUTING_IMBALANCE
         ep_topo = comm.group_topology(group_size=ep, stride=1, gpus_per_node=cluster.gpus_per_node)
         cost.ep_comm_s = 4 * comm.group_all_to_all_s(message_bytes=routed_bytes, topo=ep_topo, cluster=cluster)
+    # recomputation reruns the forward's collectives too: all of them under full recompute (Megatron-LM's
+    # checkpointed forward repeats its all-reduces), SP's all-gathers (one half of each forward pair) under
+    # selective recompute (autoplan.selective reruns them rather than keeping their gathered outputs)
+    if layer.block is not None and recompute == "full":
+        cost.recompute_s += (cost.tp_comm_s + cost.cp_comm_s + cost.ep_comm_s) / 2
+    elif layer.block is not None and recompute == "selective" and sp and stack.selective_recompute == "autoplan":
+        cost.recompute_s += cost.tp_comm_s / 4
     # -- memory
     cost.activation_bytes = layer_activation_bytes(layer=layer, tp=tp, sequence_parallel=sp, cp=cp,
                                                    recompute=recompute, micro_batch_size=mbs,

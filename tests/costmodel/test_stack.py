@@ -127,3 +127,49 @@ def test_fused_loss_keeps_16_bit_logits_and_no_loss_temporaries(llama_profile):
     assert drop == pytest.approx(rank.logits_bytes / 2, abs=2)
     assert fused.memory_breakdown["temporaries"] == int(rank.working_bytes_but_head)
     assert fused.memory_breakdown["temporaries"] <= plain.memory_breakdown["temporaries"]
+
+
+def _ranks(profile, cluster, plan, stack=None):
+    return Coster.of(profile, cluster, stack).rank_costs(plan)
+
+
+def test_gathered_logits_cost_an_all_gather_unless_the_loss_is_vocab_parallel(llama_profile):
+    """Under tp autoplan's executor all-gathers the [b, s, V] logits forward (backward slices them); a stack
+    with a vocabulary-parallel loss does not: the head's tp time differs by exactly that gather (x2: the
+    layer's tp time is split evenly between forward and backward)."""
+    from autoplan.costmodel import comm
+    cluster, plan = ap.Cluster.preset("dgx-h100", gpus=2), _plan(tp=2)
+    head = next(layer for layer in llama_profile.layers if layer.kind == "head")
+    kw = dict(layer=head, profile=llama_profile, cluster=cluster, plan=plan, recompute="none", block_first=False)
+    gathered = layer_cost(**kw, stack=Stack(name="executor"))
+    parallel = layer_cost(**kw, stack=Stack(name="megatron", vocab_parallel_loss=True))
+    topo = comm.group_topology(group_size=2, stride=1, gpus_per_node=8)
+    logits = llama_profile.vocab_size * llama_profile.seq_len * 2 * 2  # V x s x bf16 x 2 sequences
+    gather = comm.group_all_gather_s(message_bytes=logits, topo=topo, cluster=cluster)
+    assert gathered.tp_comm_s - parallel.tp_comm_s == pytest.approx(2 * gather)
+
+
+def test_full_recompute_reruns_the_forward_collectives(llama_profile):
+    """Megatron-LM's checkpointed forward repeats its tp all-reduces: full recompute adds the forward half of
+    a block's tp time to its recompute; without tp nothing is added beyond the forward compute."""
+    cluster, plan = ap.Cluster.preset("dgx-h100", gpus=2), _plan(tp=2)
+    attention = next(layer for layer in llama_profile.layers if layer.kind == "attention")
+    kw = dict(layer=attention, profile=llama_profile, cluster=cluster, plan=plan, block_first=True)
+    full = layer_cost(**kw, recompute="full")
+    assert full.tp_comm_s > 0
+    assert full.recompute_s == pytest.approx(full.fwd_compute_s + full.tp_comm_s / 2)
+
+
+def test_zero2_reduce_scatters_every_micro_batch(llama_profile):
+    """Without a pipeline FSDP reshards gradients after each micro-batch: ZeRO-2's time on the link grows
+    with the micro-batches (four here) by m reduce-scatters, the gather stays once per step."""
+    cluster = ap.Cluster.preset("dgx-h100", gpus=8)
+    one = _plan(dp=8, zero_stage=2, micro_batch_size=1, global_batch_size=8)
+    four = _plan(dp=8, zero_stage=2, micro_batch_size=1, global_batch_size=32)
+    from autoplan.costmodel import comm
+    rank = _ranks(llama_profile, cluster, one)[0]
+    topo = comm.group_topology(group_size=8, stride=1, gpus_per_node=8)
+    reduce_scatter = comm.group_reduce_scatter_s(message_bytes=2 * rank.layers.dense_params, topo=topo, cluster=cluster)
+    gather = comm.group_all_gather_s(message_bytes=2 * rank.layers.dense_params, topo=topo, cluster=cluster)
+    assert dp_sync_s(rank, cluster, one)[1] == pytest.approx(reduce_scatter + gather)
+    assert dp_sync_s(_ranks(llama_profile, cluster, four)[0], cluster, four)[1] == pytest.approx(4 * reduce_scatter + gather)

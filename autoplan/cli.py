@@ -468,6 +468,9 @@ def _run(args) -> int:
     import torch.distributed as dist
 
     from autoplan.executor import apply, init_distributed, train
+    from autoplan.executor.launch import die_with_parent
+
+    die_with_parent()  # under torchrun: a killed launcher (or torchrun) takes this rank with it
     from autoplan.models.loader import load_model
 
     if args.steps < 1:
@@ -481,6 +484,8 @@ def _run(args) -> int:
         raise InvalidInputError("--checkpoint-every needs --checkpoint-dir")
     if args.checkpoint_dir and Path(args.checkpoint_dir).exists() and not Path(args.checkpoint_dir).is_dir():
         raise InvalidInputError(f"--checkpoint-dir {args.checkpoint_dir} exists and is not a directory")
+    if args.metrics and (Path(args.metrics).is_symlink() or not Path(args.metrics).parent.is_dir()):
+        raise InvalidInputError(f"--metrics {args.metrics}: a symbolic link, or its folder does not exist")
     plan, _ = _read_plan(args.plan)
     device = init_distributed()
     try:
@@ -522,21 +527,15 @@ def _model_name(model: str, seq_len: int) -> str:
 
 
 def _launch(args) -> int:
-    import subprocess
+    from autoplan.executor.launch import launch
 
-    if args.nproc_per_node < 1:
-        raise InvalidInputError(f"--nproc-per-node must be positive, got {args.nproc_per_node}")
+    _check_range("--nproc-per-node", args.nproc_per_node, 1, 4096)
+    _check_range("--max-restarts", args.max_restarts, 0, 1000)
     rest = [a for a in args.rest if a != "--"]
     if not rest:
         raise InvalidInputError("autoplan launch: give the model and the run arguments, e.g. gpt-tiny --plan plan.json")
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node}",
-               f"--nnodes={args.nnodes}", f"--max-restarts={args.max_restarts}"]
-    if args.rdzv_endpoint:
-        command += ["--rdzv-backend=c10d", f"--rdzv-endpoint={args.rdzv_endpoint}"]
-    elif str(args.nnodes) == "1":  # a free port on this machine: several jobs (or test workers) side by side
-        command += ["--standalone"]
-    command += ["-m", "autoplan", "run", *rest]
-    return subprocess.call(command)
+    return launch(nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint,
+                  max_restarts=args.max_restarts, run_args=rest)
 
 
 def _profile_hardware(args) -> int:
@@ -575,17 +574,23 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         return args.run(args)
     except AutoplanError as err:
-        print(f"autoplan: error: {err}", file=sys.stderr)
-        return err.exit_code
+        return _fail(f"autoplan: error: {err}", err.exit_code)
     except KeyboardInterrupt:
-        print("autoplan: interrupted", file=sys.stderr)
-        return 130
+        return _fail("autoplan: interrupted", 130)
     except Exception as err:  # a bug in autoplan: one line unless asked for the traceback
         if os.environ.get("AUTOPLAN_DEBUG"):
             raise
-        print(f"autoplan: internal error: {type(err).__name__}: {err} (set AUTOPLAN_DEBUG=1 for the traceback)",
-              file=sys.stderr)
-        return 1
+        line = " ".join(f"autoplan: internal error: {type(err).__name__}: {err}".split())
+        return _fail(f"{line} (set AUTOPLAN_DEBUG=1 for the traceback)", 1)
+
+
+def _fail(line: str, code: int) -> int:
+    """Print the one line (a rank under `autoplan launch` hands it to the launcher instead); the exit code."""
+    from autoplan.executor.launch import report_rank_error
+
+    if not report_rank_error(line):
+        print(line, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

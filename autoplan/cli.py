@@ -375,9 +375,12 @@ def _bench(args) -> int:
     out = Path(args.out)
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise InvalidInputError(f"--out {out} exists and is not a directory")
-    if out.is_dir():
-        for name in ("results.json", "report.md"):
-            check_output(out / name, force=args.force)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InvalidInputError(f"cannot create --out {out}: {err.strerror or err}") from None
+    for name in ("results.json", "report.md"):
+        check_output(out / name, force=args.force)
     cluster = Cluster.resolve(args.cluster, gpus=args.gpus)
     dtype = _profile_dtype(cluster)
     profile = profile_model(args.model, seq_len=args.seq_len, dtype=dtype)
@@ -541,6 +544,8 @@ def _launch(args) -> int:
 def _profile_hardware(args) -> int:
     from autoplan.profiler.calibrate import run_profile, summary
 
+    if args.peak_flops is not None and not (math.isfinite(args.peak_flops) and args.peak_flops > 0):
+        raise InvalidInputError(f"--peak-flops must be a positive, finite number, got {args.peak_flops}")
     if os.environ.get("RANK", "0") == "0":
         check_output(args.out, force=args.force)
     cluster = run_profile(out=args.out, quick=args.quick, model=args.model, name=args.name,

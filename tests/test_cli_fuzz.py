@@ -81,6 +81,13 @@ def test_run_refuses_a_learning_rate_that_is_not_positive_and_finite(lr, plan, r
              tmp_path)
 
 
+@pytest.mark.parametrize("flops", ["nan", "-1", "inf"])
+def test_profile_refuses_a_peak_that_is_not_positive_and_finite(flops, run_cli, tmp_path):
+    """Oracle: refused before any measurement (was: an internal error after the whole profile run)."""
+    _refused(run_cli, ["profile", "--quick", "--peak-flops", flops, "--out", str(tmp_path / "c.json")],
+             "--peak-flops must be a positive, finite number", tmp_path)
+
+
 @pytest.mark.parametrize("content, expected", [
     (b"\xff\xfe{\x00", "not UTF-8 text"),
     (b"[" * 100_000 + b"]" * 100_000, "JSON nested too deeply"),
@@ -160,6 +167,11 @@ def test_bench_report_is_not_written_over_a_link(run_cli, tmp_path):
              tmp_path)
     _refused(run_cli, ["bench", "gpt-tiny", "--gpus", "1", "--out", str(out), "--global-batch", "0"],
              "--global-batch must be between", tmp_path)
+
+
+def test_bench_out_that_cannot_be_made(run_cli, tmp_path):
+    _refused(run_cli, ["bench", "gpt-tiny", "--gpus", "1", "--out", "/proc/autoplan-bench"], "cannot create --out",
+             tmp_path)
 
 
 def test_profile_model_out_needs_force(run_cli, tmp_path):

@@ -220,14 +220,17 @@ class FolderLock:
 
     def _acquire(self):
         root = self.root
-        if root.is_symlink() or (root.exists() and not root.is_dir()):
+        if root.exists() and not root.is_dir():
             raise InvalidInputError(f"--checkpoint-dir {root} exists and is not a directory")
+        if (root / LOCK_FILE).is_symlink():
+            raise InvalidInputError(f"{root / LOCK_FILE} is a symbolic link; autoplan does not write through links")
         try:
             root.mkdir(parents=True, exist_ok=True)
             probe = root / f".write-test-{os.getpid()}"
             probe.mkdir()
             probe.rmdir()
-            handle = open(root / LOCK_FILE, "a+")
+            # never through a link: O_NOFOLLOW (a link named .autoplan.lock is refused, its target untouched)
+            handle = os.fdopen(os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
         except OSError as err:
             raise InvalidInputError(f"checkpoint folder {root} is not writable: {err.strerror or err}") from None
         try:
@@ -258,15 +261,20 @@ class FolderLock:
 # ------------------------------------------------------------------------------------- collectives
 def on_rank0(function, default=None):
     """function() on rank 0 (collective): its result on every rank when it is plain data (else `default` on
-    the other ranks); an InvalidInputError or OSError there is raised on every rank with the same message."""
+    the other ranks). An InvalidInputError or OSError there is raised on every rank as InvalidInputError
+    with the same message, any other error as RuntimeError: no rank is left waiting for rank 0."""
     result, error = default, None
     if _rank() == 0:
         try:
             result = function()
         except InvalidInputError as err:
-            error = str(err)
+            error = ("input", str(err))
         except OSError as err:
-            error = f"{getattr(err, 'filename', '') or ''}: {err.strerror or err}".lstrip(": ")
+            error = ("input", f"{getattr(err, 'filename', '') or ''}: {err.strerror or err}".lstrip(": "))
+        except Exception as err:
+            if not dist.is_initialized():
+                raise
+            error = ("internal", first_line(err))
     if dist.is_initialized():
         shared = [error, result if _rank() == 0 and _shareable(result) else None]
         dist.broadcast_object_list(shared, src=0)
@@ -274,7 +282,7 @@ def on_rank0(function, default=None):
         if _rank() != 0:
             result = shared[1] if shared[1] is not None else default
     if error is not None:
-        raise InvalidInputError(error)
+        raise (InvalidInputError if error[0] == "input" else RuntimeError)(error[1])
     return result
 
 

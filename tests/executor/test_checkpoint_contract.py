@@ -196,6 +196,17 @@ def test_one_run_per_folder_and_a_dead_runs_lock_does_not_block(tmp_path):
     FolderLock(folder).release()
 
 
+def test_the_lock_is_never_taken_through_a_link(tmp_path):
+    """Oracle: the link's target keeps its bytes; the refusal is one line."""
+    folder, target = tmp_path / "run", tmp_path / "precious.txt"
+    folder.mkdir()
+    target.write_text("precious")
+    (folder / LOCK_FILE).symlink_to(target)
+    with pytest.raises(InvalidInputError, match="is a symbolic link"):
+        FolderLock(folder)
+    assert target.read_text() == "precious"
+
+
 def test_training_into_a_busy_folder_is_refused_before_any_step(run):
     before = _listing(run)
     with FolderLock(run):

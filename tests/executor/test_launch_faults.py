@@ -52,21 +52,18 @@ def _wait(condition, timeout_s: float) -> bool:
     return condition()
 
 
-@pytest.mark.parametrize("how", ["SIGTERM to the launcher", "SIGINT to the launcher", "SIGKILL to the launcher",
-                                 "SIGKILL to its process group"])
+@pytest.mark.parametrize("how", ["SIGTERM to the launcher", "SIGINT to the launcher", "SIGKILL to the launcher"])
 def test_killing_the_launcher_stops_every_rank(how, tmp_path):
     """Oracle: /proc: no process of the job's ranks is left 20 s after the signal (before, torchrun and the
-    ranks trained on to the last step); the newest checkpoint is complete and the folder's lock is free."""
+    ranks trained on to the last step); the newest checkpoint is complete and the folder's lock is free.
+    SIGKILL to the launcher's process group: test_one_run_per_folder_and_an_immediate_resume_after_a_kill."""
     mark, checkpoints, metrics = uuid.uuid4().hex, tmp_path / "ck", tmp_path / "metrics.jsonl"
     job = _launch(tmp_path, mark, "--steps", "100000", "--metrics", str(metrics), "--checkpoint-dir",
                   str(checkpoints), "--checkpoint-every", "2")
     try:
         assert _wait(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3, 180), job.stderr
         assert len(_ranks(mark)) == 2
-        if how == "SIGKILL to its process group":
-            os.killpg(job.pid, signal.SIGKILL)
-        else:
-            job.send_signal(getattr(signal, how.split()[0]))
+        job.send_signal(getattr(signal, how.split()[0]))
         assert _wait(lambda: not _ranks(mark), 20), f"ranks left: {_ranks(mark)}"
         code = job.wait(timeout=30)
     finally:
@@ -80,6 +77,36 @@ def test_killing_the_launcher_stops_every_rank(how, tmp_path):
         assert job.stderr.read().strip().splitlines()[-1].startswith(f"autoplan: stopped by {how.split()[0]}")
     assert latest_checkpoint(checkpoints) is not None
     FolderLock(checkpoints).release()
+
+
+def test_one_run_per_folder_and_an_immediate_resume_after_a_kill(tmp_path):
+    """Oracle: the folder's lock. A second job into the busy folder is refused in one line (exit 2) and
+    changes no checkpoint, the first trains on; right after SIGKILL to the first job's group a resume is
+    not refused (before: it trained beside the orphaned ranks into the same folder) and goes on from the
+    newest checkpoint."""
+    mark, checkpoints, metrics = uuid.uuid4().hex, tmp_path / "ck", tmp_path / "metrics.jsonl"
+    first = _launch(tmp_path, mark, "--steps", "100000", "--metrics", str(metrics), "--checkpoint-dir",
+                    str(checkpoints), "--checkpoint-every", "2")
+    try:
+        assert _wait(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3, 180)
+        second = _launch(tmp_path, uuid.uuid4().hex, "--steps", "100000", "--checkpoint-dir", str(checkpoints))
+        _, err = second.communicate(timeout=300)
+        assert second.returncode == 2 and err.count("autoplan: error:") == 1, err
+        assert "is in use by another run" in err and "Traceback" not in err
+        assert first.poll() is None  # the first job trains on
+        os.killpg(first.pid, signal.SIGKILL)
+        assert _wait(lambda: not _ranks(mark), 20)
+    finally:
+        for pid in _ranks(mark):
+            os.kill(pid, signal.SIGKILL)
+        if first.poll() is None:
+            first.kill()
+    newest = int(latest_checkpoint(checkpoints).name.removeprefix("step_"))
+    resume = _launch(tmp_path, uuid.uuid4().hex, "--steps", str(newest + 2), "--checkpoint-dir", str(checkpoints))
+    out, err = resume.communicate(timeout=300)
+    assert resume.returncode == 0, err
+    assert f"resumed from {checkpoints / f'step_{newest}'}" in out
+    assert latest_checkpoint(checkpoints).name == f"step_{newest + 1}"
 
 
 def test_a_rank_refusal_is_one_line_and_its_exit_code(tmp_path):

@@ -221,3 +221,14 @@ def test_unwritable_folder_is_refused_before_any_step(tmp_path):
     with pytest.raises(InvalidInputError, match=r"checkpoint folder /proc/autoplan-test/run is not writable"):
         _train(Path("/proc/autoplan-test/run"), 2, log=lines.append)
     assert lines == []
+
+
+def test_a_save_torch_cannot_write_is_one_line(monkeypatch):
+    """Oracle: DCP's failure (its CheckpointException is a BaseException, once a raw traceback per rank)
+    reaches the caller as InvalidInputError naming the folder; /proc takes no new folders, even for root."""
+    from autoplan.executor import checkpoint
+
+    monkeypatch.setattr(checkpoint, "_prepare", lambda *args: None)  # what the writable check would refuse first
+    par, optimizer = _fresh()
+    with pytest.raises(InvalidInputError, match=r"checkpoint /proc/autoplan-test/step_0.tmp could not be written"):
+        save_checkpoint("/proc/autoplan-test", par=par, optimizer=optimizer, step=0, model_name=MODEL)

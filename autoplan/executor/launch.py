@@ -73,10 +73,14 @@ def launch(*, nproc_per_node: int, nnodes: str, rdzv_endpoint: str | None, max_r
 
 
 def failure_line(failures: dict, errors: Path) -> tuple[str, int]:
-    """(the line to print, the exit code) for torchrun's {rank: ProcessFailure}: the lowest rank that wrote
-    an error line, else the lowest failed rank; a rank killed by signal N exits 128 + N."""
-    written = {rank: errors / f"rank_{rank}" for rank in failures if (errors / f"rank_{rank}").is_file()}
-    rank = min(written or failures)
+    """(the line to print, the exit code) for torchrun's {rank: ProcessFailure}: of the ranks that exited by
+    themselves (not stopped by the agent's SIGTERM after the first failure, which may catch a rank that has
+    written its line but not yet exited) the lowest that wrote an error line, else the lowest; a rank killed
+    by signal N exits 128 + N."""
+    exited = {rank for rank, failure in failures.items() if failure.exitcode > 0}
+    candidates = exited or set(failures)
+    written = {rank: errors / f"rank_{rank}" for rank in candidates if (errors / f"rank_{rank}").is_file()}
+    rank = min(written or candidates)
     code = failures[rank].exitcode
     if rank in written:
         line = written[rank].read_text(errors="replace").strip().splitlines()[0]

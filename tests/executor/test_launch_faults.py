@@ -11,10 +11,13 @@ import time
 import uuid
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import pytest
 
 from autoplan.executor.checkpoint import latest_checkpoint
 from autoplan.executor.checkpoint_files import FolderLock
+from autoplan.executor.launch import failure_line
 
 PLAN = {"dp": 2, "global_batch_size": 4, "micro_batch_size": 2}
 
@@ -119,3 +122,16 @@ def test_a_rank_refusal_is_one_line_and_its_exit_code(tmp_path):
     assert err.count("autoplan: error:") == 1 and "step_5 has no meta.json" in err
     assert "Traceback" not in err and "ChildFailedError" not in err
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [".autoplan.lock", "step_5"]
+
+
+def test_failure_line_prefers_a_rank_that_exited_by_itself(tmp_path):
+    """Oracle: the race seen under load: rank 0 wrote its refusal but was still exiting when rank 1 exited
+    with 2 and the agent sent rank 0 SIGTERM (-15): the launcher exits 2, not 143, with the refusal."""
+    (tmp_path / "rank_0").write_text("autoplan: error: refused on rank 0\n")
+    (tmp_path / "rank_1").write_text("autoplan: error: refused on rank 1\n")
+    failures = {0: SimpleNamespace(exitcode=-signal.SIGTERM), 1: SimpleNamespace(exitcode=2)}
+    assert failure_line(failures, tmp_path) == ("autoplan: error: refused on rank 1", 2)
+    failures = {0: SimpleNamespace(exitcode=2), 1: SimpleNamespace(exitcode=2)}
+    assert failure_line(failures, tmp_path) == ("autoplan: error: refused on rank 0", 2)
+    killed = {1: SimpleNamespace(exitcode=-signal.SIGKILL)}
+    assert failure_line(killed, tmp_path / "absent") == ("autoplan: error: rank 1 was killed by SIGKILL", 137)

@@ -19,7 +19,7 @@ venv: $(STAMP)
 
 # The main job: plan the bundled example model on a 64-GPU DGX H100 preset.
 search: $(STAMP)
-	$(BIN)/autoplan search examples/gpt_small.py --gpus 64 --cluster dgx-h100 --out plan.json
+	$(BIN)/autoplan search examples/gpt_small.py --gpus 64 --cluster dgx-h100 --out plan.json --force
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2

@@ -8,11 +8,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
+import re
 import sys
 from pathlib import Path
 
 from autoplan.errors import AutoplanError, InvalidInputError
+from autoplan.safe_io import check_output, read_json, read_text
 
 DEFAULT_CLUSTER = "dgx-h100"
 
@@ -48,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     srch.add_argument("--executable", action="store_true",
                       help="only plans autoplan's executor runs today (see README: Run a plan)")
     srch.add_argument("--out", help="write the best plan here (a plan file `estimate` and `run` accept)")
+    _force_arg(srch)
     srch.add_argument("--json", action="store_true", help="print the SearchResult as JSON")
     srch.add_argument("--verify", action="store_true",
                       help="dry-run the top plans (executor code, fake process group, no GPU) and drop those whose "
@@ -126,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--fix", action="append", default=[], metavar="FIELD=VALUE", help="pin a plan field")
     bench.add_argument("--steps", type=int, default=8, help="steps per plan (default 8; at least 3)")
     bench.add_argument("--out", required=True, help="directory for report.md, results.json and the plots")
+    _force_arg(bench)
     bench.set_defaults(run=_bench)
 
     cal = sub.add_parser("calibrate", help="fit the cost model's fixed overheads to measured bench runs",
@@ -135,6 +140,9 @@ def _parser() -> argparse.ArgumentParser:
     cal.add_argument("results", nargs="+", help="results.json files written by `autoplan bench`")
     cal.add_argument("--cluster", required=True, help="the cluster file the runs were measured on")
     cal.add_argument("--out", required=True, help="cluster file to write")
+    cal.add_argument("--model", help="the model the runs trained (a built-in name or model.py): needed when the "
+                                     "results name a model file, whose code calibrate imports only when named here")
+    _force_arg(cal)
     cal.set_defaults(run=_calibrate)
 
     hw = sub.add_parser("profile", help="measure this machine (under torchrun for the interconnect) -> cluster.json",
@@ -143,6 +151,7 @@ def _parser() -> argparse.ArgumentParser:
                                     "that search, estimate and bench accept with --cluster.")
     hw.add_argument("model", nargs="?", help="also time this model's blocks (a built-in name or model.py)")
     hw.add_argument("--out", default="cluster.json", help="cluster file to write (default cluster.json)")
+    _force_arg(hw)
     hw.add_argument("--quick", action="store_true", help="small sizes, few repeats: seconds instead of minutes")
     hw.add_argument("--name", help="label of the measured cluster")
     hw.add_argument("--peak-flops", type=float, help="declared peak FLOP/s of one device (default: known GPUs' "
@@ -153,8 +162,13 @@ def _parser() -> argparse.ArgumentParser:
                           description="Trace MODEL on the meta device: per-layer FLOPs, parameters, activations.")
     _model_args(prof)
     prof.add_argument("--out", help="write the profile JSON here (default: print a summary)")
+    _force_arg(prof)
     prof.set_defaults(run=_profile_model)
     return parser
+
+
+def _force_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force", action="store_true", help="replace output files that exist (default: refuse)")
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
@@ -163,32 +177,41 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_profile(args):
-    from autoplan.profiler.model import profile_model
+    from autoplan.profiler.model import MAX_SEQ_LEN, profile_model
 
-    if args.seq_len is not None and args.seq_len < 1:
-        raise InvalidInputError(f"--seq-len must be positive, got {args.seq_len}")
+    _check_range("--seq-len", args.seq_len, 1, MAX_SEQ_LEN)
     return profile_model(args.model, seq_len=args.seq_len)
 
 
 def _estimate(args) -> int:
     from autoplan.costmodel import estimate
     from autoplan.report import estimate_table
-    from autoplan.schema import Cluster, Stack, parse_plan_file
+    from autoplan.schema import Cluster, Stack
 
-    plan_path = Path(args.plan)
-    if not plan_path.is_file():
-        raise InvalidInputError(f"plan file not found: {plan_path}")
-    plan, origin = parse_plan_file(plan_path.read_text(), source=str(plan_path))
+    plan, origin = _read_plan(args.plan)
     cluster = Cluster.resolve(args.cluster, gpus=args.gpus if args.gpus is not None else plan.gpus)
     profile = _load_profile(args)
     if origin is not None:
-        _warn_if_other_target(plan_path, origin, args.model, profile.seq_len, cluster)
+        _warn_if_other_target(Path(args.plan), origin, args.model, profile.seq_len, cluster)
     result = estimate(profile, cluster, plan, stack=Stack.resolve(args.stack))
     if args.json:
         print(result.model_dump_json(indent=2))
     else:
         print(estimate_table(result, plan=plan, cluster=cluster, profile=profile), end="")
     return 0
+
+
+def _read_plan(path: str):
+    """(Plan, PlanFile or None) of a plan file, or InvalidInputError in one line."""
+    from autoplan.schema import parse_plan_file
+
+    return parse_plan_file(read_text(path, "plan file"), source=path)
+
+
+def _check_range(flag: str, value, low, high) -> None:
+    """InvalidInputError unless low <= value <= high (None: the option was not given); NaN is out of range."""
+    if value is not None and not (low <= value <= high):
+        raise InvalidInputError(f"{flag} must be between {low:,} and {high:,}, got {value}")
 
 
 def _warn_if_other_target(path: Path, origin, model: str, seq_len: int, cluster) -> None:
@@ -208,17 +231,54 @@ def _default_batch(gpus: int) -> int:
     return batch
 
 
-def _fixed_fields(pairs: list[str]) -> dict:
-    from autoplan.schema import Plan
+FIXABLE = ("dp", "tp", "pp", "cp", "ep", "zero_stage", "recompute", "sequence_parallel", "micro_batch_size",
+           "schedule", "virtual_stages")
 
+
+def _fixed_fields(pairs: list[str]) -> dict:
+    """{field: value} of --fix FIELD=VALUE pairs, each value checked against the Plan field's type and range."""
     fixed = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
-        if not sep or name not in Plan.model_fields or name in ("layers_per_stage", "recompute_per_stage"):
-            raise InvalidInputError(f"--fix takes FIELD=VALUE with a plan field (dp, tp, pp, cp, ep, zero_stage, "
-                                    f"recompute, micro_batch_size, schedule, virtual_stages), got {pair!r}")
-        fixed[name] = int(value) if value.isdigit() else value
+        if not sep or name not in FIXABLE:
+            raise InvalidInputError(f"--fix takes FIELD=VALUE with a plan field ({', '.join(FIXABLE)}), got {pair!r}")
+        fixed[name] = _fix_value(name, value)
     return fixed
+
+
+def _fix_value(name: str, text: str):
+    from typing import Annotated
+
+    from pydantic import TypeAdapter, ValidationError
+
+    from autoplan.schema import Plan, one_line
+
+    info = Plan.model_fields[name]
+    if info.annotation is int:
+        if not re.fullmatch(r"[0-9]{1,12}", text):
+            raise InvalidInputError(f"--fix {name}={text}: expected a whole number")
+        value = int(text)
+    elif info.annotation is bool:
+        if text not in ("true", "false"):
+            raise InvalidInputError(f"--fix {name}={text}: expected true or false")
+        value = text == "true"
+    else:
+        value = text
+    try:
+        return TypeAdapter(Annotated[info.annotation, info]).validate_python(value, strict=True)
+    except ValidationError as err:
+        raise InvalidInputError(f"--fix {name}={text}: {one_line(err)}") from None
+
+
+def _check_job(args) -> int:
+    """Check --gpus, --top and --global-batch of search and bench; the global batch to use."""
+    from autoplan.planner.search import MAX_TOP_K
+    from autoplan.schema import MAX_GLOBAL_BATCH, MAX_GPUS
+
+    _check_range("--gpus", args.gpus, 1, MAX_GPUS)
+    _check_range("--top", args.top, 1, MAX_TOP_K)
+    _check_range("--global-batch", args.global_batch, 1, MAX_GLOBAL_BATCH)
+    return args.global_batch if args.global_batch is not None else _default_batch(args.gpus)
 
 
 def _search(args) -> int:
@@ -228,14 +288,12 @@ def _search(args) -> int:
     from autoplan.report import search_report
     from autoplan.schema import Cluster, PlanFile, Stack
 
-    if args.gpus < 1 or args.top < 1:
-        raise InvalidInputError(f"--gpus and --top must be positive, got {args.gpus} and {args.top}")
+    batch = _check_job(args)
     fixed = _fixed_fields(args.fix)
+    if args.out:
+        check_output(args.out, force=args.force)
     cluster = Cluster.resolve(args.cluster, gpus=args.gpus)
     profile = _load_profile(args)
-    batch = args.global_batch or _default_batch(args.gpus)
-    if batch < 1:
-        raise InvalidInputError(f"--global-batch must be positive, got {batch}")
     with Progress(transient=True, disable=args.json or not sys.stderr.isatty()) as bar:
         task = bar.add_task("searching", total=None)
         result = search(profile, cluster, global_batch_size=batch, top_k=args.top, accept=_executable(args, profile),
@@ -247,7 +305,7 @@ def _search(args) -> int:
     if args.out:
         command = "autoplan " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("autoplan") else None
         PlanFile(plan=result.best, model=args.model, seq_len=profile.seq_len, cluster=args.cluster, gpu=cluster.gpu,
-                 gpus=cluster.num_gpus, estimate=result.best_estimate, command=command).save(args.out)
+                 gpus=cluster.num_gpus, estimate=result.best_estimate, command=command).save(args.out, force=args.force)
     if args.json:
         data = result.to_dict()
         if verification is not None:
@@ -298,12 +356,9 @@ def _dryrun(args) -> int:
     from autoplan.costmodel.estimate import Coster
     from autoplan.costmodel.rank_memory import rank_peak
     from autoplan.report.dryrun import dryrun_table
-    from autoplan.schema import Cluster, Stack, parse_plan_file
+    from autoplan.schema import Cluster
 
-    plan_path = Path(args.plan)
-    if not plan_path.is_file():
-        raise InvalidInputError(f"plan file not found: {plan_path}")
-    plan, _ = parse_plan_file(plan_path.read_text(), source=str(plan_path))
+    plan, _ = _read_plan(args.plan)
     if args.gpus is not None and args.gpus != plan.gpus:
         raise InvalidInputError(f"--gpus {args.gpus} but the plan's dp*tp*pp*cp is {plan.gpus}")
     cluster = Cluster.resolve(args.cluster, gpus=plan.gpus)
@@ -324,20 +379,25 @@ def _bench(args) -> int:
     from autoplan.report.bench import bench
     from autoplan.schema import Cluster
 
-    if args.gpus < 1 or args.top < 1:
-        raise InvalidInputError(f"--gpus and --top must be positive, got {args.gpus} and {args.top}")
+    batch = _check_job(args)
+    fixed = _fixed_fields(args.fix)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise InvalidInputError(f"--out {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InvalidInputError(f"cannot create --out {out}: {err.strerror or err}") from None
+    for name in ("results.json", "report.md"):
+        check_output(out / name, force=args.force)
     cluster = Cluster.resolve(args.cluster, gpus=args.gpus)
     dtype = _profile_dtype(cluster)
     profile = profile_model(args.model, seq_len=args.seq_len, dtype=dtype)
-    batch = args.global_batch or _default_batch(args.gpus)
     command = "autoplan " + " ".join(sys.argv[1:])
     results = bench(args.model, profile, cluster, out=out, global_batch_size=batch, top_k=args.top,
                     steps=args.steps, every_plan=args.every_plan, sample=args.sample, seq_len=args.seq_len,
                     command=command,
-                    progress=lambda line: print(line, file=sys.stderr, flush=True), **_fixed_fields(args.fix))
+                    progress=lambda line: print(line, file=sys.stderr, flush=True), **fixed)
     acc = results["accuracy"]
     print(f"{acc['measured']} of {acc['plans']} plans ran; report in {out / 'report.md'}")
     for key in ("step_time_mape", "memory_mape", "spearman", "regret"):
@@ -351,19 +411,28 @@ def _calibrate(args) -> int:
     from autoplan.profiler.model import profile_model
     from autoplan.schema import Cluster, Plan
 
+    from pydantic import ValidationError
+
+    from autoplan.schema import one_line
+
     cluster = Cluster.resolve(args.cluster)
+    check_output(args.out, force=args.force)
     runs = []
-    for path in map(Path, args.results):
+    for path in args.results:
+        results = read_json(path, "bench results file")
         try:
-            results = json.loads(path.read_text())
             rows = [(row["plan"], row["measured_step_time_s"]) for row in results["plans"] if row["status"] == "ok"]
             model, seq_len = results["model"], results["seq_len"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
+            plans = [Plan.model_validate(plan) for plan, _ in rows]
+        except ValidationError as err:
+            raise InvalidInputError(f"{path}: a plan is invalid: {one_line(err)}") from None
+        except (KeyError, TypeError, AttributeError) as err:
             raise InvalidInputError(f"{path}: not a bench results file ({type(err).__name__}: {err})") from None
-        profile = profile_model(model, seq_len=seq_len, dtype=_profile_dtype(cluster))
-        runs += [(profile, Plan.model_validate(plan), seconds) for plan, seconds in rows]
+        profile = profile_model(_calibrated_model(path, model, args.model), seq_len=seq_len,
+                                dtype=_profile_dtype(cluster))
+        runs += [(profile, plan, seconds) for plan, (_, seconds) in zip(plans, rows)]
     fit = fit_overheads(cluster, runs)
-    fit.cluster.save(args.out)
+    fit.cluster.save(args.out, force=args.force)
     print(f"fitted {len(fit.cluster.overheads)} overheads to {fit.runs} runs: step-time MAPE "
           f"{fit.mape_before * 100:.1f}% -> {fit.mape_after * 100:.1f}% (in sample)")
     for name, seconds in fit.cluster.overheads.items():
@@ -372,6 +441,20 @@ def _calibrate(args) -> int:
         print(f"  not exercised by the runs (0): {', '.join(fit.unseen)}")
     print(f"wrote {args.out}")
     return 0
+
+
+def _calibrated_model(path: str, recorded, given: str | None) -> str:
+    """The model calibrate profiles for a results file: the one named on the command line (--model), else
+    the file's own only if it is a built-in name. A results file is data: the model file it names is not
+    imported unless the user names that file too."""
+    from autoplan.models.configs import NAMED_CONFIGS
+
+    if given is not None:
+        return given
+    if isinstance(recorded, str) and recorded in NAMED_CONFIGS:
+        return recorded
+    raise InvalidInputError(f"{path} names the model {recorded!r}, not a built-in one; calibrate imports model code "
+                            f"only when it is named on the command line: add --model {recorded}")
 
 
 def _profile_dtype(cluster):
@@ -396,53 +479,78 @@ def _executable(args, profile):
 def _run(args) -> int:
     import torch.distributed as dist
 
-    from autoplan.executor import apply, init_distributed, train
-    from autoplan.models.loader import load_model
-    from autoplan.schema import parse_plan_file
+    from autoplan.executor import init_distributed
+    from autoplan.executor.launch import die_with_parent
 
+    die_with_parent()  # under torchrun: a killed launcher (or torchrun) takes this rank with it
     if args.steps < 1:
         raise InvalidInputError(f"--steps must be positive, got {args.steps}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise InvalidInputError(f"--lr must be a positive, finite number, got {args.lr}")
+    _check_range("--seed", args.seed, 0, 2**63 - 1)
     if args.checkpoint_every < 0 or args.keep_checkpoints < 1:
         raise InvalidInputError("--checkpoint-every must be >= 0 and --keep-checkpoints >= 1")
     if args.checkpoint_every and not args.checkpoint_dir:
         raise InvalidInputError("--checkpoint-every needs --checkpoint-dir")
     if args.checkpoint_dir and Path(args.checkpoint_dir).exists() and not Path(args.checkpoint_dir).is_dir():
         raise InvalidInputError(f"--checkpoint-dir {args.checkpoint_dir} exists and is not a directory")
-    plan_path = Path(args.plan)
-    if not plan_path.is_file():
-        raise InvalidInputError(f"plan file not found: {plan_path}")
-    plan, _ = parse_plan_file(plan_path.read_text(), source=str(plan_path))
+    if args.metrics and (Path(args.metrics).is_symlink() or not Path(args.metrics).parent.is_dir()):
+        raise InvalidInputError(f"--metrics {args.metrics}: a symbolic link, or its folder does not exist")
+    plan, _ = _read_plan(args.plan)
     device = init_distributed()
+    error = None
     try:
-        import torch
-
-        torch.manual_seed(args.seed)
-        overrides = {"seq_len": args.seq_len} if args.seq_len else {}
-        loaded = load_model(args.model, device=device, **({} if args.model.endswith(".py") else overrides))
-        model = loaded.module
-        if hasattr(model, "init_weights"):
-            model.init_weights(seed=args.seed)
-        if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda"):
-            model.to(torch.bfloat16)  # AdamW then keeps fp32 master weights (executor.precision)
-        seq_len = args.seq_len or loaded.seq_len
-        vocab = loaded.config.get("vocab") or getattr(getattr(model, "config", None), "vocab", None)
-        if not seq_len or not vocab:
-            raise InvalidInputError(f"{args.model}: set CONFIG['seq_len'] and CONFIG['vocab'] in the model file")
-        par = apply(model, plan, device_type=device.type, tp_plan=loaded.tp_plan)
-        train(par, steps=args.steps, seq_len=seq_len, vocab=vocab, device=device, lr=args.lr, seed=args.seed,
-              metrics_path=args.metrics, checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-              keep_checkpoints=args.keep_checkpoints, model_name=_model_name(args.model, seq_len),
-              track_memory=args.track_memory)
-        # the data-parallel wrappers go before their process group: torch's composable DDP, destroyed after it
-        # at exit, aborted the process now and then ("terminate called without an active exception")
-        del par, model, loaded
-        gc.collect()
-        if dist.is_initialized():
+        _train_plan(args, plan, device)
+    except BaseException as err:  # noqa: BLE001  raised again below, once the process group is gone
+        error = err if os.environ.get("AUTOPLAN_DEBUG") else _without_frames(err)
+    # the data-parallel wrappers go before their process group, on success and on error alike (the error's
+    # frames held them): torch's composable DDP, destroyed after it at exit, aborted the process now and then
+    # ("terminate called without an active exception"), which a launcher saw as SIGABRT instead of exit 2
+    gc.collect()
+    if dist.is_initialized():
+        if error is None:
             dist.barrier()  # every rank done with its last collective before any tears the group down (FSDP2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        dist.destroy_process_group()
+    if error is not None:
+        raise error
     return 0
+
+
+def _train_plan(args, plan, device) -> None:
+    """Build the model, apply the plan and train: the body of `autoplan run`."""
+    import torch
+
+    from autoplan.executor import apply, train
+    from autoplan.models.loader import load_model
+
+    torch.manual_seed(args.seed)
+    overrides = {"seq_len": args.seq_len} if args.seq_len else {}
+    loaded = load_model(args.model, device=device, **({} if args.model.endswith(".py") else overrides))
+    model = loaded.module
+    if hasattr(model, "init_weights"):
+        model.init_weights(seed=args.seed)
+    if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda"):
+        model.to(torch.bfloat16)  # AdamW then keeps fp32 master weights (executor.precision)
+    seq_len = args.seq_len or loaded.seq_len
+    vocab = loaded.config.get("vocab") or getattr(getattr(model, "config", None), "vocab", None)
+    if not seq_len or not vocab:
+        raise InvalidInputError(f"{args.model}: set CONFIG['seq_len'] and CONFIG['vocab'] in the model file")
+    par = apply(model, plan, device_type=device.type, tp_plan=loaded.tp_plan)
+    train(par, steps=args.steps, seq_len=seq_len, vocab=vocab, device=device, lr=args.lr, seed=args.seed,
+          metrics_path=args.metrics, checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+          keep_checkpoints=args.keep_checkpoints, model_name=_model_name(args.model, seq_len),
+          track_memory=args.track_memory)
+
+
+def _without_frames(err: BaseException) -> BaseException:
+    """`err` with its traceback (and those of the errors it was raised from) dropped: their frames hold the
+    model and its wrappers alive."""
+    link, seen = err, set()
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        link.__traceback__ = None
+        link = link.__context__
+    return err
 
 
 def _model_name(model: str, seq_len: int) -> str:
@@ -452,26 +560,24 @@ def _model_name(model: str, seq_len: int) -> str:
 
 
 def _launch(args) -> int:
-    import subprocess
+    from autoplan.executor.launch import launch
 
-    if args.nproc_per_node < 1:
-        raise InvalidInputError(f"--nproc-per-node must be positive, got {args.nproc_per_node}")
+    _check_range("--nproc-per-node", args.nproc_per_node, 1, 4096)
+    _check_range("--max-restarts", args.max_restarts, 0, 1000)
     rest = [a for a in args.rest if a != "--"]
     if not rest:
         raise InvalidInputError("autoplan launch: give the model and the run arguments, e.g. gpt-tiny --plan plan.json")
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node}",
-               f"--nnodes={args.nnodes}", f"--max-restarts={args.max_restarts}"]
-    if args.rdzv_endpoint:
-        command += ["--rdzv-backend=c10d", f"--rdzv-endpoint={args.rdzv_endpoint}"]
-    elif str(args.nnodes) == "1":  # a free port on this machine: several jobs (or test workers) side by side
-        command += ["--standalone"]
-    command += ["-m", "autoplan", "run", *rest]
-    return subprocess.call(command)
+    return launch(nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint,
+                  max_restarts=args.max_restarts, run_args=rest)
 
 
 def _profile_hardware(args) -> int:
     from autoplan.profiler.calibrate import run_profile, summary
 
+    if args.peak_flops is not None and not (math.isfinite(args.peak_flops) and args.peak_flops > 0):
+        raise InvalidInputError(f"--peak-flops must be a positive, finite number, got {args.peak_flops}")
+    if os.environ.get("RANK", "0") == "0":
+        check_output(args.out, force=args.force)
     cluster = run_profile(out=args.out, quick=args.quick, model=args.model, name=args.name,
                           peak_flops_per_s=args.peak_flops, show_progress=sys.stderr.isatty())
     if os.environ.get("RANK", "0") == "0":
@@ -483,9 +589,11 @@ def _profile_hardware(args) -> int:
 def _profile_model(args) -> int:
     from autoplan.report.tables import count
 
+    if args.out:
+        check_output(args.out, force=args.force)
     profile = _load_profile(args)
     if args.out:
-        profile.save(args.out)
+        profile.save(args.out, force=args.force)
         print(f"wrote {args.out}: {len(profile.layers)} layers, {count(profile.total_params)} params")
     else:
         print(f"{profile.name}: {count(profile.total_params)} params, {profile.num_blocks} blocks, "
@@ -501,17 +609,23 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         return args.run(args)
     except AutoplanError as err:
-        print(f"autoplan: error: {err}", file=sys.stderr)
-        return err.exit_code
+        return _fail(f"autoplan: error: {err}", err.exit_code)
     except KeyboardInterrupt:
-        print("autoplan: interrupted", file=sys.stderr)
-        return 130
+        return _fail("autoplan: interrupted", 130)
     except Exception as err:  # a bug in autoplan: one line unless asked for the traceback
         if os.environ.get("AUTOPLAN_DEBUG"):
             raise
-        print(f"autoplan: internal error: {type(err).__name__}: {err} (set AUTOPLAN_DEBUG=1 for the traceback)",
-              file=sys.stderr)
-        return 1
+        line = " ".join(f"autoplan: internal error: {type(err).__name__}: {err}".split())
+        return _fail(f"{line} (set AUTOPLAN_DEBUG=1 for the traceback)", 1)
+
+
+def _fail(line: str, code: int) -> int:
+    """Print the one line (a rank under `autoplan launch` hands it to the launcher instead); the exit code."""
+    from autoplan.executor.launch import report_rank_error
+
+    if not report_rank_error(line):
+        print(line, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -7,16 +7,18 @@ Units are in the names (`_bytes`, `_s`, `_flops`, `_per_s`); everything is SI in
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from autoplan.errors import InvalidInputError, InvalidPlanError
+from autoplan.safe_io import parse_json, read_text, write_text
 
 SCHEMA_VERSION = 1
+MAX_GPUS = 2**20          # bounds that keep every enumeration fast; far above any job run today
+MAX_GLOBAL_BATCH = 2**30
 PRESETS_DIR = Path(__file__).parent / "profiler" / "presets"
 
 LayerKind = Literal["embedding", "attention", "mlp", "moe", "norm", "head", "other"]
@@ -28,19 +30,30 @@ TpSplit = Literal["n", "k", "none"]
 class _Noun(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)  # values: change with model_copy(update=...)
 
+    @field_validator("schema_version", check_fields=False)
+    @classmethod
+    def _this_version(cls, value: int) -> int:
+        if value != SCHEMA_VERSION:
+            raise ValueError(f"schema_version {value}: this autoplan reads version {SCHEMA_VERSION}")
+        return value
+
     @classmethod
     def load(cls, path: str | Path):
         """Read a JSON file of this noun; a missing or malformed file raises InvalidInputError."""
-        path = Path(path)
-        if not path.is_file():
-            raise InvalidInputError(f"{cls.__name__} file not found: {path}")
+        text = read_text(path, f"{cls.__name__} file")
+        parse_json(text, str(path))  # one-line errors for bad JSON, NaN/Infinity, deep nesting
         try:
-            return cls.model_validate_json(path.read_text())
+            return cls.model_validate_json(text)
         except ValidationError as err:
             raise InvalidInputError(f"{path}: {one_line(err)}") from None
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.model_dump_json(indent=2) + "\n")
+    def save(self, path: str | Path, *, force: bool = True) -> None:
+        """Write as JSON, atomically and never through a link (safe_io.write_text); an existing file is
+        replaced only with `force` (the CLI passes its --force)."""
+        write_text(path, self.model_dump_json(indent=2) + "\n", force=force)
+
+
+_FINITE = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # inputs: no NaN or Infinity
 
 
 def one_line(err: ValidationError) -> str:
@@ -56,6 +69,8 @@ def one_line(err: ValidationError) -> str:
 class GemmShape(_Noun):
     """One matrix multiply of a layer's forward pass: (m x k) @ (k x n), `count` times."""
 
+    model_config = _FINITE
+
     m_per_sequence: float = Field(description="Rows per sequence of micro-batch (tokens; tokens*top_k/experts for experts).")
     n: int = Field(description="Output features.")
     k: int = Field(description="Reduction dimension (input features).")
@@ -65,6 +80,8 @@ class GemmShape(_Noun):
 
 class LayerProfile(_Noun):
     """Cost of one layer for ONE sequence (micro-batch 1) at the profile's seq_len, traced on meta."""
+
+    model_config = _FINITE
 
     name: str = Field(description="Module path, e.g. 'layers.3.attention'.")
     kind: LayerKind = Field(description="embedding, attention, mlp, moe, norm, head or other.")
@@ -105,6 +122,8 @@ class LayerProfile(_Noun):
 class ModelProfile(_Noun):
     """The model as the cost model sees it: an ordered list of layers, costs per sequence."""
 
+    model_config = _FINITE
+
     schema_version: int = Field(SCHEMA_VERSION, description="Version of this file format.")
     name: str = Field(description="Built-in name or model.py path the profile was made from.")
     seq_len: int = Field(description="Tokens per sequence the costs were traced at.")
@@ -138,11 +157,14 @@ class ModelProfile(_Noun):
 class Link(_Noun):
     """A point-to-point link class: achievable per-GPU bandwidth (bus bandwidth) and latency."""
 
+    model_config = _FINITE
+
     bandwidth_bytes_per_s: float = Field(gt=0, description="Achievable unidirectional bandwidth per GPU (NCCL bus bandwidth).")
     latency_s: float = Field(ge=0, description="Per-message latency (alpha of the alpha-beta model).")
 
 
 class EfficiencyPoint(_Noun):
+    model_config = _FINITE
     flops: float = Field(gt=0, description="FLOPs of one GEMM.")
     efficiency: float = Field(gt=0, le=1, description="Achieved fraction of peak for a GEMM of that size.")
 
@@ -150,10 +172,12 @@ class EfficiencyPoint(_Noun):
 class Cluster(_Noun):
     """Where a model trains: the GPUs, their memory, and the links between them."""
 
+    model_config = _FINITE
+
     schema_version: int = Field(SCHEMA_VERSION, description="Version of this file format.")
     name: str = Field(description="Preset name or a label for a measured cluster.")
     gpu: str = Field(description="GPU model.")
-    num_gpus: int = Field(1, ge=1, description="GPUs in the job.")
+    num_gpus: int = Field(1, ge=1, le=MAX_GPUS, description="GPUs in the job.")
     gpus_per_node: int = Field(ge=1, description="GPUs sharing the fast intra-node links.")
     peak_flops_per_s: float = Field(gt=0, description="Peak dense bf16 FLOP/s of one GPU.")
     memory_bytes: int = Field(gt=0, description="HBM per GPU.")
@@ -163,7 +187,7 @@ class Cluster(_Noun):
                                                        "(the estimate, the dry run and `search --verify` all use it; docs/dryrun.md).")
     intra_node: Link = Field(description="Links inside a node (NVLink/NVSwitch).")
     inter_node: Link = Field(description="Links between nodes (InfiniBand, per GPU).")
-    gemm_efficiency: list[EfficiencyPoint] = Field(description="Achieved fraction of peak against GEMM size; interpolated in log FLOPs.")
+    gemm_efficiency: list[EfficiencyPoint] = Field(min_length=1, description="Achieved fraction of peak against GEMM size; interpolated in log FLOPs.")
     attention_efficiency: float = Field(gt=0, le=1, description="Achieved fraction of peak in the attention core (flash attention fwd+bwd).")
     memory_bound_efficiency: float = Field(gt=0, le=1, description="Achieved fraction of HBM bandwidth in elementwise/normalisation kernels.")
     sustained_clock_fraction: float = Field(1.0, gt=0, le=1, description="Tensor-core throughput a training step sustains, as a fraction of "
@@ -182,6 +206,15 @@ class Cluster(_Noun):
     overheads: dict[str, float] = Field(default_factory=dict, description="Seconds per call of the fixed costs of costmodel.overhead.FEATURES (loop, DTensor dispatch, FSDP units, DDP sync, pipeline micro-batches), fitted by `autoplan calibrate` from measured runs; empty in the presets.")
     sources: dict[str, str] = Field(default_factory=dict, description="Where each number comes from.")
     measurements: dict | None = Field(None, description="Raw measurements a profile run fitted the numbers from.")
+
+    @field_validator("overheads")
+    @classmethod
+    def _overheads_finite(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {name: s for name, s in value.items() if not (math.isfinite(s) and s >= 0)}
+        if bad:
+            name, seconds = next(iter(bad.items()))
+            raise ValueError(f"overhead {name} = {seconds} s: must be a finite number of seconds >= 0")
+        return value
 
     @property
     def num_nodes(self) -> int:
@@ -209,8 +242,8 @@ class Cluster(_Noun):
         return cls.preset(name_or_path, gpus)
 
     def with_gpus(self, gpus: int) -> Cluster:
-        if gpus < 1:
-            raise InvalidInputError(f"--gpus must be at least 1, got {gpus}")
+        if not 1 <= gpus <= MAX_GPUS:
+            raise InvalidInputError(f"--gpus must be between 1 and {MAX_GPUS:,}, got {gpus}")
         return self.model_copy(update={"num_gpus": gpus})
 
 
@@ -277,18 +310,18 @@ class Plan(_Noun):
     """How to train: parallel degrees, sharding, recomputation, batch and pipeline schedule."""
 
     schema_version: int = Field(SCHEMA_VERSION, description="Version of this file format.")
-    dp: int = Field(1, ge=1, description="Data-parallel degree.")
-    tp: int = Field(1, ge=1, description="Tensor-parallel degree (Megatron column/row split).")
-    pp: int = Field(1, ge=1, description="Pipeline stages.")
-    cp: int = Field(1, ge=1, description="Context-parallel degree (sequence split across ranks, ring attention).")
-    ep: int = Field(1, ge=1, description="Expert-parallel degree for MoE layers (folded over dp*cp*tp ranks).")
+    dp: int = Field(1, ge=1, le=MAX_GPUS, description="Data-parallel degree.")
+    tp: int = Field(1, ge=1, le=MAX_GPUS, description="Tensor-parallel degree (Megatron column/row split).")
+    pp: int = Field(1, ge=1, le=MAX_GPUS, description="Pipeline stages.")
+    cp: int = Field(1, ge=1, le=MAX_GPUS, description="Context-parallel degree (sequence split across ranks, ring attention).")
+    ep: int = Field(1, ge=1, le=MAX_GPUS, description="Expert-parallel degree for MoE layers (folded over dp*cp*tp ranks).")
     zero_stage: int = Field(0, ge=0, le=3, description="ZeRO stage: 0 none, 1 optimizer, 2 +gradients, 3 +parameters (FSDP).")
     recompute: Recompute = Field("none", description="Activation recomputation: none, selective (attention core) or full.")
     sequence_parallel: bool = Field(False, description="Megatron sequence parallelism on the tp group (no effect when tp=1).")
-    micro_batch_size: int = Field(1, ge=1, description="Sequences per micro-batch per data-parallel replica.")
-    global_batch_size: int = Field(ge=1, description="Sequences per optimizer step, all replicas together.")
+    micro_batch_size: int = Field(1, ge=1, le=MAX_GLOBAL_BATCH, description="Sequences per micro-batch per data-parallel replica.")
+    global_batch_size: int = Field(ge=1, le=MAX_GLOBAL_BATCH, description="Sequences per optimizer step, all replicas together.")
     schedule: Schedule = Field("1f1b", description="Pipeline schedule: gpipe, 1f1b, interleaved-1f1b, zero-bubble.")
-    virtual_stages: int = Field(1, ge=1, description="Model chunks per pipeline rank (interleaved schedules).")
+    virtual_stages: int = Field(1, ge=1, le=1024, description="Model chunks per pipeline rank (interleaved schedules).")
     layers_per_stage: list[int] | None = Field(None, description="Blocks per pipeline chunk (pp*virtual_stages entries); None: as even as possible.")
     recompute_per_stage: list[Recompute] | None = Field(None, description="Recompute per pipeline stage (pp entries), overriding `recompute`.")
 
@@ -375,10 +408,7 @@ class PlanFile(_Noun):
 
 def parse_plan_file(text: str, source: str = "plan") -> tuple[Plan, PlanFile | None]:
     """A Plan from JSON text (a bare plan or a PlanFile), or InvalidInputError naming what is wrong."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise InvalidInputError(f"{source} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+    data = parse_json(text, source)
     try:
         if isinstance(data, dict) and isinstance(data.get("plan"), dict):
             if {"model", "gpus"} <= data.keys():

@@ -42,14 +42,15 @@ def main() -> None:
              "--steps", str(args.steps)]
     if not args.reuse_round_1:
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m", "autoplan",
-                        "profile", "gpt-tiny", "--out", str(cluster)], check=True)
+                        "profile", "gpt-tiny", "--out", str(cluster), "--force"], check=True)
         for model, name in MODELS.items():
-            _autoplan("bench", model, "--cluster", str(cluster), *bench, "--out", str(RESULTS / f"{name}_profile_only"))
+            _autoplan("bench", model, "--cluster", str(cluster), *bench, "--out", str(RESULTS / f"{name}_profile_only"),
+                      "--force")
     for model, name in MODELS.items():
         fitted = RESULTS / f"cpu_cluster_fitted_on_{OTHER[model]}.json"
         _autoplan("calibrate", str(RESULTS / f"{MODELS[OTHER[model]]}_profile_only" / "results.json"),
-                  "--cluster", str(cluster), "--out", str(fitted))
-        _autoplan("bench", model, "--cluster", str(fitted), *bench, "--out", str(RESULTS / name))
+                  "--cluster", str(cluster), "--model", OTHER[model], "--out", str(fitted), "--force")
+        _autoplan("bench", model, "--cluster", str(fitted), *bench, "--out", str(RESULTS / name), "--force")
     print(f"\n{'model':10s} {'cluster':28s} {'plans':>6s} {'ran':>4s} {'MAPE':>7s} {'Spearman':>9s} {'regret':>7s} "
           f"{'mem MAPE':>9s}")
     for model, name in MODELS.items():

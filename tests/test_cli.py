@@ -155,7 +155,7 @@ def test_no_layout_exits_3(run_cli):
 
 @pytest.mark.parametrize("argv, expected", [
     (["search", "gpt-tiny", "--gpus", "4", "--fix", "tp"], "--fix takes FIELD=VALUE"),
-    (["search", "gpt-tiny", "--gpus", "0"], "--gpus and --top must be positive"),
+    (["search", "gpt-tiny", "--gpus", "0"], "--gpus must be between 1 and 1,048,576, got 0"),
     (["search", "gpt-tiny"], "the following arguments are required: --gpus"),
 ])
 def test_search_bad_input(argv, expected, run_cli):

@@ -304,7 +304,7 @@ def test_with_gpus():
     assert base.with_gpus(1).num_nodes == 1
     assert base.num_gpus == 8
     assert Cluster.preset("dgx-h100", gpus=16).num_gpus == 16
-    with pytest.raises(InvalidInputError, match="at least 1"):
+    with pytest.raises(InvalidInputError, match="between 1 and"):
         base.with_gpus(0)
 
 

@@ -4,11 +4,14 @@ On disk, under the directory a run checkpoints into:
 
     step_<N>/                   a complete checkpoint, the state after optimizer step N
         .metadata, *.distcp     DCP: {"model": ..., "optimizer": ...}, each rank writing its own shards
-        meta.json               {"step", "plan", "model", "world_size", "format_version"} (rank 0)
+        meta.json               {"step", "plan", "model", "world_size", "seed", "lr", "files", "format_version"}
+                                (rank 0); "files": every other file's size and SHA-256
     step_<N>.tmp/               a checkpoint being written, or left by a job killed while writing: never read
+    .autoplan.lock              flock'ed by the run using the folder (one run per folder)
 
 A save writes into step_<N>.tmp and rank 0 renames it to step_<N> once every rank has finished (a barrier),
-so a killed job never leaves a half-written checkpoint under a final name.
+so a killed job never leaves a half-written checkpoint under a final name. What counts as complete, how
+files are checked before torch reads them, and the lock: executor.checkpoint_files.
 
 Keys are the model's own parameter names (`layers.3.attention.wq.weight`): DCP's
 `get_model_state_dict` / `get_optimizer_state_dict` strip the wrappers (DDP `replicate`, FSDP2,
@@ -23,7 +26,8 @@ ZeRO-1's optimizer (executor.zero_one) keeps a different chunk of every paramete
 it saves them under keys of its rank's own (`rank<r>.state.<name>.exp_avg`), which a resume with the
 same plan and number of ranks (checked below) reads back on the same rank.
 
-A checkpoint is reloaded by the same plan, model and number of ranks only (checked from meta.json).
+A checkpoint is reloaded by the same plan, model, number of ranks, seed and learning rate only (checked from
+meta.json). A checkpoint is never overwritten, and pruning deletes only complete checkpoints.
 
 No RNG state is saved: the data stream is a pure function of (seed, step) (`executor.data.global_batch`)
 and the training step draws no random numbers while dropout is 0 (the reference models' default). A model
@@ -46,65 +50,100 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from autoplan.errors import InvalidInputError, first_line
+from autoplan.executor.checkpoint_files import (FORMAT_VERSION, META_FILE, SafeLoadPlanner, SafeReader, agree,
+                                                check_files, manifest, on_rank0, read_meta, scan)
 from autoplan.executor.zero_one import ZeroOneAdamW
 
-FORMAT_VERSION = 1
-META_FILE = "meta.json"
 KEEP_LAST = 2
-_STEP_DIR = re.compile(r"step_(\d+)")
 _CHUNK_PREFIX = re.compile(r"^((?:state|param_groups)\.)?\d+\.")  # "0.layers.1.w" / "state.0.layers.1.w.exp_avg"
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def save_checkpoint(directory, *, par, optimizer: torch.optim.Optimizer, step: int, model_name: str,
-                    keep: int = KEEP_LAST) -> Path:
+                    keep: int = KEEP_LAST, seed: int = 0, lr: float | None = None) -> Path:
     """Write the state after optimizer step `step` to DIR/step_<step>/ (on every rank: collective), then
     delete all but the newest `keep` complete checkpoints in DIR. Returns the checkpoint's path.
 
-    A stale DIR/step_<step>.tmp (a killed save of this step) is cleared first; an existing DIR/step_<step>
-    (a run resumed from an older step) is replaced only after the new one is complete."""
+    A stale DIR/step_<step>.tmp (a killed save of this step) is cleared first. An existing DIR/step_<step>
+    is never replaced: InvalidInputError (on every rank), nothing written."""
     if keep < 1:
         raise InvalidInputError(f"keep={keep}: a run must keep at least one checkpoint")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise InvalidInputError(f"checkpoint step must be a non-negative integer, got {step!r}")
     root = Path(directory)
     final, tmp = root / f"step_{step}", root / f"step_{step}.tmp"
-    if _rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    _barrier()
-    dcp.save(_on_disk(par, _state(par, optimizer)), checkpoint_id=tmp, no_dist=not dist.is_initialized())
-    if _rank() == 0:
-        meta = {"step": step, "plan": par.plan.model_dump(mode="json"), "model": model_name,
-                "world_size": _world_size(), "format_version": FORMAT_VERSION}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    on_rank0(lambda: _prepare(root, final, tmp))
+    try:
+        dcp.save(_on_disk(par, _state(par, optimizer)), checkpoint_id=tmp, no_dist=not dist.is_initialized())
+    except (Exception, CheckpointException) as err:  # DCP raises any rank's failure on all ranks
+        raise InvalidInputError(f"checkpoint {tmp} could not be written ({_cause(err)})") from None
     _barrier()  # every rank's shards are in tmp
-    if _rank() == 0:
-        _publish(tmp, final)
-        _prune(root, keep)
-    _barrier()  # nobody returns (or saves again) before the checkpoint has its final name
+    files = manifest(tmp)
+    meta = {"step": step, "plan": par.plan.model_dump(mode="json"), "model": model_name,
+            "world_size": _world_size(), "seed": seed, "lr": lr, "files": files, "format_version": FORMAT_VERSION}
+    on_rank0(lambda: _publish(root, tmp, final, meta, keep))
     return final
 
 
+def _prepare(root: Path, final: Path, tmp: Path) -> None:
+    if final.exists() or final.is_symlink():
+        raise InvalidInputError(f"checkpoint {final} exists already; autoplan does not overwrite a checkpoint "
+                                "(train more steps than it holds, or use another --checkpoint-dir)")
+    root.mkdir(parents=True, exist_ok=True)
+    if tmp.is_symlink():
+        tmp.unlink()
+    elif tmp.exists():
+        shutil.rmtree(tmp)
+
+
+def _publish(root: Path, tmp: Path, final: Path, meta: dict, keep: int) -> None:
+    """meta.json into the finished tmp folder, then its final name (atomic rename), then the pruning."""
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    if final.exists() or final.is_symlink():
+        raise InvalidInputError(f"checkpoint {final} appeared while {tmp} was written; left both as they are")
+    tmp.rename(final)
+    for _, path in scan(root)[0][:-keep]:  # complete checkpoints only; nothing else is deleted
+        shutil.rmtree(path)
+
+
 def latest_checkpoint(directory) -> Path | None:
-    """The newest complete checkpoint in `directory` (step_<N> with a meta.json), or None."""
-    complete = _complete_checkpoints(Path(directory))
+    """The newest complete checkpoint in `directory`, or None if it holds none. InvalidInputError (one
+    line) if it holds a step_<N> that is not complete: it is neither read, nor overwritten, nor pruned."""
+    complete, problems, _ = scan(Path(directory))
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise InvalidInputError(problems[0] + more)
     return complete[-1][1] if complete else None
 
 
-def load_checkpoint(path, *, par, optimizer: torch.optim.Optimizer, model_name: str) -> int:
+def stray_entries(directory) -> list[str]:
+    """Names in `directory` that autoplan did not write (not checkpoints, saves in progress or its lock)."""
+    return scan(Path(directory))[2]
+
+
+def load_checkpoint(path, *, par, optimizer: torch.optim.Optimizer, model_name: str, seed: int = 0,
+                    lr: float | None = None) -> int:
     """Load the checkpoint at `path` into the model and optimizer of this run (on every rank: collective);
     returns the step to resume from (the saved step + 1).
 
-    Raises InvalidInputError, in one line, if the checkpoint was written for another plan, model or number
-    of ranks, or cannot be read (meta.json missing or invalid, DCP files missing or truncated). Nothing on
-    disk is changed; after a failed DCP read the in-memory model may be partly loaded, so stop the run."""
+    Raises InvalidInputError, in one line, if the checkpoint was written for another plan, model, number of
+    ranks, seed or learning rate, or cannot be read (meta.json missing or invalid, files missing, truncated
+    or changed since the save: checked against meta.json's manifest before torch reads any of them). Nothing
+    on disk is changed; after a failed DCP read the in-memory model may be partly loaded, so stop the run."""
     path = Path(path)
-    meta = _read_meta(path)
-    _check_compatible(path, meta, plan=par.plan, model_name=model_name, world_size=_world_size())
+    meta = on_rank0(lambda: read_meta(path))
+    _check_compatible(path, meta, plan=par.plan, model_name=model_name, world_size=_world_size(), seed=seed, lr=lr)
+    try:
+        check_files(path, meta["files"], digests=True)
+        SafeReader(path).read_metadata()  # refused here in one line, not inside DCP (which logs tracebacks)
+        error = None
+    except (InvalidInputError, OSError) as err:
+        error = str(err)
+    agree(error)
     state = _state(par, optimizer)
     loaded = _on_disk(par, state)
-    try:
-        dcp.load(loaded, checkpoint_id=path, no_dist=not dist.is_initialized())  # in place: tensors copied into, other values replaced
+    try:  # in place: tensors copied into, other values replaced
+        dcp.load(loaded, storage_reader=SafeReader(path), planner=SafeLoadPlanner(), no_dist=not dist.is_initialized())
     except (Exception, CheckpointException) as err:  # DCP raises any rank's failure on all ranks
         raise InvalidInputError(f"checkpoint {path} could not be read ({_cause(err)}): files missing, "
                                 "truncated or from another run") from None
@@ -158,56 +197,9 @@ def _cause(err: BaseException) -> str:
     return first_line(err)
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename the finished tmp directory to its final name, replacing an older checkpoint of that step."""
-    if not final.exists():
-        tmp.rename(final)
-        return
-    replaced = final.with_name(final.name + ".replaced")
-    if replaced.exists():
-        shutil.rmtree(replaced)
-    final.rename(replaced)
-    tmp.rename(final)
-    shutil.rmtree(replaced)
-
-
-def _prune(root: Path, keep: int) -> None:
-    """Delete all but the newest `keep` complete checkpoints; nothing else in `root` is touched."""
-    for _, path in _complete_checkpoints(root)[:-keep]:
-        shutil.rmtree(path)
-
-
-def _complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """(step, path) of every step_<N> directory with a meta.json in `root`, oldest first."""
-    if not root.is_dir():
-        return []
-    found = []
-    for path in root.iterdir():
-        match = _STEP_DIR.fullmatch(path.name)
-        if match and path.is_dir() and (path / META_FILE).is_file():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def _read_meta(path: Path) -> dict:
-    """meta.json of the checkpoint at `path`, or InvalidInputError saying why it cannot be used."""
-    try:
-        meta = json.loads((path / META_FILE).read_text())
-    except FileNotFoundError:
-        raise InvalidInputError(f"checkpoint {path} has no {META_FILE} (not a checkpoint, or incomplete)") from None
-    except (OSError, ValueError) as err:
-        raise InvalidInputError(f"checkpoint {path}: {META_FILE} cannot be read: {first_line(err)}") from None
-    expected = {"step", "plan", "model", "world_size", "format_version"}
-    if not isinstance(meta, dict) or not expected <= meta.keys():
-        raise InvalidInputError(f"checkpoint {path}: {META_FILE} lacks one of {sorted(expected)}")
-    if meta["format_version"] != FORMAT_VERSION:
-        raise InvalidInputError(f"checkpoint {path} has format_version {meta['format_version']}; "
-                                f"this autoplan reads {FORMAT_VERSION}")
-    return meta
-
-
-def _check_compatible(path: Path, meta: dict, *, plan, model_name: str, world_size: int) -> None:
-    """InvalidInputError naming each of plan / model / world size that differs from the checkpoint's."""
+def _check_compatible(path: Path, meta: dict, *, plan, model_name: str, world_size: int, seed: int,
+                      lr: float | None) -> None:
+    """InvalidInputError naming each of plan / model / world size / seed / lr that differs from the checkpoint's."""
     current_plan = plan.model_dump(mode="json")
     saved, now = [], []
     if meta["plan"] != current_plan:
@@ -221,13 +213,13 @@ def _check_compatible(path: Path, meta: dict, *, plan, model_name: str, world_si
     if meta["world_size"] != world_size:
         saved.append(f"{meta['world_size']} ranks")
         now.append(f"{world_size} ranks")
+    for name, value in (("seed", seed), ("lr", lr)):
+        if meta[name] != value:
+            saved.append(f"{name} {meta[name]}")
+            now.append(f"{name} {value}")
     if saved:
         raise InvalidInputError(f"checkpoint {path} was written for {', '.join(saved)}; "
                                 f"this run has {', '.join(now)}")
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _world_size() -> int:

@@ -13,6 +13,7 @@ import os
 import resource
 import statistics
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -22,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoplan.errors import InvalidPlanError
-from autoplan.executor.checkpoint import KEEP_LAST, latest_checkpoint, load_checkpoint, save_checkpoint
+from autoplan.executor.checkpoint import KEEP_LAST, latest_checkpoint, load_checkpoint, save_checkpoint, stray_entries
+from autoplan.executor.checkpoint_files import FolderLock, on_rank0
 from autoplan.executor.context_parallel import ContextParallel, check_context_parallel, sequence_shard
 from autoplan.executor.data import global_batch, replica_micro_batches
 from autoplan.executor.data_parallel import (all_reduce_gradients, apply_data_parallel, averages_by_hand,
@@ -172,17 +174,38 @@ def train(par: Parallelized, *, steps: int, seq_len: int, vocab: int, device: to
                                f"got {plan.num_micro_batches}")
     optimizer = make_optimizer(par, lr=lr)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    start = 0
-    if checkpoint_dir:
-        latest = latest_checkpoint(checkpoint_dir)
-        if latest is not None:
-            start = load_checkpoint(latest, par=par, optimizer=optimizer, model_name=model_name)
-            if rank0 and log:
-                log(f"resumed from {latest} (steps 0-{start - 1} done)")
-    sink = open(metrics_path, "a") if metrics_path and rank0 else None
+    with FolderLock(checkpoint_dir) if checkpoint_dir else nullcontext():  # one run per folder, checked writable
+        start = _resume(par, optimizer, checkpoint_dir, model_name=model_name, seed=seed, lr=lr,
+                        log=log if rank0 else None) if checkpoint_dir else 0
+        return _train_steps(par, optimizer, range(start, steps), seq_len=seq_len, vocab=vocab, device=device,
+                            seed=seed, lr=lr, metrics_path=metrics_path if rank0 else None, log=log if rank0 else None,
+                            checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                            keep_checkpoints=keep_checkpoints, model_name=model_name, track_memory=track_memory)
+
+
+def _resume(par: Parallelized, optimizer, checkpoint_dir: str, *, model_name: str, seed: int, lr: float, log) -> int:
+    """Load the newest complete checkpoint in `checkpoint_dir`, if any; the first step to run."""
+    latest, strays = on_rank0(lambda: (latest_checkpoint(checkpoint_dir), stray_entries(checkpoint_dir)))
+    if log and strays:
+        log(f"note: {checkpoint_dir} also holds {', '.join(strays[:5])}{' ...' if len(strays) > 5 else ''}, "
+            "which autoplan did not write; left as it is")
+    if latest is None:
+        return 0
+    start = load_checkpoint(latest, par=par, optimizer=optimizer, model_name=model_name, seed=seed, lr=lr)
+    if log:
+        log(f"resumed from {latest} (steps 0-{start - 1} done)")
+    return start
+
+
+def _train_steps(par: Parallelized, optimizer, steps: range, *, seq_len: int, vocab: int, device: torch.device,
+                 seed: int, lr: float, metrics_path: str | None, log, checkpoint_dir: str | None,
+                 checkpoint_every: int, keep_checkpoints: int, model_name: str, track_memory: bool) -> list[dict]:
+    """The steps of `train` (rank 0 gets the log and the metrics path, others None)."""
+    plan, start, last = par.plan, steps.start, steps.stop - 1
+    sink = open(metrics_path, "a") if metrics_path else None
     records = []
     try:
-        for step in range(start, steps):
+        for step in steps:
             begin = time.perf_counter()
             tracked = track_memory and step == start + 1
             if tracked:
@@ -203,13 +226,13 @@ def train(par: Parallelized, *, steps: int, seq_len: int, vocab: int, device: to
             if sink:
                 sink.write(json.dumps(record) + "\n")
                 sink.flush()
-            if rank0 and log:
+            if log:
                 log(f"step {step:4d}  loss {record['loss']:.4f}  {step_s * 1e3:8.1f} ms  "
                     f"{record['tokens_per_s']:,.0f} tokens/s")
-            if checkpoint_dir and (step == steps - 1 or (checkpoint_every and (step + 1) % checkpoint_every == 0)):
+            if checkpoint_dir and (step == last or (checkpoint_every and (step + 1) % checkpoint_every == 0)):
                 path = save_checkpoint(checkpoint_dir, par=par, optimizer=optimizer, step=step,
-                                       model_name=model_name, keep=keep_checkpoints)
-                if rank0 and log:
+                                       model_name=model_name, keep=keep_checkpoints, seed=seed, lr=lr)
+                if log:
                     log(f"saved {path}")
         if records:
             timed = [r for r in records[1:] if not r.get("tracked")] or records[:1]

@@ -54,18 +54,24 @@ def _load_file(path: Path, device: str | torch.device) -> LoadedModel:
     sys.modules[module_name] = user
     try:
         spec.loader.exec_module(user)
-    except Exception as err:  # the user's code: report it in one line
+    except SystemExit as err:  # the user's code: report it in one line, exit as a bad input
+        raise ModelLoadError(f"{path} called sys.exit({err.code!r}) while importing") from None
+    except Exception as err:
         raise ModelLoadError(f"{path} raised while importing: {first_line(err)}") from None
     build = getattr(user, "build_model", None)
     if not callable(build):
         raise ModelLoadError(f"{path} does not define build_model()")
-    config = dict(getattr(user, "CONFIG", {}) or {})
+    config = getattr(user, "CONFIG", None) or {}
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path}: CONFIG must be a dict (e.g. {{'seq_len': 2048}}), got {type(config).__name__}")
     try:
         with torch.device(device):
             module = build()
+    except SystemExit as err:
+        raise ModelLoadError(f"{path}: build_model() called sys.exit({err.code!r})") from None
     except Exception as err:
         raise ModelLoadError(f"{path}: build_model() raised {first_line(err)}") from None
     if not isinstance(module, nn.Module):
         raise ModelLoadError(f"{path}: build_model() returned {type(module).__name__}, not a torch.nn.Module")
     tp_plan = getattr(user, "tp_plan", None)
-    return LoadedModel(module, str(path), config, tp_plan if callable(tp_plan) else None)
+    return LoadedModel(module, str(path), dict(config), tp_plan if callable(tp_plan) else None)

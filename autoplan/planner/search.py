@@ -26,11 +26,12 @@ from autoplan.errors import InfeasiblePlanError, InvalidInputError
 from autoplan.planner.baselines import expert_defaults
 from autoplan.planner.partition import solve_partition
 from autoplan.planner.space import Constraints, Layout, layouts, micro_batch_sizes, schedules
-from autoplan.schema import Cluster, Estimate, ModelProfile, Plan, Stack
+from autoplan.schema import MAX_GLOBAL_BATCH, Cluster, Estimate, ModelProfile, Plan, Stack
 
 # An evaluated configuration whose best uniform plan is within this fraction of its lower bound is not
 # worth an ILP: uneven stages could at most close that gap.
 ILP_MIN_GAIN = 1e-3
+MAX_TOP_K = 10_000  # ranked plans kept in memory
 
 
 @dataclass
@@ -247,8 +248,9 @@ def search(profile: ModelProfile, cluster: Cluster, *, global_batch_size: int, t
     and its overflow in bytes) when nothing fits.
     """
     start = time.perf_counter()
-    if global_batch_size < 1 or top_k < 1:
-        raise InvalidInputError(f"global_batch_size and top_k must be positive, got {global_batch_size} and {top_k}")
+    if not (1 <= global_batch_size <= MAX_GLOBAL_BATCH and 1 <= top_k <= MAX_TOP_K):
+        raise InvalidInputError(f"global_batch_size must be between 1 and {MAX_GLOBAL_BATCH:,} and top_k between 1 "
+                                f"and {MAX_TOP_K:,}, got {global_batch_size} and {top_k}")
     constraints = constraints or Constraints()
     if fixed:
         constraints = Constraints(**{**constraints.__dict__, "fixed": {**constraints.fixed, **fixed}})

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from autoplan.schema import Cluster, ModelProfile
 
@@ -14,9 +15,26 @@ SCHEDULES_PP = ("1f1b", "gpipe", "zero-bubble", "interleaved-1f1b")
 RECOMPUTE = ("none", "selective", "full")
 
 
-def divisors(n: int) -> list[int]:
-    small = [d for d in range(1, int(n**0.5) + 1) if n % d == 0]
-    return sorted(set(small + [n // d for d in small]))
+@lru_cache(maxsize=4096)
+def divisors(n: int) -> tuple[int, ...]:
+    """The divisors of n, ascending, from its prime factors (trial division up to the square root of the
+    part not yet factored: at most ~sqrt(n) steps for a prime, fast for the bounded GPU counts and batch
+    sizes the schema admits, schema.MAX_GPUS and MAX_GLOBAL_BATCH)."""
+    if n < 1:
+        raise ValueError(f"divisors of {n}")
+    found = [1]
+    rest, p = n, 2
+    while p * p <= rest:
+        power = 0
+        while rest % p == 0:
+            rest //= p
+            power += 1
+        if power:
+            found = [d * p**k for d in found for k in range(power + 1)]
+        p += 1 if p == 2 else 2
+    if rest > 1:
+        found += [d * rest for d in found]
+    return tuple(sorted(found))
 
 
 @dataclass(frozen=True)

@@ -418,6 +418,10 @@ def fit_overheads(cluster: Cluster, runs: Sequence[tuple]) -> OverheadFit:
 
     if not runs:
         raise InvalidInputError("no measured runs to fit overheads to (did any plan of the bench run?)")
+    for _, plan, seconds in runs:
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < math.inf:
+            raise InvalidInputError(f"measured step time {seconds!r} of {plan.describe()}: must be a positive, "
+                                    "finite number of seconds")
     base = cluster.model_copy(update={"overheads": {}})
     measured = np.array([t for _, _, t in runs], dtype=float)
     predicted = np.array([estimate(profile, base.with_gpus(plan.gpus), plan, check=False).step_time_s

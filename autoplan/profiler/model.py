@@ -204,6 +204,9 @@ def _vocab_size(model: nn.Module) -> int:
     return embeddings[0].num_embeddings if embeddings else 0
 
 
+MAX_SEQ_LEN = 2**24  # tokens per sequence; beyond any model trained today
+
+
 def profile_model(model: nn.Module | str | LoadedModel, *, seq_len: int | None = None, name: str | None = None,
                   dtype: torch.dtype = torch.bfloat16, attention: str = "flash") -> ModelProfile:
     """Trace a model (module, model.py path or built-in name) on meta into a ModelProfile.
@@ -226,6 +229,8 @@ def profile_model(model: nn.Module | str | LoadedModel, *, seq_len: int | None =
     seq_len = seq_len or getattr(config, "seq_len", None)
     if not seq_len:
         raise InvalidInputError("seq_len is unknown: pass seq_len=... (or --seq-len), or set CONFIG['seq_len']")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 1 <= seq_len <= MAX_SEQ_LEN:
+        raise InvalidInputError(f"seq_len must be a whole number between 1 and {MAX_SEQ_LEN:,}, got {seq_len!r}")
     if any(not p.is_meta for p in model.parameters()):
         raise InvalidInputError("profile_model traces on the meta device: build the model under "
                                 "`with torch.device('meta'):` (or pass a model.py path or a built-in name)")

@@ -23,6 +23,7 @@ from autoplan.errors import InvalidInputError
 from autoplan.support import unsupported_reason
 from autoplan.planner import search
 from autoplan.report.accuracy import mape, regret, spearman
+from autoplan.safe_io import write_text
 from autoplan.schema import Cluster, Estimate, ModelProfile, Plan
 
 RESULTS_VERSION = 1
@@ -152,9 +153,9 @@ def bench(model: str, profile: ModelProfile, cluster: Cluster, *, out: Path, glo
                "cluster": cluster.name, "gpus": cluster.num_gpus, "global_batch_size": global_batch_size,
                "steps": steps, "command": command, "date": time.strftime("%Y-%m-%d"), "plans": plans,
                "accuracy": accuracy(plans)}
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_text(out / "results.json", json.dumps(results, indent=1) + "\n", force=True)  # the CLI asked first
     figures = write_plots(results, out, profile=profile, cluster=cluster)
-    (out / "report.md").write_text(report_markdown(results, figures))
+    write_text(out / "report.md", report_markdown(results, figures), force=True)
     return results
 
 

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 from autoplan.costmodel.estimate import Coster  # noqa: E402
 from autoplan.report.timeline import schedule_timeline  # noqa: E402
+from autoplan.safe_io import write_bytes  # noqa: E402
 from autoplan.schema import Cluster, ModelProfile, Plan  # noqa: E402
 
 MIB = 2**20
@@ -45,7 +46,7 @@ def predicted_vs_measured(results: dict, path: Path) -> None:
     ax.set_ylabel("measured step time (ms)")
     ax.set_title("Step time: predicted against measured (numbers: plan index)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -67,7 +68,7 @@ def time_breakdown(results: dict, path: Path) -> None:
     ax.set_title("Predicted time breakdown per plan (bar) and measured step time (line)")
     ax.legend(fontsize=7, ncols=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -88,7 +89,7 @@ def memory(results: dict, path: Path) -> None:
     ax.set_title("Peak memory per rank", loc="left")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -111,7 +112,7 @@ def pipeline_timeline(plan: Plan, profile: ModelProfile, cluster: Cluster, path:
                         if any(op.kind == k for op in ops)], fontsize=7, loc="upper right")
     ax.set_title("\n".join(textwrap.wrap(title, 110)), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -134,3 +135,12 @@ def write_plots(results: dict, out: Path, *, profile: ModelProfile, cluster: Clu
                           f"Pipeline schedule of the {which}: {plan.describe()}")
         figures["Pipeline schedule timeline"] = "pipeline.png"
     return figures
+
+
+def _save(fig, path) -> None:
+    """The figure as PNG at `path`, atomically and never through a link (safe_io)."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    write_bytes(path, buffer.getvalue(), force=True)

@@ -69,17 +69,20 @@ def _refusals(checkpoints: dict[str, Path], scratch: Path) -> dict[str, str]:
     with pytest.raises(InvalidInputError) as err:
         load_checkpoint(checkpoints["dp2 zero0"], par=par, optimizer=optimizer, model_name=MODEL)
     messages["other plan"] = str(err.value)
-    # rank 1 alone reads __1_0.distcp of a sharded (FSDP2) checkpoint: its failure must reach rank 0 too
-    broken = scratch / "broken"
+    # the digests are checked in shares: of .metadata, __0_0.distcp, __1_0.distcp, rank 1 hashes __0_0.distcp
+    # alone, so a byte changed there (size kept) is found by rank 1 only and must stop rank 0 too
+    broken = scratch / "broken" / checkpoints["dp2 zero3"].name
     if dist.get_rank() == 0:
         shutil.copytree(checkpoints["dp2 zero3"], broken)
-        shard = broken / "__1_0.distcp"
-        shard.write_bytes(shard.read_bytes()[:100])
+        shard = broken / "__0_0.distcp"
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
     dist.barrier()
     before = _listing(broken)
     with pytest.raises(InvalidInputError) as err:
         load_checkpoint(broken, par=par, optimizer=optimizer, model_name=MODEL)
-    messages["truncated"] = str(err.value)
+    messages["changed"] = str(err.value)
     assert _listing(broken) == before  # left on disk as it was
     return messages
 
@@ -136,10 +139,11 @@ def test_other_plan_is_refused_naming_the_plan(two_ranks):
         assert "\n" not in message
 
 
-def test_truncated_shard_is_refused_on_every_rank(two_ranks):
-    """Oracle: a shard cut to 100 bytes cannot hold its tensors; only rank 1 reads it, both ranks raise."""
+def test_changed_shard_is_refused_on_every_rank(two_ranks):
+    """Oracle: one byte of __0_0.distcp flipped, its size kept: only rank 1 hashes that file (the manifest
+    is checked in shares), both ranks refuse it before torch reads anything."""
     for rank in (0, 1):
-        assert "could not be read" in two_ranks[rank]["refusals"]["truncated"]
+        assert "__0_0.distcp does not match its SHA-256" in two_ranks[rank]["refusals"]["changed"]
 
 
 # ---- one process (plan gpus = 1, no process group) ----
@@ -177,20 +181,25 @@ def test_only_the_last_k_are_kept_and_nothing_else_deleted(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "step_0", "step_3", "step_4", "step_9.tmp"]
 
 
-def test_saving_a_step_again_replaces_it(saved):
-    """Oracle: a second save of step 1 (a run resumed from an older step) leaves one step_1, nothing aside."""
-    par, optimizer = _fresh(SINGLE)
-    save_checkpoint(saved.parent, par=par, optimizer=optimizer, step=1, model_name=MODEL)
-    assert sorted(p.name for p in saved.parent.iterdir()) == ["step_1"]
+def test_a_checkpoint_is_never_overwritten(saved):
+    """Oracle: the contract: a second save of step 1 is refused on the spot and step_1 keeps its bytes."""
+    before = _listing(saved.parent)
+    par, optimizer = _fresh(SINGLE, init_seed=1)
+    with pytest.raises(InvalidInputError, match="exists already; autoplan does not overwrite a checkpoint"):
+        save_checkpoint(saved.parent, par=par, optimizer=optimizer, step=1, model_name=MODEL)
+    assert _listing(saved.parent) == before
 
 
-def test_latest_ignores_tmp_and_incomplete(tmp_path, saved):
-    """Oracle: of step_1 (complete), step_5.tmp (even with a meta.json) and step_7 (no meta.json), step_1."""
+def test_latest_ignores_tmp_and_refuses_incomplete(tmp_path, saved):
+    """Oracle: step_5.tmp (even with a meta.json) is a save in progress, never read; step_1 is the newest
+    complete one; a step_7 without meta.json was not published by autoplan: refused, by name, and kept."""
     run = saved.parent
     shutil.copytree(saved, run / "step_5.tmp")
-    (run / "step_7").mkdir()
     assert latest_checkpoint(run) == saved
-    assert latest_checkpoint(tmp_path / "absent") is None
+    (run / "step_7").mkdir()
+    with pytest.raises(InvalidInputError, match=r"step_7 has no meta.json: not complete"):
+        latest_checkpoint(run)
+    assert (run / "step_7").is_dir() and latest_checkpoint(tmp_path / "absent") is None
 
 
 def test_model_and_rank_mismatch_named(saved):

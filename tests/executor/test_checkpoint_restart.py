@@ -45,4 +45,4 @@ def test_killed_rank_resumes_and_reproduces_the_loss_curve(tmp_path):
     assert [resumed[s] for s in range(STEPS)] == pytest.approx([clean[s] for s in range(STEPS)], rel=1e-5)
     summaries = [r for r in map(json.loads, (tmp_path / "crashed.jsonl").read_text().splitlines()) if "summary" in r]
     assert summaries[-1]["first_step"] == 4
-    assert sorted(p.name for p in (tmp_path / "crashed").iterdir()) == ["step_5", "step_7"]  # keep 2, no .tmp left
+    assert sorted(p.name for p in (tmp_path / "crashed").iterdir()) == [".autoplan.lock", "step_5", "step_7"]  # keep 2, no .tmp

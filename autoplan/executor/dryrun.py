@@ -159,10 +159,10 @@ def _model_spec(model, seq_len: int | None) -> _Model:
             raise InvalidInputError("the model has no config.seq_len / config.vocab: pass seq_len=... "
                                     "(the vocabulary comes from config.vocab)")
         return _Model(lambda: copy.deepcopy(model), type(model).__name__, seq_len, vocab)
-    from autoplan.models.loader import is_model_file, load_model
+    from autoplan.models.loader import load_model, seq_len_overrides
 
     spec = str(model)
-    overrides = {"seq_len": seq_len} if seq_len and not is_model_file(spec) else {}
+    overrides = seq_len_overrides(spec, seq_len)
     loaded = load_model(spec, device="meta", **overrides)
     module = loaded.module
     seq_len = seq_len or loaded.seq_len or getattr(getattr(module, "config", None), "seq_len", None)

@@ -251,6 +251,18 @@ def _grad_leaf(value):
     return value
 
 
+def _hidden_slot(args: list, kwargs: dict, accept) -> tuple[str, int | str] | None:
+    """Where the input flowing through the layer is: ("arg", index) of the first accepted tensor argument,
+    else ("kw", name) of the first accepted tensor keyword argument (transformers passes hidden_states so)."""
+    for i, value in enumerate(args):
+        if isinstance(value, torch.Tensor) and accept(value):
+            return "arg", i
+    for name, value in kwargs.items():
+        if isinstance(value, torch.Tensor) and accept(value):
+            return "kw", name
+    return None
+
+
 def trace(module: nn.Module, args: tuple, kwargs: dict, *, vocab_size: int = 0, flash: bool = True) -> TraceResult:
     """Run module(*args, **kwargs) forward and backward on meta and measure it.
 
@@ -259,13 +271,15 @@ def trace(module: nn.Module, args: tuple, kwargs: dict, *, vocab_size: int = 0, 
     """
     result = TraceResult()
     frozen = {storage_id(t) for t in list(module.parameters()) + list(module.buffers())}
-    args = list(args)
-    hidden = next((i for i, v in enumerate(args) if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
+    args, kwargs = list(args), dict(kwargs)
+    hidden = _hidden_slot(args, kwargs, lambda v: v.is_floating_point())
     if hidden is not None:
-        args[hidden] = _grad_leaf(args[hidden])
+        where, key = hidden
+        where_dict = args if where == "arg" else kwargs
+        where_dict[key] = _grad_leaf(where_dict[key])
         # other tensor inputs (rotary tables, masks) are constants shared by every layer, not activations
-        frozen |= {storage_id(t) for t in tree_flatten((args[hidden + 1:], kwargs))[0]
-                   if isinstance(t, torch.Tensor)}
+        rest = (args[key + 1:], kwargs) if where == "arg" else ({k: v for k, v in kwargs.items() if k != key},)
+        frozen |= {storage_id(t) for t in tree_flatten(rest)[0] if isinstance(t, torch.Tensor)}
     tracer = _Tracer(result, frozen)
     seen: set[int] = set()
 
@@ -347,12 +361,14 @@ def trace_layer(module: nn.Module, args: tuple, kwargs: dict, *, vocab_size: int
     sequences: T(b) = a·b + w, so w = 2·T(1) - T(2) does not grow with the batch (weight-gradient
     temporaries: a stacked expert weight's gradient, an embedding table's) and a = T(1) - w does."""
     one = trace(module, args, kwargs, vocab_size=vocab_size, flash=flash)
-    first = next((i for i, v in enumerate(args) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == 1), None)
+    doubled, doubled_kwargs = list(args), dict(kwargs)
+    first = _hidden_slot(doubled, doubled_kwargs, lambda v: v.dim() and v.shape[0] == 1)
     if first is None:
         return one
-    doubled = list(args)
-    doubled[first] = args[first].expand(2, *args[first].shape[1:]).contiguous()
-    two = trace(module, tuple(doubled), kwargs, vocab_size=vocab_size, flash=flash)
+    where, key = first
+    inputs = doubled if where == "arg" else doubled_kwargs
+    inputs[key] = inputs[key].expand(2, *inputs[key].shape[1:]).contiguous()
+    two = trace(module, tuple(doubled), doubled_kwargs, vocab_size=vocab_size, flash=flash)
     weight = min(max(2 * one.backward_peak_bytes - two.backward_peak_bytes, 0), one.backward_peak_bytes)
     one.backward_peak_weight_bytes = weight
     one.backward_peak_bytes -= weight

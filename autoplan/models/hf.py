@@ -238,7 +238,8 @@ class HFCausalLM(nn.Module):
     """tokens [b, s] (int64) -> logits [b, s, vocab] through a transformers causal LM's own modules, laid out
     as embed -> layers -> norm -> output (module docstring). Pipeline stages may hold None parts."""
 
-    is_foreign = True  # the executor refuses what it cannot do with it (autoplan.support.foreign_reason)
+    is_foreign = True  # the executor refuses what it cannot do with it (autoplan.support.unsupported_reason)
+    sequence_shards = 1  # set to tp by tensor parallelism with sequence parallelism
 
     def __init__(self, model: nn.Module, *, seq_len: int | None = None, name: str = ""):
         super().__init__()
@@ -273,7 +274,8 @@ class HFCausalLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens) if self.embed is not None else tokens
-        positions = torch.arange(x.shape[1], device=x.device).unsqueeze(0)  # [1, s]
+        seq_len = x.shape[1] * self.sequence_shards  # (sequence parallelism hands on [b, s/tp, h] shards)
+        positions = torch.arange(seq_len, device=x.device).unsqueeze(0)  # [1, s]
         kwargs = {}
         if self.rotary is not None:
             kwargs["position_embeddings"] = self.rotary(x, positions)

@@ -19,7 +19,9 @@ What differs from `autoplan run`, none of it GPU memory:
 - DDP's C++ parts read tensor data or the values of collectives: its cross-rank shape check is skipped,
   its gradient buckets keep their first layout (`_ReducerWithoutRebuild`) and its all-reduce hook hands
   each bucket back in place (`_in_place_all_reduce`), as the default hook does;
-- `.item()` on a fake tensor answers 1 (executor.memtrack).
+- `.item()` on a fake tensor answers 1 (executor.memtrack);
+- where dropout is on, attention and dropout run the GPU's kernels (autoplan.kernels: fused attention with
+  dropout, a 1-byte dropout mask), not the CPU's math fallback, as the profile traces them.
 tests/dryrun runs the same plans for real on 2 CPU ranks and gets the same bytes.
 
 Micro-batches: from the second micro-batch of a step on, gradient accumulation repeats the same tensors,
@@ -46,8 +48,10 @@ from torch import nn
 from torch._guards import active_fake_mode
 
 from autoplan.errors import InvalidInputError, InvalidPlanError
+from autoplan.executor.derived_tp import retie, tied_groups
 from autoplan.executor.memtrack import Category, RankMemoryTracker
 from autoplan.executor.precision import MIXED_PRECISION_DTYPE
+from autoplan.kernels import gpu_dropout_kernels
 from autoplan.schema import Cluster, DryRunResult, Plan, StageMemory
 
 STEPS = 2
@@ -185,7 +189,7 @@ def _run_stage(spec: _Model, plan: Plan, stage: int, steps: int, full_plan: Plan
     try:
         fake = FakeTensorMode(allow_non_fake_inputs=True)
         par, optimizer = prepare(spec.build(), plan, tp_plan=spec.tp_plan, fake_mode=fake)
-        with fake:
+        with fake, gpu_dropout_kernels():  # dropout as a GPU runs it (autoplan.kernels), as the profile does
             memory = track_steps(par, optimizer, steps=steps, seq_len=spec.seq_len, vocab=spec.vocab,
                                  full_micro_batches=full_plan.num_micro_batches)
         return memory.model_copy(update={"stage": stage, "rank": rank})
@@ -219,8 +223,10 @@ def prepare(model: nn.Module, plan: Plan, *, tp_plan=None, fake_mode=None):
         par = apply(model, plan, device_type="cpu", tp_plan=tp_plan)
     if fake_mode is not None and hasattr(par.model, "register_comm_hook"):  # DDP (replicate)
         par.model.register_comm_hook(None, _in_place_all_reduce)
+    ties = tied_groups(par.model)
     with fake_mode or ExitStack():
         par.model.to_empty(device="cpu")
+        retie(par.model, ties)  # to_empty made each tied name its own tensor
         if getattr(par, "cp", None) is not None:  # context parallelism found the RoPE tables at apply, on meta
             from autoplan.executor.context_parallel import ROPE_TABLE
 

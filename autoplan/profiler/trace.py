@@ -17,7 +17,6 @@ F.dropout is routed to native_dropout, which saves a 1-byte mask as on CUDA.
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 from dataclasses import dataclass, field
 
@@ -28,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
+from autoplan.kernels import gpu_kernels
 from autoplan.selective import GEMM_OPS, kept_by_selective
 
 aten = torch.ops.aten
@@ -213,36 +213,6 @@ class LiveBytes:
 
     def reset_peak(self) -> None:
         self.peak, self._peak_clock, self.bytes_at_reset = self.bytes, self._clock, self.bytes
-
-
-def _flash_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """F.scaled_dot_product_attention as a fused kernel (what a GPU runs), traceable on meta."""
-    if enable_gqa and key.shape[-3] != query.shape[-3]:
-        groups = query.shape[-3] // key.shape[-3]
-        key, value = key.repeat_interleave(groups, dim=-3), value.repeat_interleave(groups, dim=-3)
-    out = aten._scaled_dot_product_efficient_attention(query, key, value, attn_mask, True, dropout_p, is_causal,
-                                                       scale=scale)
-    return out[0]
-
-
-def _gpu_dropout(input, p=0.5, training=True, inplace=False):
-    """F.dropout as CUDA runs it: native_dropout saves a 1-byte mask (the CPU path saves a float noise)."""
-    if not training or p == 0.0:
-        return input
-    return torch.native_dropout(input, p, True)[0]
-
-
-@contextlib.contextmanager
-def gpu_kernels(flash: bool):
-    """Trace with the kernels a GPU training step runs: fused attention (if flash) and native dropout."""
-    originals = (F.scaled_dot_product_attention, F.dropout)
-    if flash:
-        F.scaled_dot_product_attention = _flash_sdpa
-    F.dropout = _gpu_dropout
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention, F.dropout = originals
 
 
 def _grad_leaf(value):

@@ -206,10 +206,13 @@ def _fixed_fields(pairs: list[str]) -> dict:
     fixed = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
-        if not sep or name not in Plan.model_fields or name in ("layers_per_stage", "recompute_per_stage"):
+        if not sep or name not in Plan.model_fields or name in ("layers_per_stage", "recompute_per_stage",
+                                                                "global_batch_size", "schema_version"):
             raise InvalidInputError(f"--fix takes FIELD=VALUE with a plan field (dp, tp, pp, cp, ep, zero_stage, "
-                                    f"recompute, micro_batch_size, schedule, virtual_stages), got {pair!r}")
-        fixed[name] = int(value) if value.isdigit() else value
+                                    f"recompute, sequence_parallel, micro_batch_size, schedule, virtual_stages; "
+                                    f"the batch is --global-batch), got {pair!r}")
+        booleans = {"true": True, "false": False}
+        fixed[name] = int(value) if value.isdigit() else booleans.get(value.lower(), value)
     return fixed
 
 

@@ -381,10 +381,12 @@ def _executable(args, profile):
     """With --executable, the predicate that keeps the search to plans the executor runs."""
     if not args.executable:
         return None
+    from autoplan.models.hf import is_hf_spec
     from autoplan.support import unsupported_reason
 
     moe = profile.num_experts > 0
-    return lambda plan: unsupported_reason(plan, moe=moe) is None
+    foreign = is_hf_spec(args.model)
+    return lambda plan: unsupported_reason(plan, moe=moe, foreign=foreign) is None
 
 
 def _run(args) -> int:

@@ -1,8 +1,9 @@
 """Hugging Face models at real size through profile -> search -> estimate -> dry run, as a new user runs
 them (examples/hf/*/config.json, built by transformers on meta): parameters against transformers' own count,
-training FLOPs per token against the formula 6·N + 12·L·h·s (N: the parameters in matrix products, the
-active ones for MoE; Kaplan et al. 2020 / Chowdhery et al. 2022, App. B, attention counted whole as the
-profiler's flop counter does), and the dry run's peak memory against the estimate of the best plan found.
+training FLOPs per token against the formula 6·N + 14·L·h·s (N: the parameters in matrix products, the
+active ones for MoE: Kaplan et al. 2020; attention: Q K^T and P V, 4·s·h per token and layer forward, twice
+that backward, the 12·L·h·s of Chowdhery et al. 2022, App. B, counted whole (not halved for causality) as
+torch's flop counter does, plus the Q K^T a fused attention's backward recomputes: 2·L·h·s), and the dry run's peak memory against the estimate of the best plan found.
 
     python -m benchmarks.hf_models          # writes benchmarks/results/hf_models.md
 """
@@ -52,7 +53,7 @@ def matmul_params(config) -> float:
 def formula_flops_per_token(config, seq_len: int) -> float:
     layers = getattr(config, "num_hidden_layers", None) or config.n_layer
     hidden = getattr(config, "hidden_size", None) or config.n_embd
-    return 6 * matmul_params(config) + 12 * layers * hidden * seq_len
+    return 6 * matmul_params(config) + 14 * layers * hidden * seq_len
 
 
 def hf_parameters(path: str) -> int:
@@ -100,7 +101,8 @@ def main() -> None:
     lines = ["# Hugging Face models at real size (`python -m benchmarks.hf_models`)", "",
              "Each model is its `config.json` under `examples/hf/`, built by transformers on the meta device. "
              "Parameters: the profile against transformers' `num_parameters()`. FLOPs per token (training): the "
-             "profile against 6·N + 12·L·h·s (N: parameters in matrix products, active ones for MoE). Memory: the "
+             "profile against 6·N + 14·L·h·s (N: parameters in matrix products, active ones for MoE; attention "
+             "whole, with the Q K^T that a fused attention's backward recomputes). Memory: the "
              "best plan of a search on a DGX H100 preset, the dry run's peak tensor bytes against the estimate "
              "(tensor bytes, the preset's reserve left out).", "",
              "| model | seq | params (profile) | params (transformers) | TFLOP/token profile | formula | error "

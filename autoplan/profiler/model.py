@@ -341,6 +341,10 @@ def _unrecognized(layers: list[LayerProfile], num_blocks: int, model_params: int
                      "num_attention_heads): tp is not checked against them")
     if any(layer.kind == "moe" and not (layer.num_experts and layer.top_k) for layer in layers):
         notes.append("a moe layer without num_experts / top_k found: its expert parallelism is not costed")
+    for layer in layers:
+        if layer.tied_params:
+            notes.append(f"{layer.name} uses {layer.tied_params:,} parameters tied to an earlier layer's, counted "
+                         f"once; with pp > 1 its pipeline stage keeps a copy that the estimate does not count yet")
     counted = sum(layer.params for layer in layers)
     if counted != model_params:
         notes.append(f"{model_params - counted:,} of the model's {model_params:,} parameters were not run by the "

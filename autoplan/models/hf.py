@@ -141,31 +141,80 @@ def _project(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return out + bias if bias is not None else out
 
 
-def balanced_experts_forward(self, hidden_states, top_k_index, top_k_weights):
-    """The experts' forward with each expert given tokens·top_k/E rows (balanced routing), for tensors
-    without values (meta, fake); real tensors take transformers' own forward."""
-    if not (_no_values(hidden_states) or _no_values(top_k_index)):
-        return self._autoplan_forward(hidden_states, top_k_index, top_k_weights)
-    tokens, hidden = hidden_states.shape
-    top_k, experts = top_k_index.shape[-1], self.num_experts
-    grouped = hidden_states.repeat_interleave(top_k, dim=0)  # [T*k, h], taken as sorted by expert
+def expert_weight_names(module: nn.Module) -> tuple[str, ...]:
+    """The stacked-experts module's own parameters laid out [E, ...] (weights and biases): what expert
+    parallelism shards."""
+    return tuple(name for name, p in module.named_parameters(recurse=False) if p.shape[0] == module.num_experts)
+
+
+def run_experts(self, grouped: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """transformers' expert math (gate|up projection, gate, down projection) of expert e on its contiguous
+    counts[e] rows of `grouped` (rows sorted by expert); the experts this module holds are len(counts)."""
     transposed = getattr(self, "is_transposed", False)
     gated = getattr(self, "has_gate", True) and hasattr(self, "gate_up_proj")
-    base, extra = divmod(tokens * top_k, experts)
+    up_weight = self.gate_up_proj if gated else self.up_proj
+    up_bias = getattr(self, "gate_up_proj_bias" if gated else "up_proj_bias", None)
+    down_bias = getattr(self, "down_proj_bias", None)
     outputs, start = [], 0
-    for expert in range(experts):
-        rows = grouped[start: start + base + (expert < extra)]
-        start += rows.shape[0]
-        up_weight = self.gate_up_proj if gated else self.up_proj
-        up_bias = getattr(self, "gate_up_proj_bias" if gated else "up_proj_bias", None)
+    for expert, count in enumerate(counts):
+        rows = grouped[start: start + count]
+        start += count
         up = _project(rows, up_weight[expert], up_bias[expert] if up_bias is not None else None, transposed)
         act = self._apply_gate(up) if gated else self.act_fn(up)
-        down_bias = getattr(self, "down_proj_bias", None)
         outputs.append(_project(act, self.down_proj[expert], down_bias[expert] if down_bias is not None else None,
                                 transposed))
-    out = torch.cat(outputs)  # [T*k, h]
-    weighted = out.view(tokens, top_k, hidden) * top_k_weights.unsqueeze(-1).to(out.dtype)
-    return weighted.sum(dim=1).to(hidden_states.dtype)
+    return torch.cat(outputs) if outputs else grouped
+
+
+def routed_forward(self, hidden_states, top_k_index, top_k_weights):
+    """The experts' forward as autoplan's MoE runs it: token copies sorted by expert, `self.run_experts` on
+    them (which expert parallelism turns into dispatch, local experts, combine), back to token order, summed
+    with the routing weights. Without values (meta, fake) routing is taken as balanced: each expert gets
+    tokens·top_k/E rows, the expected load."""
+    tokens, hidden = hidden_states.shape
+    top_k, experts = top_k_index.shape[-1], self.num_experts
+    flat = top_k_index.reshape(-1)  # [T*k]
+    if _no_values(hidden_states) or _no_values(top_k_index):
+        base, extra = divmod(flat.numel(), experts)
+        counts = [base + (e < extra) for e in range(experts)]
+        grouped = hidden_states.repeat_interleave(top_k, dim=0)  # taken as sorted by expert
+        return _combine(_runner(self)(grouped, counts), top_k_weights, tokens, top_k, hidden, hidden_states.dtype)
+    order = flat.argsort(stable=True)
+    grouped = hidden_states.repeat_interleave(top_k, dim=0)[order]  # [T*k, h] sorted by expert
+    out = _runner(self)(grouped, torch.bincount(flat, minlength=experts).tolist())
+    out = torch.empty_like(out).index_copy(0, order, out)  # back to token order
+    return _combine(out, top_k_weights, tokens, top_k, hidden, hidden_states.dtype)
+
+
+def _combine(out, weights, tokens: int, top_k: int, hidden: int, dtype) -> torch.Tensor:
+    weighted = out.view(tokens, top_k, hidden) * weights.unsqueeze(-1).to(out.dtype)
+    return weighted.sum(dim=1).to(dtype)
+
+
+def balanced_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """transformers' own forward on real tensors; on tensors without values (meta, fake), where its routing
+    would run no expert, routed_forward with balanced routing."""
+    if not (_no_values(hidden_states) or _no_values(top_k_index)):
+        return self._autoplan_forward(hidden_states, top_k_index, top_k_weights)
+    return routed_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+def _runner(module: nn.Module):
+    return module.run_experts if isinstance(module, RoutedExperts) else types.MethodType(run_experts, module)
+
+
+class RoutedExperts:
+    """Mixed into a stacked-experts module's class by `make_routed`: run_experts, so that expert
+    parallelism's class (executor.expert_parallel.ExpertParallelMixin) can put dispatch and combine around it."""
+
+    run_experts = run_experts
+
+
+def make_routed(module: nn.Module) -> None:
+    """Run a stacked-experts module as routed_forward -> run_experts (in place; the same function)."""
+    if not isinstance(module, RoutedExperts):
+        module.__class__ = type(f"Routed{type(module).__name__}", (RoutedExperts, type(module)), {})
+    module.forward = types.MethodType(routed_forward, module)
 
 
 def _balance_experts(model: nn.Module) -> list[nn.Module]:

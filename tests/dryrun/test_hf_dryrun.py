@@ -16,6 +16,7 @@ PLANS = {
     "llama dp2 tp2 sp pp2": ("llama", ap.Plan(dp=2, tp=2, pp=2, sequence_parallel=True, micro_batch_size=1,
                                               global_batch_size=8)),
     "mixtral dp2 zero3": ("mixtral", ap.Plan(dp=2, zero_stage=3, micro_batch_size=2, global_batch_size=8)),
+    "qwen-moe dp4 ep4 zero1": ("qwen2_moe", ap.Plan(dp=4, ep=4, zero_stage=1, micro_batch_size=2, global_batch_size=8)),
 }
 
 

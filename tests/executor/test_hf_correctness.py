@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 CONFIGS = Path(__file__).parent.parent / "hf_configs"
 GBS, MBS = 8, 2
 TOL = 1e-4
-LLAMA, GPT2, MIXTRAL = (str(CONFIGS / f"{name}.json") for name in ("llama", "gpt2", "mixtral"))
+LLAMA, GPT2, MIXTRAL, QWEN_MOE = (str(CONFIGS / f"{name}.json") for name in ("llama", "gpt2", "mixtral", "qwen2_moe"))
 PLANS = {
     "llama dp2": (LLAMA, Plan(dp=2, global_batch_size=GBS, micro_batch_size=MBS)),
     "llama dp2 zero3": (LLAMA, Plan(dp=2, zero_stage=3, global_batch_size=GBS, micro_batch_size=MBS)),
@@ -25,6 +25,9 @@ PLANS = {
     "gpt2 tp2": (GPT2, Plan(tp=2, global_batch_size=GBS, micro_batch_size=MBS)),
     "gpt2 pp2": (GPT2, Plan(pp=2, schedule="1f1b", global_batch_size=GBS, micro_batch_size=MBS)),
     "mixtral dp2": (MIXTRAL, Plan(dp=2, global_batch_size=GBS, micro_batch_size=MBS)),
+    # transformers' experts sharded over the ep ranks (routed through autoplan's dispatch and combine)
+    "mixtral dp2 ep2": (MIXTRAL, Plan(dp=2, ep=2, global_batch_size=GBS, micro_batch_size=MBS)),
+    "qwen-moe dp2 ep2 zero1": (QWEN_MOE, Plan(dp=2, ep=2, zero_stage=1, global_batch_size=GBS, micro_batch_size=MBS)),
 }
 
 
@@ -48,7 +51,7 @@ def test_two_ranks_match_single_process(name, two_rank_losses, reference):
 
 
 @pytest.mark.parametrize("path, plan, words", [
-    (MIXTRAL, Plan(dp=2, ep=2, global_batch_size=GBS, micro_batch_size=MBS), "ep > 1"),
+    (MIXTRAL, Plan(dp=2, ep=2, zero_stage=3, global_batch_size=GBS, micro_batch_size=MBS), "ep > 1"),
     (MIXTRAL, Plan(tp=2, global_batch_size=GBS, micro_batch_size=MBS), "tp > 1 on a MoE"),
     (LLAMA, Plan(cp=2, global_batch_size=GBS, micro_batch_size=MBS), "cp > 1"),
 ])

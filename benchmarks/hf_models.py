@@ -105,16 +105,16 @@ def main() -> None:
              "whole, with the Q K^T that a fused attention's backward recomputes). Memory: the "
              "best plan of a search on a DGX H100 preset, the dry run's peak tensor bytes against the estimate "
              "(tensor bytes, the preset's reserve left out).", "",
-             "| model | seq | params (profile) | params (transformers) | TFLOP/token profile | formula | error "
-             "| built-in of the same shape: params, TFLOP/token | best plan | estimate GiB | dry run GiB | error |",
+             "| model | seq | params (profile) | params (transformers) | GFLOP/token profile | formula | error "
+             "| built-in of the same shape: params, GFLOP/token | best plan | estimate GiB | dry run GiB | error |",
              "|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|"]
     for r in rows:
         flops_error = r["flops_per_token"] / r["formula_flops_per_token"] - 1
         memory_error = r["estimate_bytes"] / r["dry_run_bytes"] - 1
-        builtin = (f"{r['builtin']}: {r['builtin_params']:,}, {r['builtin_flops_per_token'] / 1e12:.4f}"
+        builtin = (f"{r['builtin']}: {r['builtin_params']:,}, {r['builtin_flops_per_token'] / 1e9:.3f}"
                    if "builtin" in r else "-")
         lines.append(f"| {r['model']} | {r['seq_len']} | {r['params']:,} | {r['hf_params']:,} | "
-                     f"{r['flops_per_token'] / 1e12:.4f} | {r['formula_flops_per_token'] / 1e12:.4f} | "
+                     f"{r['flops_per_token'] / 1e9:.3f} | {r['formula_flops_per_token'] / 1e9:.3f} | "
                      f"{flops_error:+.2%} | {builtin} | {r['plan']} | {r['estimate_bytes'] / 2**30:.2f} | "
                      f"{r['dry_run_bytes'] / 2**30:.2f} | {memory_error:+.2%} |")
     notes = [f"- {r['model']}: {note}" for r in rows for note in r["notes"]]

@@ -188,7 +188,8 @@ def _run_stage(spec: _Model, plan: Plan, stage: int, steps: int, full_plan: Plan
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=plan.gpus)
     try:
         fake = FakeTensorMode(allow_non_fake_inputs=True)
-        par, optimizer = prepare(spec.build(), plan, tp_plan=spec.tp_plan, fake_mode=fake)
+        par, optimizer = prepare(spec.build(), plan, tp_plan=spec.tp_plan, fake_mode=fake, seq_len=spec.seq_len,
+                                 vocab=spec.vocab)
         with fake, gpu_dropout_kernels():  # dropout as a GPU runs it (autoplan.kernels), as the profile does
             memory = track_steps(par, optimizer, steps=steps, seq_len=spec.seq_len, vocab=spec.vocab,
                                  full_micro_batches=full_plan.num_micro_batches)
@@ -212,14 +213,15 @@ def _forget_meshes() -> None:
     _collective_utils.MeshTopoInfo.build_from_mesh.cache_clear()
 
 
-def prepare(model: nn.Module, plan: Plan, *, tp_plan=None, fake_mode=None):
+def prepare(model: nn.Module, plan: Plan, *, tp_plan=None, fake_mode=None, seq_len: int | None = None,
+            vocab: int | None = None):
     """The executor's `apply` on `model` (built on meta) for the initialised process group, in the GPU dtype,
     then its parameters made (fake tensors under `fake_mode`, else real ones, normal(0, 0.02)) and the
     optimizer built with fp32 master weights: (Parallelized, optimizer)."""
     from autoplan.executor.train import apply, make_optimizer
 
     model = model.to(MIXED_PRECISION_DTYPE)
-    with _static_pipeline_shapes(plan, model):
+    with _static_pipeline_shapes(plan, model, seq_len=seq_len, vocab=vocab):
         par = apply(model, plan, device_type="cpu", tp_plan=tp_plan)
     if fake_mode is not None and hasattr(par.model, "register_comm_hook"):  # DDP (replicate)
         par.model.register_comm_hook(None, _in_place_all_reduce)
@@ -344,7 +346,7 @@ def _no_ddp_shape_check():
     return mock.patch.object(ddp, "_verify_param_shape_across_processes", lambda *args, **kwargs: None)
 
 
-def _static_pipeline_shapes(plan: Plan, model: nn.Module):
+def _static_pipeline_shapes(plan: Plan, model: nn.Module, *, seq_len: int | None = None, vocab: int | None = None):
     """Give each PipelineStage the shapes it receives and sends (embed -> blocks -> logits of the reference
     models), so no stage asks its neighbour over the fake process group."""
     if plan.pp == 1:
@@ -353,7 +355,7 @@ def _static_pipeline_shapes(plan: Plan, model: nn.Module):
 
     from autoplan.executor import pipeline
 
-    config = model.config
+    config = _pipeline_config(model, seq_len, vocab)
     sp = plan.sequence_parallel and plan.tp > 1
     mbs, seq = plan.micro_batch_size, config.seq_len // plan.cp  # a context-parallel rank's share
     hidden = (mbs, seq // plan.tp if sp else seq, config.hidden)  # [b, s/cp (/tp with SP), h] between stages
@@ -366,3 +368,23 @@ def _static_pipeline_shapes(plan: Plan, model: nn.Module):
         return PipelineStage(module, chunk, total, device, input_args=(inputs,), output_args=(outputs,), group=group)
     return mock.patch.object(pipeline, "PipelineStage", stage)
 
+
+@dataclass(frozen=True)
+class _Shapes:
+    seq_len: int
+    vocab: int
+    hidden: int
+
+
+def _pipeline_config(model: nn.Module, seq_len: int | None, vocab: int | None) -> _Shapes:
+    """seq_len, vocab and hidden of what pipeline stages exchange: given, or the model's config, or (hidden)
+    its token embedding's width; refused in one line when unknown."""
+    config = getattr(model, "config", None)
+    embeddings = [m.embedding_dim for m in model.modules() if isinstance(m, nn.Embedding)]
+    seq_len = seq_len or getattr(config, "seq_len", None)
+    vocab = vocab or getattr(config, "vocab", None)
+    hidden = getattr(config, "hidden", None) or (embeddings[0] if embeddings else None)
+    if not (seq_len and vocab and hidden):
+        raise InvalidInputError("pp > 1 in a dry run needs seq_len, vocab and hidden: set them in CONFIG (or "
+                                "model.config), or give the model an nn.Embedding")
+    return _Shapes(int(seq_len), int(vocab), int(hidden))

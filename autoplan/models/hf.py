@@ -10,10 +10,11 @@ computed once per forward, causal attention through F.scaled_dot_product_attenti
 tensor, so nothing reads values on the meta device). That is what the profiler, the pipeline split, tensor
 parallelism and the dry run rely on. What this layout cannot find in a model is refused in one line.
 
-Experts (Mixtral, Qwen-MoE, DeepSeek style: transformers' stacked `gate_up_proj` / `down_proj` [E, ...])
+Experts (transformers' stacked `gate_up_proj` / `down_proj` [E, ...]: Mixtral, Qwen-MoE and others)
 run their own forward on real tensors; on meta or fake tensors, where routing has no values, they run each
 expert on tokens·top_k/E tokens (balanced routing, as autoplan's own MoE does), so the profile counts the
-routed tokens' FLOPs and activations and the cost model adds the imbalance.
+routed tokens' FLOPs and activations and the cost model adds the imbalance. Expert parallelism runs them as
+autoplan's MoE runs (routed_forward -> run_experts, the same math; executor.expert_parallel).
 """
 
 from __future__ import annotations

@@ -150,7 +150,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="path to a model.py (defines build_model()) or a built-in name, e.g. llama3-70b")
+    parser.add_argument("model", help="path to a model.py (defines build_model()), a Hugging Face config.json or "
+                                      "model folder, or a built-in name, e.g. llama3-70b")
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's CONFIG)")
 
 
@@ -159,7 +160,10 @@ def _load_profile(args):
 
     if args.seq_len is not None and args.seq_len < 1:
         raise InvalidInputError(f"--seq-len must be positive, got {args.seq_len}")
-    return profile_model(args.model, seq_len=args.seq_len)
+    profile = profile_model(args.model, seq_len=args.seq_len)
+    for note in profile.notes:  # what the profiler could not recognize: said, not silently guessed
+        print(f"autoplan: note: {note}", file=sys.stderr)
+    return profile
 
 
 def _estimate(args) -> int:

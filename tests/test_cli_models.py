@@ -35,3 +35,9 @@ def test_fix_sequence_parallel_false_is_honoured(run_cli):
 def test_a_pin_the_search_cannot_honour_is_refused(pair, run_cli):
     code, _, err = run_cli(["search", "gpt-tiny", "--gpus", "4", "--fix", pair])
     assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_profile_notes_are_printed(run_cli):
+    pytest.importorskip("transformers")
+    code, _, err = run_cli(["search", str(CONFIGS / "gpt2.json"), "--gpus", "2", "--global-batch", "4", "--json"])
+    assert code == 0 and "note:" in err and "tied" in err

@@ -321,6 +321,7 @@ class HFCausalLM(nn.Module):
                               vocab=tok.num_embeddings, hidden=tok.embedding_dim, hf=hf)
         self.hf_class = type(model).__name__
         self.stack_name = stack_name
+        self.notes = _layout_notes(text, self.config.seq_len)  # read by the profiler into ModelProfile.notes
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens) if self.embed is not None else tokens
@@ -357,6 +358,23 @@ class HFCausalLM(nn.Module):
                     nn.init.normal_(param, std=0.02)
             if self.rotary is module or hasattr(module, "inv_freq"):
                 _reset_rotary(module)
+
+
+# model types whose laid-out forward tests/models/test_hf.py checks against transformers' own logits
+CHECKED_MODEL_TYPES = ("gpt2", "llama", "mixtral", "qwen2", "qwen2_moe")
+
+
+def _layout_notes(config, seq_len: int) -> list[str]:
+    """What the layout may compute differently from transformers' own forward, one line each."""
+    notes = []
+    model_type = getattr(config, "model_type", "?")
+    if model_type not in CHECKED_MODEL_TYPES:
+        notes.append(f"model_type {model_type!r} is laid out by the generic embed -> layers -> norm -> output "
+                     f"runner without a check against transformers' forward (checked: {', '.join(CHECKED_MODEL_TYPES)})")
+    window = getattr(config, "sliding_window", None)
+    if isinstance(window, int) and window < seq_len:
+        notes.append(f"sliding-window attention ({window} tokens) is run as full causal attention over {seq_len}")
+    return notes
 
 
 def _is_norm(module: nn.Module) -> bool:

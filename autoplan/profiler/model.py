@@ -321,7 +321,10 @@ def _profile(model: nn.Module, seq_len: int, name: str, dtype: torch.dtype, flas
     attn = next((layer for layer in layers if layer.kind == "attention"), None)
     moe = next((layer for layer in layers if layer.kind == "moe"), None)
     hidden = _hidden_size(model, layers)
-    return ModelProfile(notes=_unrecognized(layers, num_blocks, sum(p.numel() for p in model.parameters())),
+    own = getattr(model, "notes", None)  # what a layout (autoplan.models.hf) knows it may do differently
+    notes = (list(own) if isinstance(own, list) else []) + \
+        _unrecognized(layers, num_blocks, sum(p.numel() for p in model.parameters()))
+    return ModelProfile(notes=notes,
         name=name, seq_len=seq_len, dtype=str(dtype).removeprefix("torch."),
         dtype_bytes=torch.empty((), dtype=dtype).element_size(), hidden=hidden, vocab_size=vocab,
         num_blocks=num_blocks or 1, num_heads=attn.num_heads if attn else 0,

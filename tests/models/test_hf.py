@@ -55,7 +55,7 @@ def test_a_bad_config_is_one_line(tmp_path, body, words):
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("name", TINY)
 def test_the_layout_computes_what_transformers_computes(name):
     """Oracle: transformers' own forward (logits) on the same weights, on CPU."""
     torch.manual_seed(0)
@@ -80,3 +80,12 @@ def test_init_weights_is_deterministic_and_sets_the_rotary_tables():
     torch.testing.assert_close(first.rotary.inv_freq, reference)
     norm = first.layers["0"].input_layernorm.weight
     assert torch.equal(norm, torch.ones_like(norm))
+
+
+def test_a_model_type_not_checked_here_is_named(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "mistral", "vocab_size": 512, "hidden_size": 64,
+                                "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                "num_key_value_heads": 2, "max_position_embeddings": 64, "sliding_window": 16}))
+    notes = load_model(str(path)).module.notes
+    assert len(notes) == 2 and "mistral" in notes[0] and "sliding-window" in notes[1]

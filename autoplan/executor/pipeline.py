@@ -45,7 +45,8 @@ def chunk_bounds(plan: Plan, num_blocks: int) -> list[tuple[int, int]]:
 
 def split_model(model: nn.Module, plan: Plan, pp_rank: int) -> list[tuple[int, nn.Module]]:
     """(chunk index, module) of each chunk pipeline rank `pp_rank` holds."""
-    if not (hasattr(model, "layers") and hasattr(model, "embed")):
+    if not (isinstance(getattr(model, "layers", None), nn.ModuleDict) and
+            all(hasattr(model, part) for part in ("embed", "norm", "output"))):
         raise InvalidPlanError("pp > 1 needs a model laid out as embed -> layers -> norm -> output "
                                "(autoplan's reference models, Hugging Face configs)")
     names = list(model.layers.keys())

@@ -153,6 +153,9 @@ def _stages(plan: Plan, stages) -> list[int]:
 
 def _model_spec(model, seq_len: int | None) -> _Model:
     if isinstance(model, nn.Module):
+        from autoplan.models.hf import wrap_hf_model
+
+        model = wrap_hf_model(model, seq_len=seq_len)  # a transformers causal LM: laid out as the HF configs are
         if any(not p.is_meta for p in model.parameters()):
             raise InvalidInputError("dry_run takes a model built on the meta device "
                                     "(`with torch.device('meta'):`), a model.py path or a built-in name")

@@ -38,3 +38,17 @@ def test_tied_weights_stay_one_tensor_in_the_dry_run():
     dry = ap.dryrun(path, plan, gpus=1)
     params = ap.profile_model(path).total_params
     assert dry.memory_breakdown["params"] == params * 2  # bf16
+
+
+def test_a_transformers_module_dry_runs_as_its_config_does():
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from autoplan.models.hf import hf_config
+
+    path = str(CONFIGS / "llama.json")
+    with torch.device("meta"):
+        module = transformers.AutoModelForCausalLM.from_config(hf_config(path))
+    plan = ap.Plan(dp=2, micro_batch_size=1, global_batch_size=2)
+    assert ap.dryrun(module, plan, gpus=2, seq_len=64).peak_memory_bytes == \
+        ap.dryrun(path, plan, gpus=2).peak_memory_bytes

@@ -212,11 +212,12 @@ def _layer(name: str, kind: str, block: int | None, modules: list[nn.Module],
 def _block_layers(block: _Call, index: int, vocab: int, flash: bool, owned: set[int]) -> list[LayerProfile]:
     whole = trace(block.module, block.args, block.kwargs, vocab_size=vocab, flash=flash)
     layers = []
+    parts_owned = set(owned)  # (the parameters the parts count, kept only if the block is split into them)
     for part in _parts(block):
         main = next((c for c in part if module_kind(c.name, c.module) != "norm"), part[-1])
         results = [trace_layer(c.module, c.args, c.kwargs, vocab_size=vocab, flash=flash) for c in part]
         kind = module_kind(main.name, main.module)
-        layers.append(_layer(main.name, kind, index, [c.module for c in part], results, vocab, owned))
+        layers.append(_layer(main.name, kind, index, [c.module for c in part], results, vocab, parts_owned))
     parts_flops = sum(layer.fwd_flops for layer in layers)
     if layers:  # what selective recompute keeps of the ops between the parts (the residual adds)
         between = whole.selective_bytes - sum(layer.selective_bytes for layer in layers)
@@ -226,6 +227,7 @@ def _block_layers(block: _Call, index: int, vocab: int, flash: bool, owned: set[
         kinds = {module_kind(n, m) for n, m in block.module.named_children()} - {"norm"}
         kind = "moe" if "moe" in kinds else ("attention" if "attention" in kinds else "other")
         return [_layer(block.name, kind, index, [block.module], [whole], vocab, owned)]
+    owned |= parts_owned
     return layers
 
 

@@ -118,3 +118,38 @@ def test_what_is_not_found_is_named():
         model = nn.Sequential(nn.Embedding(64, 16), nn.Linear(16, 64))
     profile = ap.profile_model(model, seq_len=8)
     assert any("no repeated blocks" in note for note in profile.notes)
+
+
+class _BlockWithOwnWork(nn.Module):
+    """A block that multiplies by its own weight outside its children: profiled as one layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(16)
+        self.proj = nn.Linear(16, 16)
+        self.mix = nn.Parameter(torch.empty(16, 16))
+
+    def forward(self, x):
+        return x + self.proj(self.norm(x)) @ self.mix
+
+
+class _OwnWork(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.layers = nn.ModuleList(_BlockWithOwnWork() for _ in range(2))
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        for block in self.layers:
+            x = block(x)
+        return x
+
+
+def test_a_block_kept_whole_counts_its_parameters_once():
+    with torch.device("meta"):
+        model = _OwnWork()
+    profile = ap.profile_model(model, seq_len=8)
+    assert [layer.name for layer in profile.layers] == ["embed", "layers.0", "layers.1"]
+    assert profile.total_params == sum(p.numel() for p in model.parameters())
+    assert not any(layer.tied_params for layer in profile.layers)

@@ -372,7 +372,7 @@ def _layout_notes(config, seq_len: int) -> list[str]:
         notes.append(f"model_type {model_type!r} is laid out by the generic embed -> layers -> norm -> output "
                      f"runner without a check against transformers' forward (checked: {', '.join(CHECKED_MODEL_TYPES)})")
     window = getattr(config, "sliding_window", None)
-    if isinstance(window, int) and window < seq_len:
+    if getattr(config, "use_sliding_window", True) and isinstance(window, int) and 0 < window < seq_len:
         notes.append(f"sliding-window attention ({window} tokens) is run as full causal attention over {seq_len}")
     return notes
 

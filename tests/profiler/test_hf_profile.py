@@ -63,6 +63,7 @@ def test_moe_experts_cost_the_routed_tokens_on_meta():
     expected = 2 * (SEQ * 2 * 3 * h * ffn + SEQ * 3 * h * shared + SEQ * h * 1 + SEQ * h * 4)
     assert moe[0].fwd_flops == expected
     assert moe[0].expert_params == 4 * 3 * h * ffn
+    assert profile.notes == []  # nothing it could not recognize
 
 
 def test_tied_head_is_counted_once_and_named():

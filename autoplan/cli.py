@@ -172,7 +172,8 @@ def _force_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="path to a model.py (defines build_model()) or a built-in name, e.g. llama3-70b")
+    parser.add_argument("model", help="path to a model.py (defines build_model()), a Hugging Face config.json or "
+                                      "model folder, or a built-in name, e.g. llama3-70b")
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's CONFIG)")
 
 
@@ -180,7 +181,10 @@ def _load_profile(args):
     from autoplan.profiler.model import MAX_SEQ_LEN, profile_model
 
     _check_range("--seq-len", args.seq_len, 1, MAX_SEQ_LEN)
-    return profile_model(args.model, seq_len=args.seq_len)
+    profile = profile_model(args.model, seq_len=args.seq_len)
+    for note in profile.notes:  # what the profiler could not recognize: said, not silently guessed
+        print(f"autoplan: note: {note}", file=sys.stderr)
+    return profile
 
 
 def _estimate(args) -> int:
@@ -241,7 +245,8 @@ def _fixed_fields(pairs: list[str]) -> dict:
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or name not in FIXABLE:
-            raise InvalidInputError(f"--fix takes FIELD=VALUE with a plan field ({', '.join(FIXABLE)}), got {pair!r}")
+            raise InvalidInputError(f"--fix takes FIELD=VALUE with a plan field ({', '.join(FIXABLE)}; "
+                                    f"the batch is --global-batch), got {pair!r}")
         fixed[name] = _fix_value(name, value)
     return fixed
 
@@ -259,9 +264,9 @@ def _fix_value(name: str, text: str):
             raise InvalidInputError(f"--fix {name}={text}: expected a whole number")
         value = int(text)
     elif info.annotation is bool:
-        if text not in ("true", "false"):
+        if text.lower() not in ("true", "false"):
             raise InvalidInputError(f"--fix {name}={text}: expected true or false")
-        value = text == "true"
+        value = text.lower() == "true"
     else:
         value = text
     try:
@@ -470,10 +475,12 @@ def _executable(args, profile):
     """With --executable, the predicate that keeps the search to plans the executor runs."""
     if not args.executable:
         return None
+    from autoplan.models.hf import is_hf_spec
     from autoplan.support import unsupported_reason
 
     moe = profile.num_experts > 0
-    return lambda plan: unsupported_reason(plan, moe=moe) is None
+    foreign = is_hf_spec(args.model)
+    return lambda plan: unsupported_reason(plan, moe=moe, foreign=foreign) is None
 
 
 def _run(args) -> int:

@@ -92,6 +92,9 @@ class LayerProfile(_Noun):
     params: int = Field(description="Parameters owned by this layer.")
     tp_sharded_params: int = Field(0, description="Parameters that tensor parallelism splits (the rest are replicated).")
     expert_params: int = Field(0, description="Parameters of routed experts (split by expert parallelism).")
+    tied_params: int = Field(0, description="Parameters this layer uses that an earlier layer holds and counts (a tied "
+                                            "weight, e.g. the output head's table shared with the embedding); not in "
+                                            "params. A pipeline stage without that earlier layer holds its own copy.")
     activation_bytes: int = Field(description="Bytes autograd saves for backward per sequence (measured, deduplicated by storage).")
     activation_tp_sharded_bytes: int = Field(0, description="Part of activation_bytes between a column- and a row-parallel GEMM (split by tp without SP).")
     attention_score_bytes: int = Field(0, description="Part of activation_bytes shaped [.., seq, seq] (what flash attention and selective recompute drop).")
@@ -138,6 +141,8 @@ class ModelProfile(_Noun):
     top_k: int = Field(0, description="Experts per token.")
     attention: Literal["flash", "eager"] = Field("flash", description="How attention was traced: flash (no seq x seq saved) or eager.")
     layers: list[LayerProfile] = Field(description="Layers in forward order.")
+    notes: list[str] = Field(default_factory=list, description="What the profiler could not recognize in the model, "
+                                                               "one line each (numbers that rest on a guess).")
 
     @property
     def total_params(self) -> int:

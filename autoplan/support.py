@@ -13,8 +13,15 @@ ZERO_BUBBLE_SELECTIVE = "the zero-bubble schedule with selective recompute is no
                         "in two passes and torch's selective checkpointing allows one; use full recompute or 1f1b"
 
 
-def unsupported_reason(plan, *, moe: bool) -> str | None:
-    """Why the executor cannot run `plan` on a model (MoE or not), or None if it can."""
+FOREIGN_CP = "cp > 1 needs the reference models' RoPE table; a Hugging Face model computes its rotary tables per " \
+             "forward and is not run with context parallelism yet: use cp=1"
+
+
+def unsupported_reason(plan, *, moe: bool, foreign: bool = False) -> str | None:
+    """Why the executor cannot run `plan` on a model (MoE or not; foreign: a Hugging Face model, laid out by
+    autoplan.models.hf), or None if it can."""
+    if foreign and plan.cp > 1:
+        return FOREIGN_CP
     if moe and plan.tp > 1:
         return MOE_TP
     if plan.ep > 1 and plan.cp > 1:

@@ -19,7 +19,9 @@ What differs from `autoplan run`, none of it GPU memory:
 - DDP's C++ parts read tensor data or the values of collectives: its cross-rank shape check is skipped,
   its gradient buckets keep their first layout (`_ReducerWithoutRebuild`) and its all-reduce hook hands
   each bucket back in place (`_in_place_all_reduce`), as the default hook does;
-- `.item()` on a fake tensor answers 1 (executor.memtrack).
+- `.item()` on a fake tensor answers 1 (executor.memtrack);
+- where dropout is on, attention and dropout run the GPU's kernels (autoplan.kernels: fused attention with
+  dropout, a 1-byte dropout mask), not the CPU's math fallback, as the profile traces them.
 tests/dryrun runs the same plans for real on 2 CPU ranks and gets the same bytes.
 
 Micro-batches: from the second micro-batch of a step on, gradient accumulation repeats the same tensors,
@@ -46,8 +48,10 @@ from torch import nn
 from torch._guards import active_fake_mode
 
 from autoplan.errors import InvalidInputError, InvalidPlanError
+from autoplan.executor.derived_tp import retie, tied_groups
 from autoplan.executor.memtrack import Category, RankMemoryTracker
 from autoplan.executor.precision import MIXED_PRECISION_DTYPE
+from autoplan.kernels import gpu_dropout_kernels
 from autoplan.schema import Cluster, DryRunResult, Plan, StageMemory
 
 STEPS = 2
@@ -149,6 +153,9 @@ def _stages(plan: Plan, stages) -> list[int]:
 
 def _model_spec(model, seq_len: int | None) -> _Model:
     if isinstance(model, nn.Module):
+        from autoplan.models.hf import wrap_hf_model
+
+        model = wrap_hf_model(model, seq_len=seq_len)  # a transformers causal LM: laid out as the HF configs are
         if any(not p.is_meta for p in model.parameters()):
             raise InvalidInputError("dry_run takes a model built on the meta device "
                                     "(`with torch.device('meta'):`), a model.py path or a built-in name")
@@ -159,10 +166,10 @@ def _model_spec(model, seq_len: int | None) -> _Model:
             raise InvalidInputError("the model has no config.seq_len / config.vocab: pass seq_len=... "
                                     "(the vocabulary comes from config.vocab)")
         return _Model(lambda: copy.deepcopy(model), type(model).__name__, seq_len, vocab)
-    from autoplan.models.loader import is_model_file, load_model
+    from autoplan.models.loader import load_model, seq_len_overrides
 
     spec = str(model)
-    overrides = {"seq_len": seq_len} if seq_len and not is_model_file(spec) else {}
+    overrides = seq_len_overrides(spec, seq_len)
     loaded = load_model(spec, device="meta", **overrides)
     module = loaded.module
     seq_len = seq_len or loaded.seq_len or getattr(getattr(module, "config", None), "seq_len", None)
@@ -184,8 +191,9 @@ def _run_stage(spec: _Model, plan: Plan, stage: int, steps: int, full_plan: Plan
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=plan.gpus)
     try:
         fake = FakeTensorMode(allow_non_fake_inputs=True)
-        par, optimizer = prepare(spec.build(), plan, tp_plan=spec.tp_plan, fake_mode=fake)
-        with fake:
+        par, optimizer = prepare(spec.build(), plan, tp_plan=spec.tp_plan, fake_mode=fake, seq_len=spec.seq_len,
+                                 vocab=spec.vocab)
+        with fake, gpu_dropout_kernels():  # dropout as a GPU runs it (autoplan.kernels), as the profile does
             memory = track_steps(par, optimizer, steps=steps, seq_len=spec.seq_len, vocab=spec.vocab,
                                  full_micro_batches=full_plan.num_micro_batches)
         return memory.model_copy(update={"stage": stage, "rank": rank})
@@ -208,19 +216,22 @@ def _forget_meshes() -> None:
     _collective_utils.MeshTopoInfo.build_from_mesh.cache_clear()
 
 
-def prepare(model: nn.Module, plan: Plan, *, tp_plan=None, fake_mode=None):
+def prepare(model: nn.Module, plan: Plan, *, tp_plan=None, fake_mode=None, seq_len: int | None = None,
+            vocab: int | None = None):
     """The executor's `apply` on `model` (built on meta) for the initialised process group, in the GPU dtype,
     then its parameters made (fake tensors under `fake_mode`, else real ones, normal(0, 0.02)) and the
     optimizer built with fp32 master weights: (Parallelized, optimizer)."""
     from autoplan.executor.train import apply, make_optimizer
 
     model = model.to(MIXED_PRECISION_DTYPE)
-    with _static_pipeline_shapes(plan, model):
+    with _static_pipeline_shapes(plan, model, seq_len=seq_len, vocab=vocab):
         par = apply(model, plan, device_type="cpu", tp_plan=tp_plan)
     if fake_mode is not None and hasattr(par.model, "register_comm_hook"):  # DDP (replicate)
         par.model.register_comm_hook(None, _in_place_all_reduce)
+    ties = tied_groups(par.model)
     with fake_mode or ExitStack():
         par.model.to_empty(device="cpu")
+        retie(par.model, ties)  # to_empty made each tied name its own tensor
         if getattr(par, "cp", None) is not None:  # context parallelism found the RoPE tables at apply, on meta
             from autoplan.executor.context_parallel import ROPE_TABLE
 
@@ -338,7 +349,7 @@ def _no_ddp_shape_check():
     return mock.patch.object(ddp, "_verify_param_shape_across_processes", lambda *args, **kwargs: None)
 
 
-def _static_pipeline_shapes(plan: Plan, model: nn.Module):
+def _static_pipeline_shapes(plan: Plan, model: nn.Module, *, seq_len: int | None = None, vocab: int | None = None):
     """Give each PipelineStage the shapes it receives and sends (embed -> blocks -> logits of the reference
     models), so no stage asks its neighbour over the fake process group."""
     if plan.pp == 1:
@@ -347,7 +358,7 @@ def _static_pipeline_shapes(plan: Plan, model: nn.Module):
 
     from autoplan.executor import pipeline
 
-    config = model.config
+    config = _pipeline_config(model, seq_len, vocab)
     sp = plan.sequence_parallel and plan.tp > 1
     mbs, seq = plan.micro_batch_size, config.seq_len // plan.cp  # a context-parallel rank's share
     hidden = (mbs, seq // plan.tp if sp else seq, config.hidden)  # [b, s/cp (/tp with SP), h] between stages
@@ -360,3 +371,23 @@ def _static_pipeline_shapes(plan: Plan, model: nn.Module):
         return PipelineStage(module, chunk, total, device, input_args=(inputs,), output_args=(outputs,), group=group)
     return mock.patch.object(pipeline, "PipelineStage", stage)
 
+
+@dataclass(frozen=True)
+class _Shapes:
+    seq_len: int
+    vocab: int
+    hidden: int
+
+
+def _pipeline_config(model: nn.Module, seq_len: int | None, vocab: int | None) -> _Shapes:
+    """seq_len, vocab and hidden of what pipeline stages exchange: given, or the model's config, or (hidden)
+    its token embedding's width; refused in one line when unknown."""
+    config = getattr(model, "config", None)
+    embeddings = [m.embedding_dim for m in model.modules() if isinstance(m, nn.Embedding)]
+    seq_len = seq_len or getattr(config, "seq_len", None)
+    vocab = vocab or getattr(config, "vocab", None)
+    hidden = getattr(config, "hidden", None) or (embeddings[0] if embeddings else None)
+    if not (seq_len and vocab and hidden):
+        raise InvalidInputError("pp > 1 in a dry run needs seq_len, vocab and hidden: set them in CONFIG (or "
+                                "model.config), or give the model an nn.Embedding")
+    return _Shapes(int(seq_len), int(vocab), int(hidden))

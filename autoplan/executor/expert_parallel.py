@@ -1,4 +1,5 @@
-"""Expert parallelism for the reference MoE layers: experts sharded over the ep ranks, tokens dispatched
+"""Expert parallelism for the reference MoE layers and transformers' stacked experts (made to run as
+autoplan's MoE does: routed_forward -> run_experts, autoplan.models.hf): experts sharded over the ep ranks, tokens dispatched
 to their experts' owners and combined back with all-to-all (GShard, Lepikhin et al. 2020, Sec. 3.2).
 
 The ep group is ep consecutive data-parallel ranks (the cost model's layout: ep folded over the dp
@@ -18,6 +19,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.nn.functional import all_to_all_single
 
 from autoplan.errors import InvalidPlanError
+from autoplan.models.hf import expert_weight_names, is_stacked_experts, make_routed
 from autoplan.support import unsupported_reason
 from autoplan.schema import Plan
 
@@ -62,7 +64,20 @@ class ExpertParallelMixin:
 
 
 def _expert_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if hasattr(m, "num_experts") and hasattr(m, "run_experts")]
+    """autoplan's MoE layers, and transformers' stacked experts (made to route through run_experts)."""
+    found = []
+    for module in model.modules():
+        if is_stacked_experts(module):
+            make_routed(module)
+        if hasattr(module, "num_experts") and hasattr(module, "run_experts"):
+            found.append(module)
+    return found
+
+
+def _weight_names(module: nn.Module) -> tuple[str, ...]:
+    """The [E, ...] parameters of an expert module: w1, w2, w3 (autoplan's MoE), or transformers' own."""
+    known = getattr(module, "expert_weights", None)  # set when sharded (the shapes then say E/ep)
+    return known or (expert_weight_names(module) if is_stacked_experts(module) else EXPERT_WEIGHTS)
 
 
 def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, plan: Plan) -> None:
@@ -74,7 +89,8 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, plan: Plan) -> 
         if moe.num_experts % size:
             raise InvalidPlanError(f"ep={size} does not divide {moe.num_experts} experts")
         local = moe.num_experts // size
-        for name in EXPERT_WEIGHTS:
+        moe.expert_weights = _weight_names(moe)
+        for name in moe.expert_weights:
             setattr(moe, name, nn.Parameter(getattr(moe, name).data[rank * local:(rank + 1) * local].clone()))
         moe.__class__ = type(f"ExpertParallel{type(moe).__name__}", (ExpertParallelMixin, type(moe)), {})
         moe.ep_group, moe.ep_size = ep_mesh.get_group(), size
@@ -84,7 +100,7 @@ def expert_parameters(model: nn.Module) -> set[int]:
     """ids of the expert weights sharded over the ep ranks (found by module, not marked on the tensors:
     `to_empty` and dtype casts make new parameter objects)."""
     return {id(getattr(m, name)) for m in model.modules() if isinstance(m, ExpertParallelMixin)
-            for name in EXPERT_WEIGHTS}
+            for name in _weight_names(m)}
 
 
 def average_gradients(model: nn.Module, dp_mesh: DeviceMesh, edp_mesh: DeviceMesh, dp: int) -> None:

@@ -45,9 +45,10 @@ def chunk_bounds(plan: Plan, num_blocks: int) -> list[tuple[int, int]]:
 
 def split_model(model: nn.Module, plan: Plan, pp_rank: int) -> list[tuple[int, nn.Module]]:
     """(chunk index, module) of each chunk pipeline rank `pp_rank` holds."""
-    if not (hasattr(model, "layers") and hasattr(model, "embed")):
+    if not (isinstance(getattr(model, "layers", None), nn.ModuleDict) and
+            all(hasattr(model, part) for part in ("embed", "norm", "output"))):
         raise InvalidPlanError("pp > 1 needs a model laid out as embed -> layers -> norm -> output "
-                               "(autoplan's reference models)")
+                               "(autoplan's reference models, Hugging Face configs)")
     names = list(model.layers.keys())
     bounds = chunk_bounds(plan, len(names))
     last = len(bounds) - 1
@@ -63,6 +64,48 @@ def split_model(model: nn.Module, plan: Plan, pp_rank: int) -> list[tuple[int, n
             part.norm, part.output = None, None
         chunks.append((chunk, part))
     return chunks
+
+
+def tied_across_stages(model: nn.Module, chunks: list[tuple[int, nn.Module]], mesh) -> tuple[list, object]:
+    """The parameters of this rank's chunks that the whole model ties to a parameter another stage holds (a
+    tied embedding and head: first and last stage each keep a copy), and the process group of the first and
+    last pipeline rank with this rank's dp, cp, tp coordinates, whose sum of their gradients each copy then
+    takes (Megatron-LM's embedding group, Narayanan et al. 2021). `model` is the whole model before the split,
+    `chunks` after the per-stage appliers."""
+    import torch.distributed as dist
+
+    from autoplan.executor.derived_tp import tied_groups
+
+    names = [name for group in tied_groups(model) for name in group]
+    if not names:
+        return [], None
+    group = None
+    ranks = mesh.mesh  # [pp, dp, cp, tp]
+    for first, last in zip(ranks[0].flatten().tolist(), ranks[-1].flatten().tolist()):
+        made = dist.new_group([first, last])  # every rank creates every group, in the same order
+        if dist.get_rank() in (first, last):
+            group = made
+    params = []
+    for _, part in chunks:
+        for name in names:
+            try:
+                param = part.get_parameter(name)
+            except AttributeError:  # the module is not in this chunk (None)
+                continue
+            if all(param is not p for p in params):
+                params.append(param)
+    return params, group
+
+
+def sum_tied_gradients(params: list, group) -> None:
+    """Each stage's copy of a tied parameter gets the gradient summed over the stages (so copies stay equal)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    for param in params:
+        if param.grad is not None:
+            grad = param.grad
+            dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad, group=group)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

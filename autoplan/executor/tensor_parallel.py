@@ -15,6 +15,8 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
                                                RowwiseParallel, SequenceParallel, parallelize_module)
 
 from autoplan.errors import InvalidPlanError
+from autoplan.executor.derived_tp import (block_inputs_to_gather, derived_block_layout, gather_sequence_before,
+                                         regroup_fused_qkv, retie, tied_groups)
 from autoplan.support import MOE_TP
 
 
@@ -37,10 +39,12 @@ def block_layout(block: nn.Module, *, sequence_parallel: bool) -> dict:
     return layout
 
 
-def model_layout(model: nn.Module, *, sequence_parallel: bool) -> dict:
+def model_layout(model: nn.Module, *, sequence_parallel: bool, blocks=None) -> dict:
     """The reference transformer, or one pipeline stage of it (parts a stage lacks are None):
     embedding, every block it holds, final norm, output. With SP, a stage passes the sequence-sharded
-    activation on to the next; the first stage splits it after the embedding."""
+    activation on to the next; the first stage splits it after the embedding. `blocks(block)` gives a
+    block's layout (default: the reference blocks')."""
+    blocks = blocks or (lambda block: block_layout(block, sequence_parallel=sequence_parallel))
     layout = {}
     if model.embed is not None:
         layout["embed.tok"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
@@ -52,19 +56,37 @@ def model_layout(model: nn.Module, *, sequence_parallel: bool) -> dict:
         layout["output"] = ColwiseParallel(input_layouts=Shard(1) if sequence_parallel else Replicate(),
                                            output_layouts=Replicate())
     for name, block in model.layers.items():
-        layout.update({f"layers.{name}.{path}": style
-                       for path, style in block_layout(block, sequence_parallel=sequence_parallel).items()})
+        layout.update({f"layers.{name}.{path}": style for path, style in blocks(block).items()})
     return layout
+
+
+def _is_reference(model: nn.Module) -> bool:
+    blocks = list(getattr(model, "layers", {}).values()) if isinstance(getattr(model, "layers", None), nn.ModuleDict) \
+        else []
+    return hasattr(model, "embed") and all(hasattr(b, "attention") and hasattr(b, "feed_forward") for b in blocks)
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool,
                           user_plan=None) -> None:
-    """Split the model's weights over `tp_mesh` (in place)."""
+    """Split the model's weights over `tp_mesh` (in place). Tied parameters stay tied."""
+    ties = tied_groups(model)
     if user_plan is not None:
         layout = user_plan(model, sequence_parallel)
-    elif hasattr(model, "layers") and hasattr(model, "embed"):
+    elif _is_reference(model) and not getattr(model, "is_foreign", False):
         layout = model_layout(model, sequence_parallel=sequence_parallel)
+    elif getattr(model, "is_foreign", False):
+        tp = tp_mesh.size()
+        for block in model.layers.values():
+            regroup_fused_qkv(block, tp)
+        layout = model_layout(model, sequence_parallel=sequence_parallel, blocks=lambda block: derived_block_layout(
+            block, sequence_parallel=sequence_parallel, tp=tp))
+        if sequence_parallel:
+            model.sequence_shards = tp
+            for block in model.layers.values():
+                for child in block_inputs_to_gather(block):
+                    gather_sequence_before(child, tp_mesh)
     else:
         raise InvalidPlanError("tp > 1 needs a tensor-parallel layout: this model is not one of autoplan's "
                                "reference models; define tp_plan(model, sequence_parallel) in its model.py")
     parallelize_module(model, tp_mesh, layout)
+    retie(model, ties)

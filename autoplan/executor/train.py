@@ -31,7 +31,7 @@ from autoplan.executor.data_parallel import (all_reduce_gradients, apply_data_pa
                                              build_optimizer, set_gradient_sync)
 from autoplan.executor.expert_parallel import apply_expert_parallel, average_gradients
 from autoplan.executor.mesh import build_expert_mesh, build_mesh, rank_coordinates, replica_mesh
-from autoplan.executor.pipeline import build_schedule, split_model
+from autoplan.executor.pipeline import build_schedule, split_model, sum_tied_gradients, tied_across_stages
 from autoplan.executor.recompute import apply_recompute
 from autoplan.support import unsupported_reason
 from autoplan.executor.tensor_parallel import apply_tensor_parallel
@@ -49,11 +49,14 @@ class Parallelized:
     last: bool = True
     expert_mesh: object | None = None  # (pp, edp, ep, cp, tp) when ep > 1
     cp: ContextParallel | None = None  # shards micro-batches over the cp ranks when cp > 1
+    tied: list = field(default_factory=list)  # this rank's copies of parameters tied across pipeline stages
+    tied_group: object | None = None            # the first and last pipeline rank: their gradients are summed
 
 
 def apply(model: nn.Module, plan: Plan, *, device_type: str = "cpu", tp_plan=None) -> Parallelized:
     """Parallelise `model` in place for `plan` on the initialised process group (or one process)."""
-    reason = unsupported_reason(plan, moe=any(hasattr(m, "num_experts") for m in model.modules()))
+    reason = unsupported_reason(plan, moe=any(hasattr(m, "num_experts") for m in model.modules()),
+                                foreign=getattr(model, "is_foreign", False))
     if reason:
         raise InvalidPlanError(reason)
     if plan.cp > 1:
@@ -73,12 +76,14 @@ def apply(model: nn.Module, plan: Plan, *, device_type: str = "cpu", tp_plan=Non
     device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
     chunks = [(chunk, _apply_per_stage(part, plan, mesh, coords["pp"], tp_plan, expert_mesh))
               for chunk, part in split_model(model, plan, coords["pp"])]
+    tied, tied_group = tied_across_stages(model, chunks, mesh)
     schedule = build_schedule(plan, chunks, device=device, pp_group=mesh["pp"].get_group())
     indices = [chunk for chunk, _ in chunks]
     parts = nn.ModuleList([part for _, part in chunks])
     cp = ContextParallel(parts, mesh["cp"], device_type) if plan.cp > 1 else None
     return Parallelized(parts, plan, mesh, coords, schedule, first=0 in indices,
-                        last=plan.pp * plan.virtual_stages - 1 in indices, expert_mesh=expert_mesh, cp=cp)
+                        last=plan.pp * plan.virtual_stages - 1 in indices, expert_mesh=expert_mesh, cp=cp,
+                        tied=tied, tied_group=tied_group)
 
 
 def _apply_per_stage(model: nn.Module, plan: Plan, mesh, pp_rank: int, tp_plan, expert_mesh=None) -> nn.Module:
@@ -140,6 +145,8 @@ def train_step(par: Parallelized, optimizer: torch.optim.Optimizer, step: int, *
         all_reduce_gradients(model, replica_mesh(par.mesh, plan))
     if par.expert_mesh is not None:
         average_gradients(model, par.mesh["dp"], par.expert_mesh["edp"], plan.dp)
+    if par.tied:
+        sum_tied_gradients(par.tied, par.tied_group)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return _mean_over_dp(loss_sum, par)

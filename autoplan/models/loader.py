@@ -28,14 +28,34 @@ class LoadedModel:
 
 
 def is_model_file(spec: str) -> bool:
-    return spec.endswith(".py") or "/" in spec or Path(spec).exists()
+    """A path (a model.py, a Hugging Face config.json or model folder) rather than a built-in name."""
+    return spec.endswith(".py") or spec.endswith(".json") or "/" in spec or Path(spec).exists()
+
+
+def seq_len_overrides(spec: str, seq_len: int | None) -> dict:
+    """{"seq_len": seq_len} where the model is built for a sequence length (built-in names, Hugging Face
+    configs); a model.py's own CONFIG says its length, and seq_len is only the profile's."""
+    from autoplan.models.hf import is_hf_spec
+
+    return {"seq_len": seq_len} if seq_len and (not is_model_file(spec) or is_hf_spec(spec)) else {}
 
 
 def load_model(spec: str, *, device: str | torch.device = "meta", **overrides) -> LoadedModel:
-    """A built-in name (llama3-70b, gpt-tiny, ...) or a path to model.py, built on `device`."""
+    """A built-in name (llama3-70b, gpt-tiny, ...), a path to model.py, or a Hugging Face config.json or local
+    model folder (autoplan.models.hf; `seq_len` may be overridden), built on `device`."""
+    from autoplan.models.hf import is_hf_spec, load_hf
+
+    if is_hf_spec(spec):
+        unknown = set(overrides) - {"seq_len"}
+        if unknown:
+            raise ModelLoadError(f"{spec}: only seq_len can be overridden for a Hugging Face config, not "
+                                 f"{', '.join(sorted(unknown))}")
+        module, config = load_hf(spec, device=device, seq_len=overrides.get("seq_len"))
+        return LoadedModel(module, spec, config)
     if not is_model_file(spec):
         if spec not in NAMED_CONFIGS:
-            raise ModelLoadError(f"unknown model {spec!r}: give a path to a model.py or one of "
+            raise ModelLoadError(f"unknown model {spec!r}: give a path to a model.py, a Hugging Face config.json "
+                                 f"or model folder, or one of "
                                  f"{', '.join(NAMED_CONFIGS)}")
         with torch.device(device):
             module = build_named(spec, **overrides)

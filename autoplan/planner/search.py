@@ -164,10 +164,11 @@ def _configs(profile: ModelProfile, cluster: Cluster, coster: Coster, global_bat
     """Every configuration with its time bound, and the one with the smallest memory bound (the closest
     to fitting, for the message when nothing fits)."""
     configs, leanest = [], None
+    sp = constraints.fixed.get("sequence_parallel", True)  # with tp > 1; --fix sequence_parallel=false turns it off
     for layout in layouts(profile, cluster, global_batch_size=global_batch_size, constraints=constraints):
         per_replica = global_batch_size // layout.dp
         for mbs in micro_batch_sizes(per_replica=per_replica, constraints=constraints):
-            base = _plan(layout, mbs, global_batch_size, "1f1b", 1, 0, "none")
+            base = _plan(layout, mbs, global_batch_size, "1f1b", 1, 0, "none", sp)
             whole = _whole_model(coster, base)
             few = per_replica // mbs < layout.pp  # fewer micro-batches than stages: torch runs only GPipe then
             for schedule, v in schedules(pp=layout.pp, num_blocks=profile.num_blocks, constraints=constraints):
@@ -176,7 +177,7 @@ def _configs(profile: ModelProfile, cluster: Cluster, coster: Coster, global_bat
                     pruned["dominated" if not few else "unrunnable"] += len(constraints.zero_stages)
                     continue
                 for zero in (z for z in constraints.zero_stages if constraints.allows("zero_stage", z)):
-                    plan = _plan(layout, mbs, global_batch_size, schedule, v, zero, "none")
+                    plan = _plan(layout, mbs, global_batch_size, schedule, v, zero, "none", sp)
                     if accept is not None and not accept(plan):
                         pruned["not accepted"] += 1
                         continue
@@ -190,9 +191,25 @@ def _configs(profile: ModelProfile, cluster: Cluster, coster: Coster, global_bat
     return configs, leanest
 
 
-def _plan(layout: Layout, mbs: int, gbs: int, schedule: str, v: int, zero: int, recompute: str) -> Plan:
+PINNABLE = ("dp", "tp", "pp", "cp", "ep", "zero_stage", "recompute", "sequence_parallel", "micro_batch_size",
+            "schedule", "virtual_stages")
+
+
+def _check_fixed(fixed: dict) -> None:
+    """Every pinned field is one the search honours, with a value of its type; anything else is refused
+    rather than ignored."""
+    for name, value in fixed.items():
+        if name not in PINNABLE:
+            raise InvalidInputError(f"{name} cannot be pinned in a search (pinnable: {', '.join(PINNABLE)}; the "
+                                    f"global batch is --global-batch)")
+        if name == "sequence_parallel" and not isinstance(value, bool):
+            raise InvalidInputError(f"sequence_parallel is pinned to true or false, not {value!r}")
+
+
+def _plan(layout: Layout, mbs: int, gbs: int, schedule: str, v: int, zero: int, recompute: str,
+          sequence_parallel: bool = True) -> Plan:
     return Plan(dp=layout.dp, tp=layout.tp, pp=layout.pp, cp=layout.cp, ep=layout.ep, zero_stage=zero,
-                recompute=recompute, sequence_parallel=layout.tp > 1, micro_batch_size=mbs,
+                recompute=recompute, sequence_parallel=sequence_parallel and layout.tp > 1, micro_batch_size=mbs,
                 global_batch_size=gbs, schedule=schedule, virtual_stages=v)
 
 
@@ -252,6 +269,7 @@ def search(profile: ModelProfile, cluster: Cluster, *, global_batch_size: int, t
         raise InvalidInputError(f"global_batch_size must be between 1 and {MAX_GLOBAL_BATCH:,} and top_k between 1 "
                                 f"and {MAX_TOP_K:,}, got {global_batch_size} and {top_k}")
     constraints = constraints or Constraints()
+    _check_fixed(fixed)
     if fixed:
         constraints = Constraints(**{**constraints.__dict__, "fixed": {**constraints.fixed, **fixed}})
     coster = Coster.of(profile, cluster, stack)

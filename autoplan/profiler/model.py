@@ -11,6 +11,7 @@ Steps:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -20,7 +21,8 @@ import torch
 from torch import nn
 
 from autoplan.errors import InvalidInputError, first_line
-from autoplan.models.loader import LoadedModel, is_model_file, load_model
+from autoplan.models.hf import balanced_experts, is_stacked_experts, wrap_hf_model
+from autoplan.models.loader import LoadedModel, load_model, seq_len_overrides
 from autoplan.profiler.trace import TraceResult, trace, trace_layer
 from autoplan.schema import GemmShape, LayerProfile, ModelProfile
 
@@ -38,26 +40,36 @@ class _Call:
 
 
 def module_kind(name: str, module: nn.Module) -> str:
-    """embedding, attention, mlp, moe, norm, head or other, from the module's type and name."""
+    """embedding, attention, mlp, moe, norm, head or other, from the module's type, name and structure."""
     label = (type(module).__name__ + " " + name.rsplit(".", 1)[-1]).lower()
     if isinstance(module, _NORM_TYPES) or "norm" in label:
         return "norm"
+    if "rotary" in label or "rope" in label:
+        return "other"
     if isinstance(module, nn.Embedding) or "embed" in label:
         return "embedding"
-    if hasattr(module, "num_experts") or "moe" in label or "expert" in label:
-        return "moe"
     if "attn" in label or "attention" in label:
         return "attention"
+    if _holds_experts(module) or "moe" in label or "expert" in label:
+        return "moe"
     if any(word in label for word in ("mlp", "ffn", "feed_forward", "feedforward", "swiglu")):
         return "mlp"
     return "other"
 
 
+def _holds_experts(module: nn.Module) -> bool:
+    return any(isinstance(getattr(sub, "num_experts", None), int) or is_stacked_experts(sub)
+               for sub in module.modules())
+
+
 def _attr(module: nn.Module, *names: str) -> int:
-    for name in names:
-        value = getattr(module, name, None)
-        if isinstance(value, int):
-            return value
+    """The first int attribute of `names` on the module, else on its config (transformers' modules keep
+    heads and experts there)."""
+    for owner in (module, getattr(module, "config", None)):
+        for name in names:
+            value = getattr(owner, name, None)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
     return 0
 
 
@@ -93,12 +105,17 @@ def _capture_calls(model: nn.Module, tokens: torch.Tensor) -> list[_Call]:
                 handles.append(child.register_forward_pre_hook(child_hook(module, f"{name}.{child_name}"),
                                                                with_kwargs=True))
 
-    for name, child in model.named_children():
-        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
-            for item_name, item in child.named_children():
-                watch(f"{name}.{item_name}", item, True)
-        else:
-            watch(name, child, False)
+    def visit(prefix: str, module: nn.Module) -> None:  # blocks wherever nested (transformers: model.layers)
+        for name, child in module.named_children():
+            if isinstance(child, (nn.ModuleList, nn.ModuleDict)) and (not prefix or _is_block_stack(child)):
+                for item_name, item in child.named_children():
+                    watch(f"{prefix}{name}.{item_name}", item, True)
+            elif any(_is_block_stack(m) for m in child.modules()):
+                visit(f"{prefix}{name}.", child)
+            else:
+                watch(f"{prefix}{name}", child, False)
+
+    visit("", model)
     try:
         with torch.no_grad():
             model(tokens)
@@ -106,6 +123,14 @@ def _capture_calls(model: nn.Module, tokens: torch.Tensor) -> list[_Call]:
         for handle in handles:
             handle.remove()
     return calls
+
+
+def _is_block_stack(module: nn.Module) -> bool:
+    """A ModuleList/ModuleDict of blocks: the model's own top-level one, or one of two or more modules of a
+    class nested deeper."""
+    items = list(module.children())
+    return isinstance(module, (nn.ModuleList, nn.ModuleDict)) and len(items) >= 2 and \
+        len({type(item) for item in items}) == 1
 
 
 def _parts(block: _Call) -> list[list[_Call]]:
@@ -125,19 +150,24 @@ def _is_token_table(module: nn.Module, owner: str, vocab: int) -> bool:
 
 
 def _layer(name: str, kind: str, block: int | None, modules: list[nn.Module],
-           results: list[TraceResult], vocab: int) -> LayerProfile:
+           results: list[TraceResult], vocab: int, owned: set[int] | None = None) -> LayerProfile:
     """Sum traced children into one LayerProfile; shape facts come from the modules themselves."""
     gemms: OrderedDict[tuple, int] = OrderedDict()
     for r in results:
         for g in r.gemms:
             key = (g.m, g.n, g.k, g.tp_split)
             gemms[key] = gemms.get(key, 0) + 1
-    params = tp_params = expert_params = 0
+    params = tp_params = expert_params = tied = 0
     heads = kv_heads = experts = top_k = 0
+    owned = set() if owned is None else owned  # parameters an earlier layer holds (tied weights): counted there
     for module, result in zip(modules, results):
         for pname, p in module.named_parameters():
             owner, _, leaf = pname.rpartition(".")
             split = result.linear_splits.get(owner)
+            if id(p) in owned:
+                tied += p.numel()
+                continue
+            owned.add(id(p))
             params += p.numel()
             if split is None and kind == "moe" and p.dim() == 3:
                 expert_params += p.numel()  # stacked expert weights [experts, ...]: split by ep
@@ -162,7 +192,7 @@ def _layer(name: str, kind: str, block: int | None, modules: list[nn.Module],
         name=name, kind=kind, block=block, tp_collectives=tp_collectives,
         fwd_flops=sum(r.fwd_flops for r in results), bwd_flops=sum(r.bwd_flops for r in results),
         attention_core_fwd_flops=sum(r.attention_core_fwd_flops for r in results),
-        params=params, tp_sharded_params=tp_params, expert_params=expert_params,
+        params=params, tp_sharded_params=tp_params, expert_params=expert_params, tied_params=tied,
         activation_bytes=sum(r.activation_bytes for r in results),
         activation_tp_sharded_bytes=sum(r.activation_tp_sharded_bytes for r in results),
         attention_score_bytes=sum(r.attention_score_bytes for r in results),
@@ -179,14 +209,15 @@ def _layer(name: str, kind: str, block: int | None, modules: list[nn.Module],
     )
 
 
-def _block_layers(block: _Call, index: int, vocab: int, flash: bool) -> list[LayerProfile]:
+def _block_layers(block: _Call, index: int, vocab: int, flash: bool, owned: set[int]) -> list[LayerProfile]:
     whole = trace(block.module, block.args, block.kwargs, vocab_size=vocab, flash=flash)
     layers = []
+    parts_owned = set(owned)  # (the parameters the parts count, kept only if the block is split into them)
     for part in _parts(block):
         main = next((c for c in part if module_kind(c.name, c.module) != "norm"), part[-1])
         results = [trace_layer(c.module, c.args, c.kwargs, vocab_size=vocab, flash=flash) for c in part]
         kind = module_kind(main.name, main.module)
-        layers.append(_layer(main.name, kind, index, [c.module for c in part], results, vocab))
+        layers.append(_layer(main.name, kind, index, [c.module for c in part], results, vocab, parts_owned))
     parts_flops = sum(layer.fwd_flops for layer in layers)
     if layers:  # what selective recompute keeps of the ops between the parts (the residual adds)
         between = whole.selective_bytes - sum(layer.selective_bytes for layer in layers)
@@ -195,7 +226,8 @@ def _block_layers(block: _Call, index: int, vocab: int, flash: bool) -> list[Lay
         # work happens outside the children (or no children): keep the block as one layer
         kinds = {module_kind(n, m) for n, m in block.module.named_children()} - {"norm"}
         kind = "moe" if "moe" in kinds else ("attention" if "attention" in kinds else "other")
-        return [_layer(block.name, kind, index, [block.module], [whole], vocab)]
+        return [_layer(block.name, kind, index, [block.module], [whole], vocab, owned)]
+    owned |= parts_owned
     return layers
 
 
@@ -219,12 +251,13 @@ def profile_model(model: nn.Module | str | LoadedModel, *, seq_len: int | None =
         raise InvalidInputError(f"attention must be flash or eager, not {attention!r}")
     if isinstance(model, (str, Path)):
         spec = str(model)
-        overrides = {"seq_len": seq_len} if seq_len and not is_model_file(spec) else {}
+        overrides = seq_len_overrides(spec, seq_len)
         model = load_model(spec, device="meta", **overrides)
     if isinstance(model, LoadedModel):
         name = name or model.name
         seq_len = seq_len or model.seq_len
         model = model.module
+    model = wrap_hf_model(model, seq_len=seq_len)
     config = getattr(model, "config", None)
     seq_len = seq_len or getattr(config, "seq_len", None)
     if not seq_len:
@@ -238,7 +271,8 @@ def profile_model(model: nn.Module | str | LoadedModel, *, seq_len: int | None =
     model.to(dtype)
     name = name or type(model).__name__
     try:
-        return _profile(model, seq_len, name, dtype, attention == "flash")
+        with balanced_experts(model), _no_kv_cache(model):
+            return _profile(model, seq_len, name, dtype, attention == "flash")
     except InvalidInputError:
         raise
     except Exception as err:  # the model's own code failed on meta tensors: say where, in one line
@@ -249,18 +283,34 @@ def profile_model(model: nn.Module | str | LoadedModel, *, seq_len: int | None =
             t.data = t.data.to(original[n])
 
 
+@contextlib.contextmanager
+def _no_kv_cache(model: nn.Module):
+    """A transformers model traced as training runs it: no key/value cache (which would carry one traced
+    call's keys into the next)."""
+    config = getattr(model, "config", None)
+    cached = getattr(config, "use_cache", None)
+    if isinstance(cached, bool):
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if isinstance(cached, bool):
+            config.use_cache = cached
+
+
 def _profile(model: nn.Module, seq_len: int, name: str, dtype: torch.dtype, flash: bool) -> ModelProfile:
     vocab = _vocab_size(model)
     tokens = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
     calls = _capture_calls(model, tokens)
     layers: list[LayerProfile] = []
     traced_blocks: dict[tuple, list[LayerProfile]] = {}
+    owned: set[int] = set()  # parameters already counted (a tied weight is counted by its first layer)
     num_blocks = 0
     for call in calls:
         if call.in_container:
             signature = _signature(call.module)
             if signature not in traced_blocks:
-                traced_blocks[signature] = _block_layers(call, num_blocks, vocab, flash)
+                traced_blocks[signature] = _block_layers(call, num_blocks, vocab, flash, owned)
             for template in traced_blocks[signature]:
                 suffix = template.name.split(".", 2)[-1] if template.name.count(".") >= 2 else ""
                 layer_name = f"{call.name}.{suffix}" if suffix else call.name
@@ -268,21 +318,48 @@ def _profile(model: nn.Module, seq_len: int, name: str, dtype: torch.dtype, flas
             num_blocks += 1
             continue
         result = trace_layer(call.module, call.args, call.kwargs, vocab_size=vocab, flash=flash)
+        if not any(True for _ in call.module.parameters()) and not result.fwd_flops and not result.activation_bytes:
+            continue  # nothing to cost (rotary tables, a mask maker)
         kind = module_kind(call.name, call.module)
         is_head = isinstance(call.module, nn.Linear) and vocab and call.module.out_features == vocab
-        layers.append(_layer(call.name, "head" if is_head else kind, None, [call.module], [result], vocab))
+        layers.append(_layer(call.name, "head" if is_head else kind, None, [call.module], [result], vocab, owned))
     if not layers:
         raise InvalidInputError(f"{name}: the model ran no submodules; autoplan needs a model built from modules")
     attn = next((layer for layer in layers if layer.kind == "attention"), None)
     moe = next((layer for layer in layers if layer.kind == "moe"), None)
     hidden = _hidden_size(model, layers)
-    return ModelProfile(
+    own = getattr(model, "notes", None)  # what a layout (autoplan.models.hf) knows it may do differently
+    notes = (list(own) if isinstance(own, list) else []) + \
+        _unrecognized(layers, num_blocks, sum(p.numel() for p in model.parameters()))
+    return ModelProfile(notes=notes,
         name=name, seq_len=seq_len, dtype=str(dtype).removeprefix("torch."),
         dtype_bytes=torch.empty((), dtype=dtype).element_size(), hidden=hidden, vocab_size=vocab,
         num_blocks=num_blocks or 1, num_heads=attn.num_heads if attn else 0,
         num_kv_heads=attn.num_kv_heads if attn else 0, num_experts=moe.num_experts if moe else 0,
         top_k=moe.top_k if moe else 0, attention="flash" if flash else "eager", layers=layers,
     )
+
+
+def _unrecognized(layers: list[LayerProfile], num_blocks: int, model_params: int) -> list[str]:
+    """One line for each thing the profile could not find, so no number rests on a silent guess."""
+    notes = []
+    if not num_blocks:
+        notes.append("no repeated blocks found (a ModuleList/ModuleDict of blocks): the model is costed as "
+                     f"{len(layers)} opaque layer(s) and pipeline parallelism cannot split it")
+    if any(layer.kind == "attention" and not layer.num_heads for layer in layers):
+        notes.append("attention heads not found on the attention modules or their config (heads, num_heads, "
+                     "num_attention_heads): tp is not checked against them")
+    if any(layer.kind == "moe" and not (layer.num_experts and layer.top_k) for layer in layers):
+        notes.append("a moe layer without num_experts / top_k found: its expert parallelism is not costed")
+    for layer in layers:
+        if layer.tied_params:
+            notes.append(f"{layer.name} uses {layer.tied_params:,} parameters tied to an earlier layer's, counted "
+                         f"once; with pp > 1 its pipeline stage keeps a copy that the estimate does not count yet")
+    counted = sum(layer.params for layer in layers)
+    if counted != model_params:
+        notes.append(f"{model_params - counted:,} of the model's {model_params:,} parameters were not run by the "
+                     f"traced forward (unused modules?) and are not costed")
+    return notes
 
 
 def _hidden_size(model: nn.Module, layers: list[LayerProfile]) -> int:

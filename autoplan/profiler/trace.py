@@ -17,7 +17,6 @@ F.dropout is routed to native_dropout, which saves a 1-byte mask as on CUDA.
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 from dataclasses import dataclass, field
 
@@ -28,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
+from autoplan.kernels import gpu_kernels
 from autoplan.selective import GEMM_OPS, kept_by_selective
 
 aten = torch.ops.aten
@@ -215,40 +215,22 @@ class LiveBytes:
         self.peak, self._peak_clock, self.bytes_at_reset = self.bytes, self._clock, self.bytes
 
 
-def _flash_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """F.scaled_dot_product_attention as a fused kernel (what a GPU runs), traceable on meta."""
-    if enable_gqa and key.shape[-3] != query.shape[-3]:
-        groups = query.shape[-3] // key.shape[-3]
-        key, value = key.repeat_interleave(groups, dim=-3), value.repeat_interleave(groups, dim=-3)
-    out = aten._scaled_dot_product_efficient_attention(query, key, value, attn_mask, True, dropout_p, is_causal,
-                                                       scale=scale)
-    return out[0]
-
-
-def _gpu_dropout(input, p=0.5, training=True, inplace=False):
-    """F.dropout as CUDA runs it: native_dropout saves a 1-byte mask (the CPU path saves a float noise)."""
-    if not training or p == 0.0:
-        return input
-    return torch.native_dropout(input, p, True)[0]
-
-
-@contextlib.contextmanager
-def gpu_kernels(flash: bool):
-    """Trace with the kernels a GPU training step runs: fused attention (if flash) and native dropout."""
-    originals = (F.scaled_dot_product_attention, F.dropout)
-    if flash:
-        F.scaled_dot_product_attention = _flash_sdpa
-    F.dropout = _gpu_dropout
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention, F.dropout = originals
-
-
 def _grad_leaf(value):
     if isinstance(value, torch.Tensor) and value.is_floating_point():
         return value.detach().requires_grad_(True)
     return value
+
+
+def _hidden_slot(args: list, kwargs: dict, accept) -> tuple[str, int | str] | None:
+    """Where the input flowing through the layer is: ("arg", index) of the first accepted tensor argument,
+    else ("kw", name) of the first accepted tensor keyword argument (transformers passes hidden_states so)."""
+    for i, value in enumerate(args):
+        if isinstance(value, torch.Tensor) and accept(value):
+            return "arg", i
+    for name, value in kwargs.items():
+        if isinstance(value, torch.Tensor) and accept(value):
+            return "kw", name
+    return None
 
 
 def trace(module: nn.Module, args: tuple, kwargs: dict, *, vocab_size: int = 0, flash: bool = True) -> TraceResult:
@@ -259,13 +241,15 @@ def trace(module: nn.Module, args: tuple, kwargs: dict, *, vocab_size: int = 0, 
     """
     result = TraceResult()
     frozen = {storage_id(t) for t in list(module.parameters()) + list(module.buffers())}
-    args = list(args)
-    hidden = next((i for i, v in enumerate(args) if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
+    args, kwargs = list(args), dict(kwargs)
+    hidden = _hidden_slot(args, kwargs, lambda v: v.is_floating_point())
     if hidden is not None:
-        args[hidden] = _grad_leaf(args[hidden])
+        where, key = hidden
+        where_dict = args if where == "arg" else kwargs
+        where_dict[key] = _grad_leaf(where_dict[key])
         # other tensor inputs (rotary tables, masks) are constants shared by every layer, not activations
-        frozen |= {storage_id(t) for t in tree_flatten((args[hidden + 1:], kwargs))[0]
-                   if isinstance(t, torch.Tensor)}
+        rest = (args[key + 1:], kwargs) if where == "arg" else ({k: v for k, v in kwargs.items() if k != key},)
+        frozen |= {storage_id(t) for t in tree_flatten(rest)[0] if isinstance(t, torch.Tensor)}
     tracer = _Tracer(result, frozen)
     seen: set[int] = set()
 
@@ -347,12 +331,14 @@ def trace_layer(module: nn.Module, args: tuple, kwargs: dict, *, vocab_size: int
     sequences: T(b) = a·b + w, so w = 2·T(1) - T(2) does not grow with the batch (weight-gradient
     temporaries: a stacked expert weight's gradient, an embedding table's) and a = T(1) - w does."""
     one = trace(module, args, kwargs, vocab_size=vocab_size, flash=flash)
-    first = next((i for i, v in enumerate(args) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == 1), None)
+    doubled, doubled_kwargs = list(args), dict(kwargs)
+    first = _hidden_slot(doubled, doubled_kwargs, lambda v: v.dim() and v.shape[0] == 1)
     if first is None:
         return one
-    doubled = list(args)
-    doubled[first] = args[first].expand(2, *args[first].shape[1:]).contiguous()
-    two = trace(module, tuple(doubled), kwargs, vocab_size=vocab_size, flash=flash)
+    where, key = first
+    inputs = doubled if where == "arg" else doubled_kwargs
+    inputs[key] = inputs[key].expand(2, *inputs[key].shape[1:]).contiguous()
+    two = trace(module, tuple(doubled), doubled_kwargs, vocab_size=vocab_size, flash=flash)
     weight = min(max(2 * one.backward_peak_bytes - two.backward_peak_bytes, 0), one.backward_peak_bytes)
     one.backward_peak_weight_bytes = weight
     one.backward_peak_bytes -= weight

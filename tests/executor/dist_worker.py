@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 
 import autoplan as ap
 from autoplan.executor import apply, train
+from autoplan.models.loader import load_model
 from autoplan.schema import Plan
 
 STEPS = 3
@@ -21,8 +22,12 @@ def free_port() -> int:
 
 
 def build(model_name: str, **overrides):
+    """A built-in name, or a Hugging Face config.json path (tests/hf_configs)."""
     torch.manual_seed(0)
-    model = ap.models.build_named(model_name, **overrides)
+    if model_name.endswith(".json"):
+        model = load_model(model_name, device="cpu", **overrides).module
+    else:
+        model = ap.models.build_named(model_name, **overrides)
     model.init_weights(seed=0)
     return model
 

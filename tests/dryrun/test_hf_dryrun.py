@@ -1,0 +1,54 @@
+"""Dry runs of Hugging Face models: the executor's memory for one rank, against the cost model's estimate
+(the estimate is held to the dry run within 5% of the tensor bytes), and tied weights and dropout seen by
+both alike."""
+
+from pathlib import Path
+
+import pytest
+
+import autoplan as ap
+
+pytest.importorskip("transformers")
+
+CONFIGS = Path(__file__).parent.parent / "hf_configs"
+PLANS = {
+    "gpt2 dropout 0.1, dp2 zero1": ("gpt2_dropout", ap.Plan(dp=2, zero_stage=1, micro_batch_size=2, global_batch_size=8)),
+    "llama dp2 tp2 sp pp2": ("llama", ap.Plan(dp=2, tp=2, pp=2, sequence_parallel=True, micro_batch_size=1,
+                                              global_batch_size=8)),
+    "mixtral dp2 zero3": ("mixtral", ap.Plan(dp=2, zero_stage=3, micro_batch_size=2, global_batch_size=8)),
+    "qwen-moe dp4 ep4 zero1": ("qwen2_moe", ap.Plan(dp=4, ep=4, zero_stage=1, micro_batch_size=2, global_batch_size=8)),
+}
+
+
+@pytest.mark.parametrize("name", list(PLANS))
+def test_estimate_within_5_percent_of_the_dry_run(name):
+    config, plan = PLANS[name]
+    path = str(CONFIGS / f"{config}.json")
+    dry = ap.dryrun(path, plan, gpus=plan.gpus)
+    cluster = ap.Cluster.preset("dgx-h100", gpus=plan.gpus)
+    estimate = ap.estimate(ap.profile_model(path), cluster, plan)
+    tensors = estimate.memory_per_gpu_bytes - estimate.memory_breakdown.get("reserve", 0)
+    assert tensors == pytest.approx(dry.peak_memory_bytes, rel=0.05)
+
+
+def test_tied_weights_stay_one_tensor_in_the_dry_run():
+    """GPT-2's head is its token table: the dry run holds it once, as transformers counts it."""
+    path = str(CONFIGS / "gpt2.json")
+    plan = ap.Plan(micro_batch_size=1, global_batch_size=1)
+    dry = ap.dryrun(path, plan, gpus=1)
+    params = ap.profile_model(path).total_params
+    assert dry.memory_breakdown["params"] == params * 2  # bf16
+
+
+def test_a_transformers_module_dry_runs_as_its_config_does():
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from autoplan.models.hf import hf_config
+
+    path = str(CONFIGS / "llama.json")
+    with torch.device("meta"):
+        module = transformers.AutoModelForCausalLM.from_config(hf_config(path))
+    plan = ap.Plan(dp=2, micro_batch_size=1, global_batch_size=2)
+    assert ap.dryrun(module, plan, gpus=2, seq_len=64).peak_memory_bytes == \
+        ap.dryrun(path, plan, gpus=2).peak_memory_bytes

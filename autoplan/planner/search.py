@@ -24,7 +24,7 @@ from autoplan.costmodel.memory import model_state_bytes
 from autoplan.costmodel.rank_memory import RankMemoryInputs, model_states
 from autoplan.errors import InfeasiblePlanError, InvalidInputError
 from autoplan.planner.baselines import expert_defaults
-from autoplan.planner.partition import solve_partition
+from autoplan.planner.partition import end_layers_s, solve_partition
 from autoplan.planner.space import Constraints, Layout, layouts, micro_batch_sizes, schedules
 from autoplan.schema import Cluster, Estimate, ModelProfile, Plan
 
@@ -43,7 +43,7 @@ class SearchResult:
     candidates_considered: int
     candidates_pruned: dict[str, int]
     ilp_solves: int
-    lower_bound_s: float                 # no plan of the space is faster than this (proven)
+    lower_bound_s: float                 # no plan of the space is faster than this in the cost model (proven)
     closest_infeasible: tuple[Plan, Estimate] | None = None
     global_batch_size: int = 0
 
@@ -66,7 +66,12 @@ class SearchResult:
 
     @property
     def optimality_gap(self) -> float:
-        """How much faster than the best plan the optimum of the space could at most be (fraction)."""
+        """How much faster than the best plan the cost model's optimum could at most be (fraction):
+        best / lower_bound - 1, both in the cost model's (ap.estimate's) step time, over the space searched
+        (the Constraints: layouts, micro-batch sizes up to max_micro_batch_size, schedules, virtual stages,
+        ZeRO stages, every partition into whole blocks, recompute per stage). 0 means the best plan is the
+        cost model's optimum over that space; it says nothing about how close the estimate is to a
+        measured step (benchmarks/results/time_truth.md and the bench reports do)."""
         return self.best_estimate.step_time_s / self.lower_bound_s - 1 if self.lower_bound_s > 0 else 0.0
 
 
@@ -125,8 +130,7 @@ def balanced_slowest_s(coster: Coster, plan: Plan) -> float:
         return 0.0
     block = coster.layers_cost(dig.block_templates[0], plan, "none")[0]
     b = block.fwd_s + block.bwd_s
-    ends = [sum(coster.layers_cost(layers, plan, "none")[0].fwd_s + coster.layers_cost(layers, plan, "none")[0].bwd_s
-                for layers in coster.end_layers(plan, rank)) for rank in (0, p - 1)]
+    ends = [end_layers_s(coster, plan, rank) for rank in (0, p - 1)]
     if b <= 0:
         return max(ends)
 
@@ -253,10 +257,9 @@ def search(profile: ModelProfile, cluster: Cluster, *, global_batch_size: int, t
     pruned = {"memory_bound": 0, "time_bound": 0, "dominated": 0, "unrunnable": 0, "not accepted": 0}
     configs, leanest = _configs(profile, cluster, coster, global_batch_size, constraints, pruned, accept)
     configs.sort()
-    allowed = tuple(r for r in constraints.recompute if constraints.allows("recompute", r))
-    recompute = tuple(r for r in allowed
-                      if r != "selective" or any(layer.attention_score_bytes for layer in profile.layers))
-    pruned["dominated"] += len(configs) * (len(allowed) - len(recompute))
+    # every allowed mode: selective trades time for memory with a fused attention too (it drops what the
+    # memory-bound ops keep), so it can be the fastest plan that fits
+    recompute = tuple(r for r in constraints.recompute if constraints.allows("recompute", r))
     top = _TopK(top_k, cluster.memory_bytes)
     # phase 1: the even partition with each uniform recompute mode, in order of the bound
     uniform: list[tuple[_Config, float]] = []
@@ -275,14 +278,15 @@ def search(profile: ModelProfile, cluster: Cluster, *, global_batch_size: int, t
         if config.plan.pp == 1:  # one stage: the uniform recompute modes are the whole space
             bounds.append(max(config.bound_s, best_uniform))
             continue
-        if config.bound_s >= top.kth_s or best_uniform <= config.bound_s * (1 + ILP_MIN_GAIN):
+        if config.bound_s >= top.kth_s or best_uniform <= config.bound_s * (1 + ILP_MIN_GAIN) \
+                or len(coster.digest.block_templates) != 1:  # blocks of several kinds: partitions stay even
             bounds.append(config.bound_s)
             continue
         ilp_solves += 1
         solved = solve_partition(coster, config.plan, recompute=recompute, time_limit_s=ilp_time_limit_s,
-                                 cutoff_s=top.kth_s)
-        if solved is None:  # nothing in this configuration fits, or nothing beats the k-th best
-            bounds.append(top.kth_s)
+                                 cutoff_s=top.kth_s, incumbent_s=best_uniform)
+        if solved is None:  # nothing in this configuration fits, or nothing beats the k-th best or its even split
+            bounds.append(max(config.bound_s, min(top.kth_s, best_uniform)))
             continue
         top.offer(solved.plan, coster.estimate(solved.plan, check=False))
         bounds.append(max(config.bound_s, solved.bound_s) if solved.optimal else config.bound_s)

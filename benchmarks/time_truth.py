@@ -11,7 +11,8 @@ assumes, and where the executor waits for its collectives against the overlap th
 Targets (issue "Time truth on what runs"): step time within 5% per plan; each category within 10%, or
 within 1% of the step when it is smaller than that; Spearman rank correlation >= 0.95 over the grid.
 
-Run: python -m benchmarks.time_truth [--only SUBSTRING]   (writes benchmarks/results/time_truth.{md,json})
+Run: python -m benchmarks.time_truth [--only SUBSTRING]   (writes benchmarks/results/time_truth.{md,json});
+in two processes: --part 0/2 and --part 1/2 side by side, then --merge 2.
 """
 
 from __future__ import annotations
@@ -170,23 +171,44 @@ def markdown(rows: list[dict], summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", help="run only the points whose model or description contains this")
-    args = parser.parse_args()
-    points = [p for p in GRID + EXTRA if not args.only or args.only in p.model or args.only in p.why]
-    profiles: dict = {}
-    rows = []
-    for point in points:
-        row = run_point(point, profiles)
-        rows.append(row)
-        print(f"{row['model']:13s} {row['describe']}: " + (f"skipped ({row['skipped']})" if "skipped" in row else
-              f"dry {row['dry_s']:.3f} s, estimate {row['estimate_s']:.3f} s ({_pct(row['error'])})"), flush=True)
+def write(rows: list[dict]) -> dict:
     summary = summarise(rows)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "time_truth.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1) + "\n")
     (RESULTS / "time_truth.md").write_text(markdown(rows, summary))
-    print(f"{summary['within_step']}/{summary['run']} within 5%; Spearman {summary['spearman']:.3f}")
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="run only the points whose model or description contains this")
+    parser.add_argument("--part", help="I/N: run every N-th point from the I-th (0-based) and write its rows to "
+                                       "results/time_truth.partI.json (to run parts in parallel processes)")
+    parser.add_argument("--merge", type=int, metavar="N", help="write time_truth.{md,json} from the N parts' rows")
+    args = parser.parse_args()
+    points = [p for p in GRID + EXTRA if not args.only or args.only in p.model or args.only in p.why]
+    if args.merge:
+        parts = [json.loads((RESULTS / f"time_truth.part{i}.json").read_text()) for i in range(args.merge)]
+        order = {(p.model, ap.Plan(**p.plan).describe()): i for i, p in enumerate(points)}
+        rows = sorted((row for part in parts for row in part), key=lambda r: order[(r["model"], r["describe"])])
+        summary = write(rows)
+        for i in range(args.merge):
+            (RESULTS / f"time_truth.part{i}.json").unlink()
+        print(f"{summary['within_step']}/{summary['run']} within 5%; Spearman {summary['spearman']:.3f}")
+        return
+    index, count = map(int, args.part.split("/")) if args.part else (0, 1)
+    profiles: dict = {}
+    rows = []
+    for point in points[index::count]:
+        row = run_point(point, profiles)
+        rows.append(row)
+        print(f"{row['model']:13s} {row['describe']}: " + (f"skipped ({row['skipped']})" if "skipped" in row else
+              f"dry {row['dry_s']:.3f} s, estimate {row['estimate_s']:.3f} s ({_pct(row['error'])})"), flush=True)
+        if args.part:
+            (RESULTS / f"time_truth.part{index}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    if not args.part:
+        summary = write(rows)
+        print(f"{summary['within_step']}/{summary['run']} within 5%; Spearman {summary['spearman']:.3f}")
 
 
 if __name__ == "__main__":

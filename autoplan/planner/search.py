@@ -242,7 +242,9 @@ def search(profile: ModelProfile, cluster: Cluster, *, global_batch_size: int, t
     """The `top_k` fastest plans of `profile` on `cluster` that fit in GPU memory.
 
     `accept(plan)` (optional) keeps only the configurations it returns True for, e.g. what an executor runs;
-    it is asked once per layout, micro-batch, schedule and ZeRO stage, before recompute and partition.
+    it is asked once per layout, micro-batch, schedule and ZeRO stage (recompute "none"), then once per
+    other recompute mode of the configurations it accepts; a mode it refuses is left out of the partition
+    ILP too.
 
     `fixed` pins plan fields (e.g. tp=8, zero_stage=1). Raises InfeasiblePlanError (with the closest plan
     and its overflow in bytes) when nothing fits.
@@ -267,14 +269,15 @@ def search(profile: ModelProfile, cluster: Cluster, *, global_batch_size: int, t
         if config.bound_s >= top.kth_s:
             pruned["time_bound"] += len(configs) - index
             break
-        uniform.append((config, _evaluate_uniform(coster, config, recompute, top)))
+        modes = recompute if accept is None else _accepted_modes(config.plan, recompute, accept)
+        uniform.append((config, modes, _evaluate_uniform(coster, config, modes, top)))
         if progress and index % 64 == 0:
             progress(index, len(configs))
     considered = len(uniform)
     # phase 2: the ILP where uneven stages or per-stage recompute could still enter the top k
     bounds = [configs[considered].bound_s] if considered < len(configs) else []
     ilp_solves = 0
-    for config, best_uniform in uniform:
+    for config, modes, best_uniform in uniform:
         if config.plan.pp == 1:  # one stage: the uniform recompute modes are the whole space
             bounds.append(max(config.bound_s, best_uniform))
             continue
@@ -283,7 +286,7 @@ def search(profile: ModelProfile, cluster: Cluster, *, global_batch_size: int, t
             bounds.append(config.bound_s)
             continue
         ilp_solves += 1
-        solved = solve_partition(coster, config.plan, recompute=recompute, time_limit_s=ilp_time_limit_s,
+        solved = solve_partition(coster, config.plan, recompute=modes, time_limit_s=ilp_time_limit_s,
                                  cutoff_s=top.kth_s, incumbent_s=best_uniform)
         if solved is None:  # nothing in this configuration fits, or nothing beats the k-th best or its even split
             bounds.append(max(config.bound_s, min(top.kth_s, best_uniform)))
@@ -304,6 +307,12 @@ def search(profile: ModelProfile, cluster: Cluster, *, global_batch_size: int, t
             result.closest_infeasible = (plan, coster.estimate(plan, check=False))
         raise _infeasible(result, profile, cluster)
     return result
+
+
+def _accepted_modes(plan: Plan, recompute: tuple[str, ...], accept: Callable[[Plan], bool]) -> tuple[str, ...]:
+    """The recompute modes `accept` allows for the configuration of `plan` (e.g. an executor that refuses
+    zero-bubble with selective recompute)."""
+    return tuple(mode for mode in recompute if mode == "none" or accept(plan.model_copy(update={"recompute": mode})))
 
 
 def _evaluate_uniform(coster: Coster, config: _Config, recompute: tuple[str, ...], top: _TopK) -> float:

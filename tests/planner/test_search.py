@@ -213,3 +213,17 @@ def test_block_ranges_hold_every_partition_faster_than_the_incumbent(big_head_pr
             faster += 1
             assert all(k in r for k, r in zip(ks, ranges)), (ks, ranges)
     assert faster > 0
+
+
+def test_accept_is_asked_about_each_recompute_mode():
+    """Oracle: autoplan.support, what the executor refuses (zero-bubble with selective recompute): a search
+    kept to accepted plans returns none it refuses, though selective is a candidate for every model."""
+    from autoplan.support import unsupported_reason
+
+    profile = ap.profile_model("gpt-tiny")
+    result = ap.search(profile, ap.Cluster.preset("dgx-h100", gpus=4), global_batch_size=8, top_k=200, pp=2,
+                       accept=lambda plan: unsupported_reason(plan, moe=False) is None)
+    assert result.ranked
+    assert all(unsupported_reason(plan, moe=False) is None for plan, _ in result.ranked)
+    assert any(plan.schedule == "zero-bubble" for plan, _ in result.ranked)
+    assert any(plan.recompute == "selective" for plan, _ in result.ranked)

@@ -184,6 +184,7 @@ def main() -> None:
     parser.add_argument("--only", help="run only the points whose model or description contains this")
     parser.add_argument("--part", help="I/N: run every N-th point from the I-th (0-based) and write its rows to "
                                        "results/time_truth.partI.json (to run parts in parallel processes)")
+    parser.add_argument("--resume", action="store_true", help="with --part: keep the rows its file has, run the rest")
     parser.add_argument("--merge", type=int, metavar="N", help="write time_truth.{md,json} from the N parts' rows")
     args = parser.parse_args()
     points = [p for p in GRID + EXTRA if not args.only or args.only in p.model or args.only in p.why]
@@ -199,7 +200,13 @@ def main() -> None:
     index, count = map(int, args.part.split("/")) if args.part else (0, 1)
     profiles: dict = {}
     rows = []
+    done = RESULTS / f"time_truth.part{index}.json"
+    if args.part and args.resume and done.exists():
+        rows = json.loads(done.read_text())
+    finished = {(row["model"], row["describe"]) for row in rows}
     for point in points[index::count]:
+        if (point.model, ap.Plan(**point.plan).describe()) in finished:
+            continue
         row = run_point(point, profiles)
         rows.append(row)
         print(f"{row['model']:13s} {row['describe']}: " + (f"skipped ({row['skipped']})" if "skipped" in row else

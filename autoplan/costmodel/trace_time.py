@@ -181,7 +181,8 @@ def simulate(events: Sequence[TraceEvent], cluster: Cluster) -> StreamTimes:
 @dataclass(frozen=True)
 class StageTime:
     """One pipeline rank's priced trace: per micro-batch forward and backward (recompute included) on
-    the compute stream, the work after the last backward, and its time split by category."""
+    the compute stream but the waits for data-parallel collectives, the work after the last backward with
+    those waits (once per step under a pipeline schedule), and its time split by category."""
 
     stage: int
     fwd_s: float
@@ -199,13 +200,22 @@ def stage_time(events: Sequence[TraceEvent], cluster: Cluster, *, stage: int, mi
     """Price one rank's trace of a step that ran `micro_batches_run` of the plan's `micro_batches`."""
     times = simulate(events, cluster)
     k = max(micro_batches_run, 1)
-    per_mb = {name: s / k for name, s in times.by_category(phases=("forward", "backward", "recompute")).items()}
-    after = times.by_category(phases=("optimizer", "sync"))
+    passes = ("forward", "backward", "recompute")
     # without pipeline: the step ran k micro-batches; the m - k not run repeat the first (accumulation)
-    first = times.by_category(phases=("forward", "backward", "recompute"), micro_batch=0)
+    first = times.by_category(phases=passes, micro_batch=0)
     breakdown = {name: times.by_category()[name] + (micro_batches - k) * first[name] for name in CATEGORIES}
-    return StageTime(stage=stage, fwd_s=times.phase_s("forward") / k, bwd_s=times.phase_s("backward", "recompute") / k,
-                     after_backward_s=times.phase_s("optimizer", "sync"), per_micro_batch=per_mb, after_backward=after,
+    # with one: the data-parallel waits are once per step (torch's schedule gathers FSDP's parameters at the
+    # first forward and reduces after the last backward; DDP's arithmetic runs after the schedule), the rest
+    # is per micro-batch
+    in_passes = times.by_category(phases=passes)
+    data_parallel = in_passes["dp_comm_exposed"]
+    per_mb = {name: (0.0 if name == "dp_comm_exposed" else s / k) for name, s in in_passes.items()}
+    after = times.by_category(phases=("optimizer", "sync"))
+    after["dp_comm_exposed"] += data_parallel
+    fwd_dp = times.by_category(phases=("forward",))["dp_comm_exposed"]
+    return StageTime(stage=stage, fwd_s=(times.phase_s("forward") - fwd_dp) / k,
+                     bwd_s=(times.phase_s("backward", "recompute") - (data_parallel - fwd_dp)) / k,
+                     after_backward_s=sum(after.values()), per_micro_batch=per_mb, after_backward=after,
                      step_s=sum(breakdown.values()), breakdown=breakdown,
                      p2p_bytes=max(times.sends_bytes, default=0.0))
 

@@ -53,10 +53,12 @@ def test_time_dry_run_step_is_its_breakdown_and_its_trace_priced():
         dry = ap.dryrun("gpt-tiny", plan, time=True, cluster=cluster)
         assert dry.step_time_s == pytest.approx(sum(dry.time_breakdown.values()), rel=1e-9)
         assert set(dry.traces) == {s.stage for s in dry.stages} == set(range(plan.pp))
-        for stage in dry.stages:
+        for stage in dry.stages:  # per micro-batch: the passes' time but the (once per step) data-parallel waits
             times = simulate(dry.traces[stage.stage], cluster)
             run = dry.micro_batches_per_step
-            assert stage.fwd_s == pytest.approx(times.phase_s("forward") / run)
-            assert stage.bwd_s == pytest.approx(times.phase_s("backward", "recompute") / run)
+            passes = ("forward", "backward", "recompute")
+            waits = times.by_category(phases=passes)["dp_comm_exposed"]
+            assert stage.fwd_s + stage.bwd_s == pytest.approx((times.phase_s(*passes) - waits) / run)
+            assert stage.after_backward_s == pytest.approx(times.phase_s("optimizer", "sync") + waits)
         if plan.pp > 1:
             assert dry.time_breakdown["pp_bubble"] > 0 and dry.time_breakdown["pp_comm"] > 0

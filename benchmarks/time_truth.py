@@ -184,6 +184,8 @@ def main() -> None:
     parser.add_argument("--only", help="run only the points whose model or description contains this")
     parser.add_argument("--part", help="I/N: run every N-th point from the I-th (0-based) and write its rows to "
                                        "results/time_truth.partI.json (to run parts in parallel processes)")
+    parser.add_argument("--skip", action="append", default=[], help="leave out the points whose description "
+                                                                     "contains this (repeatable)")
     parser.add_argument("--resume", action="store_true", help="with --part: keep the rows its file has, run the rest")
     parser.add_argument("--merge", type=int, metavar="N", help="write time_truth.{md,json} from the N parts' rows")
     args = parser.parse_args()
@@ -191,7 +193,8 @@ def main() -> None:
     if args.merge:
         parts = [json.loads((RESULTS / f"time_truth.part{i}.json").read_text()) for i in range(args.merge)]
         order = {(p.model, ap.Plan(**p.plan).describe()): i for i, p in enumerate(points)}
-        rows = sorted((row for part in parts for row in part), key=lambda r: order[(r["model"], r["describe"])])
+        unique = {(row["model"], row["describe"]): row for part in reversed(parts) for row in part}
+        rows = sorted(unique.values(), key=lambda r: order[(r["model"], r["describe"])])
         summary = write(rows)
         for i in range(args.merge):
             (RESULTS / f"time_truth.part{i}.json").unlink()
@@ -205,7 +208,7 @@ def main() -> None:
         rows = json.loads(done.read_text())
     finished = {(row["model"], row["describe"]) for row in rows}
     for point in points[index::count]:
-        if (point.model, ap.Plan(**point.plan).describe()) in finished:
+        if (point.model, ap.Plan(**point.plan).describe()) in finished or any(skip in point.why for skip in args.skip):
             continue
         row = run_point(point, profiles)
         rows.append(row)

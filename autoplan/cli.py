@@ -80,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
                      help=f"preset name or cluster JSON file, for the memory limit and reserve (default {DEFAULT_CLUSTER})")
     dry.add_argument("--stages", choices=("ends", "all"), default="ends",
                      help="pipeline stages to run: the first and the last (default), or all")
+    dry.add_argument("--time", action="store_true",
+                     help="also record the step's ops and collectives and price them on --cluster: step time and "
+                          "its breakdown beside the estimate's")
     dry.add_argument("--json", action="store_true", help="print the DryRunResult as JSON")
     dry.set_defaults(run=_dryrun)
 
@@ -368,7 +371,8 @@ def _dryrun(args) -> int:
         raise InvalidInputError(f"--gpus {args.gpus} but the plan's dp*tp*pp*cp is {plan.gpus}")
     cluster = Cluster.resolve(args.cluster, gpus=plan.gpus)
     profile = _load_profile(args)
-    result = dryrun(args.model, plan, gpus=plan.gpus, seq_len=profile.seq_len, stages=args.stages)
+    result = dryrun(args.model, plan, gpus=plan.gpus, seq_len=profile.seq_len, stages=args.stages, time=args.time,
+                    cluster=cluster)
     if args.json:
         print(result.model_dump_json(indent=2))
         return 0

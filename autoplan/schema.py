@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from autoplan.errors import InvalidInputError, InvalidPlanError
 from autoplan.safe_io import parse_json, read_text, write_text
@@ -466,6 +466,12 @@ class StageMemory(_Noun):
     memory_breakdown: dict[str, int] = Field(description="Bytes at the peak by category: params, grads, optimizer, "
                                                          "activations, temporaries, buffers.")
     peak_phase: str = Field(description="When the peak happened, e.g. 'step 2 backward'.")
+    fwd_s: float | None = Field(None, description="Time dry run: seconds of one micro-batch's forward on this rank "
+                                                  "(compute and exposed communication, priced by costmodel.trace_time).")
+    bwd_s: float | None = Field(None, description="Time dry run: seconds of one micro-batch's backward, recompute included.")
+    after_backward_s: float | None = Field(None, description="Time dry run: seconds after the last backward (gradient "
+                                                             "averaging, optimizer step).")
+    trace_ops: int | None = Field(None, description="Time dry run: events recorded in this rank's traced step.")
 
 
 class DryRunResult(_Noun):
@@ -487,6 +493,17 @@ class DryRunResult(_Noun):
     stages: list[StageMemory] = Field(default_factory=list, description="Each pipeline stage that was run.")
     wall_s: float = Field(0.0, description="Seconds the dry run took.")
     notes: list[str] = Field(default_factory=list, description="How the dry run departed from a real run.")
+    step_time_s: float | None = Field(None, description="Time dry run (time=True): seconds per training step, the "
+                                                        "traced ops priced on the cluster (costmodel.trace_time).")
+    time_breakdown: dict[str, float] | None = Field(None, description="Time dry run: step_time_s by the estimate's "
+                                                                      "categories (compute, tp_comm, pp_bubble, ...).")
+    cluster: str | None = Field(None, description="Time dry run: the cluster whose formulas priced the trace.")
+    _traces: dict = PrivateAttr(default_factory=dict)
+
+    @property
+    def traces(self) -> dict:
+        """Time dry run: pipeline stage -> its traced step (a list of costmodel.trace_time.TraceEvent)."""
+        return self._traces
 
     def fits(self, cluster: Cluster) -> bool:
         """Peak tensor memory plus the cluster's reserve (context, NCCL, fragmentation) within GPU memory."""

@@ -51,6 +51,7 @@ from autoplan.errors import InvalidInputError, InvalidPlanError
 from autoplan.executor.derived_tp import retie, tied_groups
 from autoplan.executor.memtrack import Category, RankMemoryTracker
 from autoplan.executor.precision import MIXED_PRECISION_DTYPE
+from autoplan.costmodel.trace_time import StageTime, stage_time, step_time
 from autoplan.kernels import gpu_dropout_kernels
 from autoplan.schema import Cluster, DryRunResult, Plan, StageMemory
 
@@ -67,6 +68,7 @@ class _Model:
     seq_len: int
     vocab: int
     tp_plan: object = None
+    num_blocks: int = 0
 
 
 def memory_equivalent_plan(plan: Plan) -> Plan:
@@ -95,12 +97,16 @@ def stage_rank(plan: Plan, stage: int) -> int:
 
 
 def dry_run(model, plan: Plan, *, gpus: int | None = None, seq_len: int | None = None, stages="ends",
-            steps: int = STEPS) -> DryRunResult:
+            steps: int = STEPS, time_step: bool = False, cluster: Cluster | None = None) -> DryRunResult:
     """Run `plan` for the fullest rank of each chosen pipeline stage on a fake process group of `gpus`
     ranks and report its peak memory per GPU and breakdown (a DryRunResult).
 
     model: an nn.Module built on the meta device, a path to a model.py, or a built-in name.
     stages: "ends" (first and last), "all", or a list of stage indices.
+    time_step: also record what the last step runs (executor.timetrace) and price it on `cluster` (default
+    the dgx-h100 preset) with costmodel.trace_time: step_time_s and time_breakdown. With a pipeline of more
+    than two stages "ends" then also runs stage 1, whose time stands for the middle stages (all stages
+    when they hold different block counts).
     """
     start = time.perf_counter()
     if gpus is not None and gpus != plan.gpus:
@@ -109,16 +115,46 @@ def dry_run(model, plan: Plan, *, gpus: int | None = None, seq_len: int | None =
         raise InvalidInputError("a dry run needs a process without an initialised process group")
     spec = _model_spec(model, seq_len)
     run_plan = memory_equivalent_plan(plan)
-    results = [_run_stage(spec, run_plan, stage, steps, plan) for stage in _stages(plan, stages)]
+    cluster = cluster or Cluster.preset("dgx-h100", gpus=plan.gpus) if time_step else None
+    chosen = _stages(plan, stages)
+    if time_step and stages == "ends":
+        chosen = timed_stages(plan, spec.num_blocks)
+    traced = [_run_stage(spec, run_plan, stage, steps, plan, cluster=cluster) for stage in chosen]
+    results = [memory for memory, _, _ in traced]
     peak = max(results, key=lambda r: r.peak_memory_bytes)
     notes = []
     if run_plan.num_micro_batches != plan.num_micro_batches:
         notes.append(f"ran {run_plan.num_micro_batches} of the plan's {plan.num_micro_batches} micro-batches "
                      f"per step (memory-equivalent)")
-    return DryRunResult(model=spec.name, plan=plan, gpus=plan.gpus, seq_len=spec.seq_len, precision=PRECISION,
-                        steps=steps, micro_batches_per_step=run_plan.num_micro_batches,
-                        peak_memory_bytes=peak.peak_memory_bytes, memory_breakdown=peak.memory_breakdown,
-                        peak_stage=peak.stage, stages=results, wall_s=time.perf_counter() - start, notes=notes)
+    result = DryRunResult(model=spec.name, plan=plan, gpus=plan.gpus, seq_len=spec.seq_len, precision=PRECISION,
+                          steps=steps, micro_batches_per_step=run_plan.num_micro_batches,
+                          peak_memory_bytes=peak.peak_memory_bytes, memory_breakdown=peak.memory_breakdown,
+                          peak_stage=peak.stage, stages=results, notes=notes)
+    if time_step:
+        timed = {memory.stage: timing for memory, timing, _ in traced}
+        per_rank = [timed.get(rank) or timed[min(timed, key=lambda s: (s in (0, plan.pp - 1), s))]
+                    for rank in range(plan.pp)]
+        step_s, breakdown = step_time(per_rank, plan, cluster)
+        result = result.model_copy(update={"step_time_s": step_s, "time_breakdown": breakdown,
+                                           "cluster": cluster.name})
+        result._traces.update({memory.stage: events for memory, _, events in traced})
+        notes.append("time: the last step's ops priced on the cluster (costmodel.trace_time); the CPU's dispatch "
+                     "time is not counted")
+    return result.model_copy(update={"wall_s": time.perf_counter() - start})
+
+
+def timed_stages(plan: Plan, num_blocks: int) -> list[int]:
+    """The pipeline stages a time dry run runs: the first and the last, and stage 1 for the middle ones
+    when they all hold the same number of blocks (else every stage)."""
+    if plan.pp <= 2:
+        return sorted({0, plan.pp - 1})
+    from autoplan.costmodel.estimate import even_split
+
+    chunks = plan.layers_per_stage or even_split(num_blocks, plan.pp * plan.virtual_stages)
+    per_rank = [sum(chunks[rank::plan.pp]) for rank in range(plan.pp)]
+    if len(set(per_rank[1:-1])) > 1:
+        return list(range(plan.pp))
+    return [0, 1, plan.pp - 1]
 
 
 def verify_plans(ranked, model, cluster: Cluster, *, seq_len: int | None = None, top: int | None = None,
@@ -165,7 +201,8 @@ def _model_spec(model, seq_len: int | None) -> _Model:
         if not seq_len or not vocab:
             raise InvalidInputError("the model has no config.seq_len / config.vocab: pass seq_len=... "
                                     "(the vocabulary comes from config.vocab)")
-        return _Model(lambda: copy.deepcopy(model), type(model).__name__, seq_len, vocab)
+        return _Model(lambda: copy.deepcopy(model), type(model).__name__, seq_len, vocab,
+                      num_blocks=len(getattr(model, "layers", ())))
     from autoplan.models.loader import load_model, seq_len_overrides
 
     spec = str(model)
@@ -180,10 +217,12 @@ def _model_spec(model, seq_len: int | None) -> _Model:
 
     def build():  # the loaded module for the first stage, a fresh load for each further one
         return first.pop() if first else load_model(spec, device="meta", **overrides).module
-    return _Model(build, loaded.name, seq_len, vocab, loaded.tp_plan)
+    return _Model(build, loaded.name, seq_len, vocab, loaded.tp_plan, num_blocks=len(getattr(module, "layers", ())))
 
 
-def _run_stage(spec: _Model, plan: Plan, stage: int, steps: int, full_plan: Plan) -> StageMemory:
+def _run_stage(spec: _Model, plan: Plan, stage: int, steps: int, full_plan: Plan,
+               cluster: Cluster | None = None) -> tuple[StageMemory, StageTime | None, list]:
+    """One stage's memory; with a cluster also its last step's trace, priced, and the trace."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -193,10 +232,22 @@ def _run_stage(spec: _Model, plan: Plan, stage: int, steps: int, full_plan: Plan
         fake = FakeTensorMode(allow_non_fake_inputs=True)
         par, optimizer = prepare(spec.build(), plan, tp_plan=spec.tp_plan, fake_mode=fake, seq_len=spec.seq_len,
                                  vocab=spec.vocab)
+        tracer = None
+        if cluster is not None:
+            from autoplan.executor.timetrace import StepTracer
+
+            tracer = StepTracer(plan, gpus_per_node=cluster.gpus_per_node)
         with fake, gpu_dropout_kernels():  # dropout as a GPU runs it (autoplan.kernels), as the profile does
             memory = track_steps(par, optimizer, steps=steps, seq_len=spec.seq_len, vocab=spec.vocab,
-                                 full_micro_batches=full_plan.num_micro_batches)
-        return memory.model_copy(update={"stage": stage, "rank": rank})
+                                 full_micro_batches=full_plan.num_micro_batches, tracer=tracer)
+        memory = memory.model_copy(update={"stage": stage, "rank": rank})
+        if tracer is None:
+            return memory, None, []
+        timing = stage_time(tracer.events, cluster, stage=stage, micro_batches_run=plan.num_micro_batches,
+                            micro_batches=full_plan.num_micro_batches)
+        return memory.model_copy(update={"fwd_s": timing.fwd_s, "bwd_s": timing.bwd_s,
+                                         "after_backward_s": timing.after_backward_s,
+                                         "trace_ops": len(tracer.events)}), timing, tracer.events
     finally:
         dist.destroy_process_group()
         _forget_meshes()
@@ -227,7 +278,9 @@ def prepare(model: nn.Module, plan: Plan, *, tp_plan=None, fake_mode=None, seq_l
     with _static_pipeline_shapes(plan, model, seq_len=seq_len, vocab=vocab):
         par = apply(model, plan, device_type="cpu", tp_plan=tp_plan)
     if fake_mode is not None and hasattr(par.model, "register_comm_hook"):  # DDP (replicate)
-        par.model.register_comm_hook(None, _in_place_all_reduce)
+        from autoplan.executor.mesh import replica_mesh
+
+        par.model.register_comm_hook(replica_mesh(par.mesh, plan).get_group(), _in_place_all_reduce)
     ties = tied_groups(par.model)
     with fake_mode or ExitStack():
         par.model.to_empty(device="cpu")
@@ -246,9 +299,10 @@ def prepare(model: nn.Module, plan: Plan, *, tp_plan=None, fake_mode=None, seq_l
 
 
 def track_steps(par, optimizer, *, steps: int, seq_len: int, vocab: int,
-                full_micro_batches: int | None = None) -> StageMemory:
+                full_micro_batches: int | None = None, tracer=None) -> StageMemory:
     """Run `steps` training steps (executor.train_step) under the memory tracker, fake or real tensors alike;
-    this rank's peak and breakdown. `full_micro_batches`: the plan's count, when `par.plan` runs fewer."""
+    this rank's peak and breakdown. `full_micro_batches`: the plan's count, when `par.plan` runs fewer.
+    tracer: an executor.timetrace.StepTracer that records the last step."""
     from autoplan.executor.train import train_step
 
     plan = par.plan
@@ -259,9 +313,23 @@ def track_steps(par, optimizer, *, steps: int, seq_len: int, vocab: int,
             stack.enter_context(_no_ddp_shape_check())
         stack.enter_context(tracker)
         _init_ddp(par.model, tracker)
+        if tracer is not None:
+            from autoplan.executor.timetrace import phase_marks
+
+            stack.enter_context(tracer)
+            stack.enter_context(phase_marks(tracer, optimizer, sys.modules[train_step.__module__]))
+            if hasattr(par.model, "register_comm_hook"):  # DDP
+                from torch.distributed._composable.replicate import replicate
+
+                from autoplan.executor.mesh import replica_mesh
+
+                hooks = tracer.watch_ddp(replicate.state(par.model)._ddp, replica_mesh(par.mesh, plan).get_group())
+                stack.callback(lambda: [hook.remove() for hook in hooks])
         for step in range(steps):
             tracker.step_label = f"step {step + 1}"
             par.plan = _first_step_plan(plan) if step == 0 and steps > 1 else plan
+            if tracer is not None and step == steps - 1:
+                tracer.start_step()
             train_step(par, optimizer, step, seq_len=seq_len, vocab=vocab, device=torch.device("cpu"))
         par.plan = plan
         receive = _receive_buffers(par)
@@ -305,6 +373,11 @@ def _host_batch(*, step: int, global_batch_size: int, seq_len: int, vocab: int, 
 def _in_place_all_reduce(state, bucket) -> torch.futures.Future[torch.Tensor]:
     """DDP's default hook all-reduces each bucket in place and hands the bucket back; the fake process
     group's futures carry no value, so this hook hands the bucket back itself (no memory either way)."""
+    from autoplan.executor.timetrace import active
+
+    tracer = active()
+    if tracer is not None:  # the time dry run: the all-reduce the default hook would issue
+        tracer.record_ddp_bucket(bucket.buffer(), state)
     future = torch.futures.Future()
     future.set_result(bucket.buffer())
     return future

@@ -19,17 +19,19 @@ from autoplan.costmodel.estimate import Coster, dp_sync_s, optimizer_step_s, ran
 from autoplan.schema import Plan
 
 TIME_SCALE = 1e7         # ILP time unit: 0.1 microsecond (integer coefficients for CP-SAT)
-SPREAD_FRACTION = 0.25
-SOLVER_PARAMETERS: dict = {}   # blocks per stage may differ from the even split by max(2, 25%) either way
+SOLVER_PARAMETERS: dict = {}
+# slack on the incumbent when ruling out block counts: the ILP rounds each of its terms to a tick
+INCUMBENT_SLACK = 1e-6
 
 
 @dataclass(frozen=True)
 class PartitionResult:
     plan: Plan
     objective_s: float       # the ILP's step time for the plan (equals the estimate up to rounding)
-    bound_s: float           # CP-SAT's proven lower bound on it
+    bound_s: float           # CP-SAT's proven lower bound on the step time of every partition of the layout
     optimal: bool
     solve_time_s: float
+    blocks_per_stage: tuple[range, ...] = ()  # the block counts each pipeline rank was allowed
 
 
 @dataclass(frozen=True)
@@ -46,10 +48,29 @@ def _effective_v(plan: Plan) -> int:
     return plan.virtual_stages if plan.schedule in ("interleaved-1f1b", "zero-bubble") else 1
 
 
-def block_range(*, num_blocks: int, pp: int, min_blocks: int) -> range:
-    even = num_blocks // pp
-    spread = max(2, math.ceil(SPREAD_FRACTION * even))
-    return range(max(min_blocks, even - spread), min(num_blocks - (pp - 1) * min_blocks, even + spread + 1) + 1)
+def block_ranges(*, num_blocks: int, min_blocks: int, max_blocks: list[int]) -> tuple[range, ...]:
+    """The block counts each pipeline rank can take in a plan faster than the incumbent: at least
+    min_blocks (a block per virtual stage), at most max_blocks[s], and enough that the other ranks, each
+    at its maximum, hold the rest: L - sum_{t != s} max_blocks[t]. Empty ranges: no such plan."""
+    total = sum(max_blocks)
+    return tuple(range(max(min_blocks, num_blocks - (total - hi)), hi + 1) for hi in max_blocks)
+
+
+def max_blocks_s(*, block_s: float, end_s: float, slowest_limit_s: float, num_blocks: int) -> int:
+    """The most blocks a pipeline rank can hold while its forward + backward of one micro-batch, with
+    nothing recomputed (recomputation only adds time), k·block_s + end_s, stays within slowest_limit_s."""
+    if end_s > slowest_limit_s:
+        return -1
+    if block_s <= 0 or slowest_limit_s == float("inf"):
+        return num_blocks
+    return min(num_blocks, math.floor((slowest_limit_s - end_s) / block_s))
+
+
+def slowest_limit_s(*, incumbent_s: float, p2p_s: float, num_micro_batches: int) -> float:
+    """The slowest rank's time per micro-batch, C, in any plan faster than incumbent_s: the step time
+    m·C + (sum_i d_i - d_k)/v + D + O + p2p of costmodel.pipeline is at least m·C (each d_i >= 0, and the
+    sum holds d_k), so C <= (incumbent - p2p)/m."""
+    return (incumbent_s - p2p_s) / num_micro_batches * (1 + INCUMBENT_SLACK) + 10 / TIME_SCALE
 
 
 def _options(coster: Coster, plan: Plan, stage: int, recompute: tuple[str, ...], blocks: range) -> list[_Option]:
@@ -81,17 +102,43 @@ def _ticks(seconds: float) -> int:
     return round(seconds * TIME_SCALE)
 
 
+def end_layers_s(coster: Coster, plan: Plan, rank: int) -> float:
+    """Forward + backward of one micro-batch through the layers outside the blocks on pipeline rank
+    `rank` (the embedding on the first, the head on the last), nothing recomputed."""
+    costs = [coster.layers_cost(layers, plan, "none")[0] for layers in coster.end_layers(plan, rank)]
+    return sum(cost.fwd_s + cost.bwd_s for cost in costs)
+
+
+def stage_block_ranges(coster: Coster, plan: Plan, *, incumbent_s: float) -> tuple[range, ...]:
+    """Every block count of each pipeline rank that a plan of this layout faster than incumbent_s can
+    have (block_ranges with max_blocks_s); every count from v to L - (p-1)·v when incumbent_s is inf."""
+    p, v, blocks = plan.pp, _effective_v(plan), coster.profile.num_blocks
+    if p == 1:
+        return (range(blocks, blocks + 1),)
+    block = coster.layers_cost(coster.digest.block_templates[0], plan, "none")[0]
+    limit = slowest_limit_s(incumbent_s=incumbent_s, p2p_s=coster.p2p_total_s(plan),
+                            num_micro_batches=plan.num_micro_batches)
+    highest = [min(blocks - (p - 1) * v,
+                   max_blocks_s(block_s=block.fwd_s + block.bwd_s, end_s=end_layers_s(coster, plan, s),
+                                slowest_limit_s=limit, num_blocks=blocks)) for s in range(p)]
+    return block_ranges(num_blocks=blocks, min_blocks=v, max_blocks=highest)
+
+
 def solve_partition(coster: Coster, plan: Plan, *, recompute: tuple[str, ...], time_limit_s: float = 5.0,
-                    cutoff_s: float = float("inf")) -> PartitionResult | None:
-    """Best blocks-per-stage and recompute-per-stage for `plan`'s layout; None if nothing fits, nothing
-    is faster than `cutoff_s`, or the model has blocks of several kinds (the partition then stays even)."""
+                    cutoff_s: float = float("inf"), incumbent_s: float = float("inf")) -> PartitionResult | None:
+    """Best blocks-per-stage and recompute-per-stage for `plan`'s layout over every partition into whole
+    blocks that can beat min(cutoff_s, incumbent_s) (stage_block_ranges: no other partition can; all of
+    them when both are inf); None if nothing fits, nothing is faster than `cutoff_s` or `incumbent_s`, or
+    the model has blocks of several kinds (the partition then stays even; the caller bounds it otherwise).
+    incumbent_s: the step time of a plan of this layout already known (e.g. its even partition)."""
     if len(coster.digest.block_templates) != 1 or plan.pp == 1 and len(recompute) == 1:
         return None
     start = time.perf_counter()
     p, m, v = plan.pp, plan.num_micro_batches, _effective_v(plan)
-    blocks = block_range(num_blocks=coster.profile.num_blocks, pp=p, min_blocks=v) if p > 1 \
-        else range(coster.profile.num_blocks, coster.profile.num_blocks + 1)
-    options = [_options(coster, plan, s, recompute, blocks) for s in range(p)]
+    ranges = stage_block_ranges(coster, plan, incumbent_s=min(cutoff_s, incumbent_s))
+    if any(not blocks for blocks in ranges):
+        return None
+    options = [_options(coster, plan, s, recompute, ranges[s]) for s in range(p)]
     if any(not stage for stage in options):
         return None
 
@@ -149,7 +196,7 @@ def solve_partition(coster: Coster, plan: Plan, *, recompute: tuple[str, ...], t
     return PartitionResult(plan=decoded, objective_s=solver.objective_value / v / TIME_SCALE + constant_s,
                            bound_s=solver.best_objective_bound / v / TIME_SCALE + constant_s,
                            optimal=status == cp_model.OPTIMAL,
-                           solve_time_s=time.perf_counter() - start)
+                           solve_time_s=time.perf_counter() - start, blocks_per_stage=ranges)
 
 
 def _decode(plan: Plan, chosen: list[_Option], v: int) -> Plan:

@@ -24,7 +24,7 @@ from autoplan.costmodel.memory import model_state_bytes
 from autoplan.costmodel.rank_memory import RankMemoryInputs, model_states
 from autoplan.errors import InfeasiblePlanError, InvalidInputError
 from autoplan.planner.baselines import expert_defaults
-from autoplan.planner.partition import solve_partition
+from autoplan.planner.partition import end_layers_s, solve_partition
 from autoplan.planner.space import Constraints, Layout, layouts, micro_batch_sizes, schedules
 from autoplan.schema import MAX_GLOBAL_BATCH, Cluster, Estimate, ModelProfile, Plan, Stack
 
@@ -44,7 +44,7 @@ class SearchResult:
     candidates_considered: int
     candidates_pruned: dict[str, int]
     ilp_solves: int
-    lower_bound_s: float                 # no plan of the space is faster than this (proven)
+    lower_bound_s: float                 # no plan of the space is faster than this in the cost model (proven)
     closest_infeasible: tuple[Plan, Estimate] | None = None
     global_batch_size: int = 0
 
@@ -67,7 +67,12 @@ class SearchResult:
 
     @property
     def optimality_gap(self) -> float:
-        """How much faster than the best plan the optimum of the space could at most be (fraction)."""
+        """How much faster than the best plan the cost model's optimum could at most be (fraction):
+        best / lower_bound - 1, both in the cost model's (ap.estimate's) step time, over the space searched
+        (the Constraints: layouts, micro-batch sizes up to max_micro_batch_size, schedules, virtual stages,
+        ZeRO stages, every partition into whole blocks, recompute per stage). 0 means the best plan is the
+        cost model's optimum over that space; it says nothing about how close the estimate is to a
+        measured step (benchmarks/results/time_truth.md and the bench reports do)."""
         return self.best_estimate.step_time_s / self.lower_bound_s - 1 if self.lower_bound_s > 0 else 0.0
 
 
@@ -127,8 +132,7 @@ def balanced_slowest_s(coster: Coster, plan: Plan) -> float:
         return 0.0
     block = coster.layers_cost(dig.block_templates[0], plan, "none")[0]
     b = block.fwd_s + block.bwd_s
-    ends = [sum(coster.layers_cost(layers, plan, "none")[0].fwd_s + coster.layers_cost(layers, plan, "none")[0].bwd_s
-                for layers in coster.end_layers(plan, rank)) for rank in (0, p - 1)]
+    ends = [end_layers_s(coster, plan, rank) for rank in (0, p - 1)]
     if b <= 0:
         return max(ends)
 
@@ -258,7 +262,9 @@ def search(profile: ModelProfile, cluster: Cluster, *, global_batch_size: int, t
     """The `top_k` fastest plans of `profile` on `cluster` that fit in GPU memory.
 
     `accept(plan)` (optional) keeps only the configurations it returns True for, e.g. what an executor runs;
-    it is asked once per layout, micro-batch, schedule and ZeRO stage, before recompute and partition.
+    it is asked once per layout, micro-batch, schedule and ZeRO stage (recompute "none"), then once per
+    other recompute mode of the configurations it accepts; a mode it refuses is left out of the partition
+    ILP too.
 
     `stack` is the software the plan will run on (autoplan.schema.Stack; None: eager PyTorch, autoplan's executor).
     `fixed` pins plan fields (e.g. tp=8, zero_stage=1). Raises InfeasiblePlanError (with the closest plan
@@ -276,10 +282,9 @@ def search(profile: ModelProfile, cluster: Cluster, *, global_batch_size: int, t
     pruned = {"memory_bound": 0, "time_bound": 0, "dominated": 0, "unrunnable": 0, "not accepted": 0}
     configs, leanest = _configs(profile, cluster, coster, global_batch_size, constraints, pruned, accept)
     configs.sort()
-    allowed = tuple(r for r in constraints.recompute if constraints.allows("recompute", r))
-    recompute = tuple(r for r in allowed
-                      if r != "selective" or any(layer.attention_score_bytes for layer in profile.layers))
-    pruned["dominated"] += len(configs) * (len(allowed) - len(recompute))
+    # every allowed mode: selective trades time for memory with a fused attention too (it drops what the
+    # memory-bound ops keep), so it can be the fastest plan that fits
+    recompute = tuple(r for r in constraints.recompute if constraints.allows("recompute", r))
     top = _TopK(top_k, cluster.memory_bytes)
     # phase 1: the even partition with each uniform recompute mode, in order of the bound
     uniform: list[tuple[_Config, float]] = []
@@ -287,25 +292,27 @@ def search(profile: ModelProfile, cluster: Cluster, *, global_batch_size: int, t
         if config.bound_s >= top.kth_s:
             pruned["time_bound"] += len(configs) - index
             break
-        uniform.append((config, _evaluate_uniform(coster, config, recompute, top)))
+        modes = recompute if accept is None else _accepted_modes(config.plan, recompute, accept)
+        uniform.append((config, modes, _evaluate_uniform(coster, config, modes, top)))
         if progress and index % 64 == 0:
             progress(index, len(configs))
     considered = len(uniform)
     # phase 2: the ILP where uneven stages or per-stage recompute could still enter the top k
     bounds = [configs[considered].bound_s] if considered < len(configs) else []
     ilp_solves = 0
-    for config, best_uniform in uniform:
+    for config, modes, best_uniform in uniform:
         if config.plan.pp == 1:  # one stage: the uniform recompute modes are the whole space
             bounds.append(max(config.bound_s, best_uniform))
             continue
-        if config.bound_s >= top.kth_s or best_uniform <= config.bound_s * (1 + ILP_MIN_GAIN):
+        if config.bound_s >= top.kth_s or best_uniform <= config.bound_s * (1 + ILP_MIN_GAIN) \
+                or len(coster.digest.block_templates) != 1:  # blocks of several kinds: partitions stay even
             bounds.append(config.bound_s)
             continue
         ilp_solves += 1
-        solved = solve_partition(coster, config.plan, recompute=recompute, time_limit_s=ilp_time_limit_s,
-                                 cutoff_s=top.kth_s)
-        if solved is None:  # nothing in this configuration fits, or nothing beats the k-th best
-            bounds.append(top.kth_s)
+        solved = solve_partition(coster, config.plan, recompute=modes, time_limit_s=ilp_time_limit_s,
+                                 cutoff_s=top.kth_s, incumbent_s=best_uniform)
+        if solved is None:  # nothing in this configuration fits, or nothing beats the k-th best or its even split
+            bounds.append(max(config.bound_s, min(top.kth_s, best_uniform)))
             continue
         top.offer(solved.plan, coster.estimate(solved.plan, check=False))
         bounds.append(max(config.bound_s, solved.bound_s) if solved.optimal else config.bound_s)
@@ -323,6 +330,12 @@ def search(profile: ModelProfile, cluster: Cluster, *, global_batch_size: int, t
             result.closest_infeasible = (plan, coster.estimate(plan, check=False))
         raise _infeasible(result, profile, cluster)
     return result
+
+
+def _accepted_modes(plan: Plan, recompute: tuple[str, ...], accept: Callable[[Plan], bool]) -> tuple[str, ...]:
+    """The recompute modes `accept` allows for the configuration of `plan` (e.g. an executor that refuses
+    zero-bubble with selective recompute)."""
+    return tuple(mode for mode in recompute if mode == "none" or accept(plan.model_copy(update={"recompute": mode})))
 
 
 def _evaluate_uniform(coster: Coster, config: _Config, recompute: tuple[str, ...], top: _TopK) -> float:

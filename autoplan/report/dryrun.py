@@ -56,7 +56,28 @@ def dryrun_table(result: DryRunResult, *, cluster: Cluster, estimate: Estimate |
     if estimate is not None:
         line += f"; estimated {estimate.memory_per_gpu_bytes / GIB:.2f} GiB"
     console.print(line)
+    if result.step_time_s is not None:
+        console.print(time_table(result, estimate))
     return buffer.getvalue()
+
+
+def time_table(result: DryRunResult, estimate: Estimate | None = None) -> Table:
+    """The time dry run's step and breakdown (ms), beside the estimate's."""
+    table = Table(title=f"step time on {result.cluster} (the traced ops priced; ms)")
+    table.add_column("category")
+    table.add_column("dry run", justify="right")
+    if estimate is not None:
+        table.add_column("estimate", justify="right")
+        table.add_column("error", justify="right")
+    rows = [(name, seconds, (estimate.time_breakdown.get(name, 0.0) if estimate else None))
+            for name, seconds in result.time_breakdown.items()]
+    rows.append(("step", result.step_time_s, estimate.step_time_s if estimate else None))
+    for name, measured, predicted in rows:
+        cells = [name, f"{measured * 1e3:,.2f}"]
+        if estimate is not None:
+            cells += [f"{predicted * 1e3:,.2f}", _error(predicted, measured)]
+        table.add_row(*cells, style="bold" if name == "step" else None)
+    return table
 
 
 def _error(predicted: float, measured: float) -> str:

@@ -74,8 +74,8 @@ def test_fewer_micro_batches_hold_the_same_peak(plan):
     short = memory_equivalent_plan(plan)
     assert short.num_micro_batches < plan.num_micro_batches
     for stage in sorted({0, plan.pp - 1}):
-        full = _run_stage(spec, plan, stage, 2, plan)
-        fewer = _run_stage(spec, short, stage, 2, plan)
+        full, _, _ = _run_stage(spec, plan, stage, 2, plan)
+        fewer, _, _ = _run_stage(spec, short, stage, 2, plan)
         assert fewer.peak_memory_bytes == pytest.approx(full.peak_memory_bytes, rel=1e-4)
         for category, value in full.memory_breakdown.items():
             assert fewer.memory_breakdown[category] == pytest.approx(value, abs=1e-4 * full.peak_memory_bytes)

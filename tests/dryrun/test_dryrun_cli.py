@@ -49,3 +49,18 @@ def test_search_verify_dry_runs_the_ranked_plans(run_cli):
     data = json.loads(out)
     assert data["verification"][0].startswith("verified 2 plans by dry run")
     assert all("measured" in line for line in data["verification"][1:])
+
+
+def test_dryrun_time_prints_the_step_beside_the_estimate(plan_file, run_cli):
+    code, out, err = run_cli(["dryrun", "gpt-tiny", "--plan", str(plan_file), "--time"])
+    assert code == 0, err
+    assert "step time on dgx-h100" in out and "tp_comm" in out and "dp_comm_exposed" in out
+
+
+def test_dryrun_time_json_has_the_step_and_its_breakdown(plan_file, run_cli):
+    code, out, err = run_cli(["dryrun", "gpt-tiny", "--plan", str(plan_file), "--time", "--json"])
+    assert code == 0, err
+    result = DryRunResult.model_validate_json(out)
+    assert result.step_time_s > 0 and result.cluster == "dgx-h100"
+    assert sum(result.time_breakdown.values()) == pytest.approx(result.step_time_s)
+    assert result.time_breakdown["tp_comm"] > 0 and result.time_breakdown["dp_comm_exposed"] >= 0

@@ -67,7 +67,7 @@ def test_search_executable_keeps_to_plans_the_executor_runs(capsys):
     from autoplan.schema import Plan
 
     def ranked(*extra):
-        assert main(["search", "moe-tiny", "--gpus", "2", "--global-batch", "16", "--top", "40", "--json",
+        assert main(["search", "moe-tiny", "--gpus", "2", "--global-batch", "16", "--top", "80", "--json",
                      *extra]) == 0
         return [Plan.model_validate(row["plan"]) for row in json.loads(capsys.readouterr().out)["ranked"]]
 

@@ -7,7 +7,7 @@ import torch
 
 import autoplan as ap
 from autoplan.planner import Constraints
-from autoplan.planner.partition import TIME_SCALE, solve_partition
+from autoplan.planner.partition import TIME_SCALE, solve_partition, stage_block_ranges
 from autoplan.costmodel.estimate import Coster
 
 SMALL = Constraints(max_cp=2, max_micro_batch_size=2, max_virtual_stages=2)
@@ -148,3 +148,82 @@ def test_pipelines_with_fewer_micro_batches_than_stages_use_gpipe():
     assert {plan.num_micro_batches for plan in piped} >= {1, 4}
     for plan in piped:
         assert (plan.schedule == "gpipe") == (plan.num_micro_batches < plan.pp), plan.describe()
+
+
+def test_selective_recompute_wins_under_memory_limit():
+    """The issue's case: llama3-8b (fused attention), tp 8 x dp 8 at ZeRO-1 with 30 GiB per GPU. Oracle:
+    the estimates of the same plan with each recompute mode: none does not fit, selective fits and is
+    faster than full, so the search must return selective (it once dropped selective for every model
+    with fused attention and returned full with a gap of 0.00%)."""
+    profile = ap.profile_model("llama3-8b")
+    cluster = ap.Cluster.preset("dgx-h100", gpus=64).model_copy(update={"memory_bytes": 30 * 2**30})
+    base = ap.Plan(dp=8, tp=8, sequence_parallel=True, zero_stage=1, micro_batch_size=1, global_batch_size=64)
+    by_mode = {mode: ap.estimate(profile, cluster, base.model_copy(update={"recompute": mode}))
+               for mode in ("none", "selective", "full")}
+    assert not by_mode["none"].fits and by_mode["selective"].fits and by_mode["full"].fits
+    assert by_mode["selective"].step_time_s < by_mode["full"].step_time_s
+    result = ap.search(profile, cluster, global_batch_size=64, top_k=2, tp=8, dp=8, zero_stage=1,
+                       micro_batch_size=1)
+    assert result.best.recompute == "selective"
+    assert result.best_estimate.step_time_s == pytest.approx(by_mode["selective"].step_time_s, rel=1e-9)
+    assert result.lower_bound_s <= result.best_estimate.step_time_s * (1 + 1e-9)
+
+
+@pytest.fixture(scope="module")
+def big_head_profile():
+    """16 small blocks and a head about 40 blocks' worth of work (vocabulary 131072 at width 512)."""
+    with torch.device("meta"):
+        model = ap.models.gpt(layers=16, hidden=512, heads=8, vocab=131072, seq_len=512)
+    return ap.profile_model(model)
+
+
+def test_partition_finds_uneven_optimum_far_from_even(big_head_profile):
+    """Oracle: every split of 16 blocks over 2 pipeline ranks, estimated. The head makes the last rank
+    slow, so the optimum puts 15 blocks on the first rank: far outside the +/-25% around the even 8
+    that the ILP once searched (while it called its bound proven)."""
+    cluster = ap.Cluster.preset("dgx-h100", gpus=2)
+    base = ap.Plan(pp=2, global_batch_size=8, micro_batch_size=1, schedule="1f1b")
+    times = {k: ap.estimate(big_head_profile, cluster, base.model_copy(update={"layers_per_stage": [k, 16 - k]}))
+             .step_time_s for k in range(1, 16)}
+    best_k = min(times, key=times.get)
+    assert abs(best_k - 8) > 0.25 * 8 + 2
+    solved = solve_partition(Coster.of(big_head_profile, cluster), base, recompute=("none", "full"),
+                             incumbent_s=ap.estimate(big_head_profile, cluster, base).step_time_s)
+    assert solved.optimal and solved.plan.layers_per_stage == [best_k, 16 - best_k]
+    assert solved.bound_s <= times[best_k] * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zero-bubble"])
+def test_block_ranges_hold_every_partition_faster_than_the_incumbent(big_head_profile, schedule):
+    """Oracle: all 455 splits of 16 blocks over 4 pipeline ranks, estimated: each one faster than the
+    even split (the incumbent) has every rank's block count inside the ranges the ILP searches, so
+    its optimum over those ranges is the optimum over all splits."""
+    cluster = ap.Cluster.preset("dgx-h100", gpus=4)
+    coster = Coster.of(big_head_profile, cluster)
+    base = ap.Plan(pp=4, global_batch_size=16, micro_batch_size=1, schedule=schedule)
+    incumbent = ap.estimate(big_head_profile, cluster, base).step_time_s
+    ranges = stage_block_ranges(coster, base, incumbent_s=incumbent)
+    assert sum(len(r) for r in ranges) < 4 * 13  # the incumbent rules some counts out
+    faster = 0
+    for ks in itertools.product(range(1, 14), repeat=4):
+        if sum(ks) != 16:
+            continue
+        est = ap.estimate(big_head_profile, cluster, base.model_copy(update={"layers_per_stage": list(ks)}))
+        if est.step_time_s < incumbent:
+            faster += 1
+            assert all(k in r for k, r in zip(ks, ranges)), (ks, ranges)
+    assert faster > 0
+
+
+def test_accept_is_asked_about_each_recompute_mode():
+    """Oracle: autoplan.support, what the executor refuses (zero-bubble with selective recompute): a search
+    kept to accepted plans returns none it refuses, though selective is a candidate for every model."""
+    from autoplan.support import unsupported_reason
+
+    profile = ap.profile_model("gpt-tiny")
+    result = ap.search(profile, ap.Cluster.preset("dgx-h100", gpus=4), global_batch_size=8, top_k=200, pp=2,
+                       accept=lambda plan: unsupported_reason(plan, moe=False) is None)
+    assert result.ranked
+    assert all(unsupported_reason(plan, moe=False) is None for plan, _ in result.ranked)
+    assert any(plan.schedule == "zero-bubble" for plan, _ in result.ranked)
+    assert any(plan.recompute == "selective" for plan, _ in result.ranked)

@@ -99,7 +99,9 @@ def _dominates(a: _Option, b: _Option) -> bool:
 
 
 def _ticks(seconds: float) -> int:
-    return round(seconds * TIME_SCALE)
+    """Seconds in whole ticks, rounded down: every term of the ILP is at most its true value, so the ILP's
+    proven bound is a lower bound of the estimate's step time, not of a rounded copy of it."""
+    return math.floor(seconds * TIME_SCALE)
 
 
 def end_layers_s(coster: Coster, plan: Plan, rank: int) -> float:

@@ -278,6 +278,10 @@ class Stack(_Noun):
         "autoplan", description="What plan.recompute='selective' reruns: autoplan's rule (autoplan.selective: element-wise "
                                 "ops, SP's all-gathers, eager attention scores) or Korthikanti et al.'s (the attention "
                                 "core only), as Megatron-LM does.")
+    optimizer_step_bytes: float = Field(28.0, gt=0, le=1000, description="HBM bytes the optimizer step moves per parameter of "
+                                                                        "the rank's shard: 28 for a fused AdamW with fp32 "
+                                                                        "states (read/write parameter, gradient, two moments); "
+                                                                        "more where each element-wise op is its own pass.")
     vocab_parallel_loss: bool = Field(False, description="Under tensor parallelism the loss runs on vocabulary-sharded logits "
                                                          "(Megatron-LM's vocab-parallel cross-entropy, torch's loss_parallel); "
                                                          "false: the logits are all-gathered first, as autoplan's executor does.")

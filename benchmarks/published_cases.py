@@ -90,7 +90,9 @@ def _stack(case: dict, source: str) -> Stack:
     if source == "torchtitan":
         name = "torch-compile" if cfg.get("torch_compile") else "torch"
         # torchtitan turns on torch's loss_parallel with TP (its default `disable_loss_parallel = false`)
-        return Stack.preset(name).model_copy(update={"fp8_linears": fp8, "vocab_parallel_loss": True})
+        # and steps a fused AdamW (its default optimizer implementation "fused"): 28 bytes per parameter
+        return Stack.preset(name).model_copy(update={"fp8_linears": fp8, "vocab_parallel_loss": True,
+                                                     "optimizer_step_bytes": 28.0})
     return Stack.preset("llm-foundry").model_copy(update={"fp8_linears": fp8})
 
 

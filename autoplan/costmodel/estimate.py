@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from autoplan.costmodel import bands, comm
 from autoplan.costmodel.compute import memory_bound_time_s
 from autoplan.costmodel.layers import DEFAULT_STACK, ROUTING_IMBALANCE, LayerCost, ProfileDigest, digest, layer_cost
-from autoplan.costmodel.memory import ADAM_STEP_BYTES, GRAD_BYTES, PARAM_BYTES, model_state_bytes
+from autoplan.costmodel.memory import GRAD_BYTES, PARAM_BYTES, model_state_bytes
 from autoplan.costmodel.overhead import overhead_s
 from autoplan.costmodel.pipeline import micro_batches_in_flight, pipeline_step_s
 from autoplan.costmodel.rank_memory import (LayerMemory, RankMemoryInputs, backward_excess, backward_steps,
@@ -362,7 +362,7 @@ def _assemble(profile: ModelProfile, cluster: Cluster, plan: Plan, ranks: list[R
     m = plan.num_micro_batches
     distinct = list({id(rank): rank for rank in ranks}.values())
     dp_exposed = max(dp_sync_s(rank, cluster, plan, stack)[0] for rank in distinct)
-    optimizer_s = max(optimizer_step_s(rank, cluster, plan) for rank in distinct)
+    optimizer_s = max(optimizer_step_s(rank, cluster, plan, stack) for rank in distinct)
     fixed_s = overhead_s(profile, cluster, plan)
     step_s = pipe.total_s + dp_exposed + optimizer_s + fixed_s
 
@@ -399,11 +399,13 @@ def _assemble(profile: ModelProfile, cluster: Cluster, plan: Plan, ranks: list[R
     )
 
 
-def optimizer_step_s(rank: RankCost, cluster: Cluster, plan: Plan) -> float:
-    """Adam is bandwidth-bound: ADAM_STEP_BYTES per parameter of this rank's optimizer shard."""
+def optimizer_step_s(rank: RankCost, cluster: Cluster, plan: Plan, stack: Stack | None = None) -> float:
+    """Adam is bandwidth-bound: the stack's optimizer bytes per parameter of this rank's optimizer shard
+    (Stack.optimizer_step_bytes: ADAM_STEP_BYTES for a fused kernel, more for one pass per element-wise op)."""
+    bytes_per_param = (stack or DEFAULT_STACK).optimizer_step_bytes
     dense = rank.layers.dense_params / (plan.dp * plan.cp if plan.zero_stage >= 1 else 1)
     expert = rank.layers.expert_params / (plan.dp * plan.cp * plan.tp // plan.ep if plan.zero_stage >= 1 else 1)
-    return memory_bound_time_s(bytes_moved=(dense + expert) * ADAM_STEP_BYTES, cluster=cluster)
+    return memory_bound_time_s(bytes_moved=(dense + expert) * bytes_per_param, cluster=cluster)
 
 
 def _notes(profile: ModelProfile, plan: Plan) -> list[str]:

@@ -19,7 +19,7 @@ from autoplan.schema import Cluster, LayerProfile, ModelProfile, Plan, Stack
 # Switch Transformer trains at capacity factor 1.0-1.25 with few dropped tokens (Fedus et al. 2022,
 # Table 1); we take the busiest expert at 1.1x the mean. The busiest EP rank sets the MoE layer's pace.
 ROUTING_IMBALANCE = 1.1
-DEFAULT_STACK = Stack(name="torch", description="eager PyTorch (autoplan's executor)")
+DEFAULT_STACK = Stack.preset("torch")  # eager PyTorch, what autoplan's executor runs
 
 
 @dataclass

@@ -85,7 +85,7 @@ def _options(coster: Coster, plan: Plan, stage: int, recompute: tuple[str, ...],
                 continue
             option = _Option(k, r, _ticks(rank.layers.fwd_s + rank.layers.bwd_s), _ticks(rank.layers.fwd_s),
                              _ticks(dp_sync_s(rank, coster.cluster, plan, coster.stack)[0]),
-                             _ticks(optimizer_step_s(rank, coster.cluster, plan)))
+                             _ticks(optimizer_step_s(rank, coster.cluster, plan, coster.stack)))
             if not any(_dominates(kept, option) for kept in fitting):
                 fitting.append(option)
         found += fitting

@@ -118,7 +118,7 @@ def time_bound_s(coster: Coster, plan: Plan, whole: LayerCost) -> float:
                                  bwd_compute_s=(whole.bwd_compute_s + whole.fwd_compute_s) / p,
                                  dense_params=whole.dense_params / p, expert_params=whole.expert_params / p),
                        blocks=coster.profile.num_blocks // p)
-    tail = dp_sync_s(average, coster.cluster, plan, coster.stack)[0] + optimizer_step_s(average, coster.cluster, plan)
+    tail = dp_sync_s(average, coster.cluster, plan, coster.stack)[0] + optimizer_step_s(average, coster.cluster, plan, coster.stack)
     return pipe + coster.p2p_total_s(plan) + tail
 
 

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import autoplan as ap
+from autoplan.report.accuracy import spearman
 from autoplan.costmodel.trace_time import CATEGORIES
 from autoplan.errors import AutoplanError
 from benchmarks.memory_truth import CLUSTER, GRID, Point, _p
@@ -81,30 +82,6 @@ def run_point(point: Point, profiles: dict) -> dict:
     row["stages"] = [{"stage": s.stage, "fwd_s": s.fwd_s, "bwd_s": s.bwd_s, "after_backward_s": s.after_backward_s,
                       "trace_ops": s.trace_ops} for s in dry.stages]
     return {**row, **compare(est.time_breakdown, dry.time_breakdown, est.step_time_s, dry.step_time_s)}
-
-
-def spearman(xs: list[float], ys: list[float]) -> float:
-    """Spearman's rank correlation (Pearson's on the ranks, ties at their mean rank)."""
-    def ranks(values):
-        order = sorted(range(len(values)), key=values.__getitem__)
-        out = [0.0] * len(values)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                out[order[k]] = (i + j) / 2
-            i = j + 1
-        return out
-    rx, ry = ranks(xs), ranks(ys)
-    n = len(xs)
-    if n < 2:
-        return float("nan")
-    mx, my = sum(rx) / n, sum(ry) / n
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
-    return cov / var if var else float("nan")
 
 
 def summarise(rows: list[dict]) -> dict:

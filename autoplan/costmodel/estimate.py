@@ -137,6 +137,12 @@ class Coster:
         for layers in self.end_layers(plan, rank):
             cost, logits = self.layers_cost(layers, plan, recompute)
             result.layers.add(cost)
+            if plan.pp > 1 and layers is self.digest.tail_layers:
+                # a weight tied to the first stage's (a head tied to the token table) is a copy of its own on
+                # the last stage, with its gradient and optimizer states; vocabulary-parallel under tp
+                tied = sum(layer.tied_params for layer in layers) / plan.tp
+                result.layers.dense_params += tied
+                memory.root_params += tied
             result.logits_bytes += logits
             if not logits:
                 result.working_bytes_but_head = max(result.working_bytes_but_head, cost.working_bytes)

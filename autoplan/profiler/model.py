@@ -354,7 +354,7 @@ def _unrecognized(layers: list[LayerProfile], num_blocks: int, model_params: int
     for layer in layers:
         if layer.tied_params:
             notes.append(f"{layer.name} uses {layer.tied_params:,} parameters tied to an earlier layer's, counted "
-                         f"once; with pp > 1 its pipeline stage keeps a copy that the estimate does not count yet")
+                         f"once; with pp > 1 the last pipeline stage keeps a copy of its own")
     counted = sum(layer.params for layer in layers)
     if counted != model_params:
         notes.append(f"{model_params - counted:,} of the model's {model_params:,} parameters were not run by the "

@@ -52,3 +52,22 @@ def test_a_transformers_module_dry_runs_as_its_config_does():
     plan = ap.Plan(dp=2, micro_batch_size=1, global_batch_size=2)
     assert ap.dryrun(module, plan, gpus=2, seq_len=64).peak_memory_bytes == \
         ap.dryrun(path, plan, gpus=2).peak_memory_bytes
+
+
+def test_the_last_stage_holds_its_own_copy_of_a_tied_head():
+    """Oracle: the dry run. GPT-2 at pp=2: the first stage holds the token table, the last stage the head tied
+    to it as a copy of its own (its gradients summed across the two): the estimate counts that copy on the
+    last stage, parameter for parameter, and its whole memory within 5%."""
+    from autoplan.costmodel.estimate import Coster
+
+    path = str(CONFIGS / "gpt2.json")
+    plan = ap.Plan(pp=2, micro_batch_size=1, global_batch_size=2)
+    dry = ap.dryrun(path, plan, gpus=2)
+    profile = ap.profile_model(path)
+    cluster = ap.Cluster.preset("dgx-h100", gpus=2)
+    ranks = Coster.of(profile, cluster).rank_costs(plan)
+    for stage in dry.stages:
+        assert stage.memory_breakdown["params"] == ranks[stage.stage].layers.dense_params * 2  # bf16
+    estimate = ap.estimate(profile, cluster, plan)
+    last = estimate.memory_per_stage_bytes[1] - cluster.memory_reserve_bytes
+    assert last == pytest.approx(dry.stages[1].peak_memory_bytes, rel=0.05)

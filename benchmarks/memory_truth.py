@@ -168,11 +168,15 @@ def markdown(rows: list[dict], summary: dict) -> str:
             lines.append(f"| {row['model']} | {row['describe']} | {row['gpus']} | {s['stage']} | "
                          f"{s['dry_bytes'] / GIB:.1f} | {s['estimate_bytes'] / GIB:.1f} | {_pct(s['error'])} | "
                          + " | ".join(cells) + f" | {'yes' if s['within'] else '**no**'} | {row['dryrun_s']:.1f} |")
-    lines += ["", "Worst error per category over the points run (estimate - dry run, over the dry-run value, or "
-                  "over the peak for a category under 1% of it):", ""]
-    for name, worst in summary["worst"].items():
-        lines.append(f"- {name}: {_pct(worst['error'])} {worst['basis']} ({worst['where']})")
+    lines += worst_lines(summary, "Worst error per category over the points run (estimate - dry run, over the "
+                                  "dry-run value, or over the peak for a category under 1% of it):")
     return "\n".join(lines) + "\n"
+
+
+def worst_lines(summary: dict, heading: str) -> list[str]:
+    """The report's closing list: the worst error of each category, where it was found."""
+    return ["", heading, ""] + [f"- {name}: {_pct(worst['error'])} {worst['basis']} ({worst['where']})"
+                                for name, worst in summary["worst"].items()]
 
 
 def summarise(rows: list[dict]) -> dict:

@@ -26,7 +26,7 @@ import autoplan as ap
 from autoplan.report.accuracy import spearman
 from autoplan.costmodel.trace_time import CATEGORIES
 from autoplan.errors import AutoplanError
-from benchmarks.memory_truth import CLUSTER, GRID, Point, _p
+from benchmarks.memory_truth import CLUSTER, GRID, Point, _p, worst_lines
 
 RESULTS = Path(__file__).parent / "results"
 STEP_TOLERANCE = 0.05
@@ -141,10 +141,8 @@ def markdown(rows: list[dict], summary: dict) -> str:
         flag = "" if row["within_step"] else " **x**"
         lines.append(f"| {row['model']} | {row['describe']} | {row['gpus']} | {row['dry_s']:.3f} | "
                      f"{row['estimate_s']:.3f} | {_pct(row['error'])}{flag} | {cells} | {row['dryrun_s']:.0f} |")
-    lines += ["", "Worst error per category (estimate - dry run, over the dry-run value, or over the step for a "
-                  "category under 1% of it):", ""]
-    for name, worst in summary["worst"].items():
-        lines.append(f"- {name}: {_pct(worst['error'])} {worst['basis']} ({worst['where']})")
+    lines += worst_lines(summary, "Worst error per category (estimate - dry run, over the dry-run value, or over "
+                                  "the step for a category under 1% of it):")
     return "\n".join(lines) + "\n"
 
 

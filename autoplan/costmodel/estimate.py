@@ -11,9 +11,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from autoplan.costmodel import bands, comm
-from autoplan.costmodel.compute import memory_bound_time_s
+from autoplan.costmodel.data_parallel import dp_sync_s, optimizer_step_s
 from autoplan.costmodel.layers import DEFAULT_STACK, ROUTING_IMBALANCE, LayerCost, ProfileDigest, digest, layer_cost
-from autoplan.costmodel.memory import GRAD_BYTES, PARAM_BYTES, model_state_bytes
+from autoplan.costmodel.memory import PARAM_BYTES, model_state_bytes
 from autoplan.costmodel.overhead import overhead_s
 from autoplan.costmodel.pipeline import micro_batches_in_flight, pipeline_step_s
 from autoplan.costmodel.rank_memory import (LayerMemory, RankMemoryInputs, backward_excess, backward_steps,
@@ -247,73 +247,6 @@ class Coster:
         return _assemble(self.profile, self.cluster, plan, ranks, self.pipeline(plan, ranks), memory, self.stack)
 
 
-def dp_sync_s(rank: RankCost, cluster: Cluster, plan: Plan, stack: Stack | None = None) -> tuple[float, float]:
-    """(exposed seconds per step, seconds on the link per step) of data-parallel synchronisation.
-
-    ZeRO 0/1: gradient all-reduce; 2: reduce-scatter (after every micro-batch's backward without a pipeline,
-    as FSDP reshards gradients each time; once per step under one); both overlap with backward
-    (PyTorch DDP buckets, Li et al. 2020, Sec. 3.2.3) and ZeRO 1/2 all-gather the updated parameters,
-    overlapping the next step's first forward. ZeRO 3 (FSDP, Zhao et al. 2023, Sec. 3.3): without a
-    pipeline every micro-batch all-gathers each block's parameters for forward and again for backward and
-    reduce-scatters its gradients, one collective per block (FSDP's unit; `stack.zero3_collectives_per_block`
-    where a stack gathers per module), prefetched behind the compute of the block before: what the
-    compute cannot hide is exposed, and so are the first block's gather (nothing runs before it) and
-    the last block's reduce-scatter (nothing runs after it). Each collective pays its own latency, which
-    at hundreds of ranks is (n-1)·α (comm.group_all_gather_s). Under a pipeline, one gather and one
-    reduce-scatter per step. Dense parameters sync over dp*cp
-    (stride tp); experts over the expert-data-parallel ranks dp*cp*tp/ep (stride ep).
-    """
-    stack = stack or DEFAULT_STACK
-    groups = [(rank.layers.dense_params, plan.dp * plan.cp, plan.tp),
-              (rank.layers.expert_params, plan.dp * plan.cp * plan.tp // plan.ep, plan.ep)]
-    units = (max(rank.blocks, 1) * stack.zero3_collectives_per_block + 1) if plan.zero_stage == 3 else 1
-    reduce_s = gather_s = 0.0
-    for params, size, stride in groups:
-        if size <= 1 or params <= 0:
-            continue
-        topo = comm.group_topology(group_size=size, stride=stride, gpus_per_node=cluster.gpus_per_node)
-        grads, weights = GRAD_BYTES * params / units, PARAM_BYTES * params / units
-        if plan.zero_stage <= 1:
-            reduce_s += units * comm.group_all_reduce_s(message_bytes=grads, topo=topo, cluster=cluster)
-        elif plan.zero_stage == 2 and plan.pp == 1:
-            # FSDP reshards gradients after every micro-batch's backward (autoplan's executor: no
-            # no_sync for ZeRO-2), each reduce-scatter beside that micro-batch's backward
-            reduce_s += plan.num_micro_batches * comm.group_reduce_scatter_s(message_bytes=grads, topo=topo,
-                                                                             cluster=cluster)
-        else:
-            reduce_s += units * comm.group_reduce_scatter_s(message_bytes=grads, topo=topo, cluster=cluster)
-        if plan.zero_stage >= 1:
-            gather_s += units * comm.group_all_gather_s(message_bytes=weights, topo=topo, cluster=cluster)
-    m = plan.num_micro_batches
-    fwd_s, bwd_s = rank.layers.fwd_compute_s, rank.layers.bwd_compute_s + rank.layers.recompute_s
-    if plan.zero_stage == 3 and plan.pp > 1:
-        # under a pipeline schedule FSDP keeps the gathered parameters for all the step's micro-batches and
-        # reduce-scatters the accumulated gradients once (torch.distributed.pipelining with FSDP2, as
-        # torchtitan applies it: reshard_after_forward off for pp; autoplan's executor does the same)
-        exposed = (overlapped_s(comm_s=gather_s, compute_s=fwd_s, cluster=cluster)
-                   + overlapped_s(comm_s=reduce_s, compute_s=bwd_s, cluster=cluster))
-        return exposed, gather_s + reduce_s
-    if plan.zero_stage == 3:
-        per_micro = 2 * gather_s + reduce_s
-        edges = (gather_s + reduce_s) / units  # the first gather and the last reduce-scatter
-        return m * (overlapped_s(comm_s=per_micro, compute_s=fwd_s + bwd_s, cluster=cluster) + edges), m * per_micro
-    reduce_beside_s = bwd_s * (plan.num_micro_batches if plan.zero_stage == 2 and plan.pp == 1 else 1)
-    exposed = (overlapped_s(comm_s=reduce_s, compute_s=reduce_beside_s, cluster=cluster)
-               + overlapped_s(comm_s=gather_s, compute_s=fwd_s, cluster=cluster))
-    return exposed, reduce_s + gather_s
-
-
-def overlapped_s(*, comm_s: float, compute_s: float, cluster: Cluster) -> float:
-    """Time a collective adds to compute it runs beside: max(0, comm - compute) + κ·min(comm, compute).
-
-    The part longer than the compute is exposed; the overlapped part still slows the compute by κ
-    (Cluster.overlap_slowdown): NCCL's kernels occupy SMs (one per channel, 16-32 channels on NVLink
-    systems) and share HBM bandwidth with the GEMMs beside them (Rashidi et al. 2021, 'Enabling Compute-
-    Communication Overlap in Distributed Deep Learning Training Platforms', ISCA, Sec. 3: overlapped
-    compute slows by up to tens of percent). κ = 0 is perfect overlap."""
-    return max(0.0, comm_s - compute_s) + cluster.overlap_slowdown * min(comm_s, compute_s)
-
-
 def rank_memory(rank: RankCost, index: int, cluster: Cluster, plan: Plan, memory: str = "executor",
                 stack: Stack | None = None) -> dict[str, int]:
     """Peak memory of pipeline rank `index` by category, plus the cluster's reserve: as autoplan's executor
@@ -403,15 +336,6 @@ def _assemble(profile: ModelProfile, cluster: Cluster, plan: Plan, ranks: list[R
         time_breakdown=time_breakdown, memory_breakdown=memories[peak],
         notes=_notes(profile, plan) + ([f"{refusal}: memory as the papers account for it"] if refusal else []),
     )
-
-
-def optimizer_step_s(rank: RankCost, cluster: Cluster, plan: Plan, stack: Stack | None = None) -> float:
-    """Adam is bandwidth-bound: the stack's optimizer bytes per parameter of this rank's optimizer shard
-    (Stack.optimizer_step_bytes: ADAM_STEP_BYTES for a fused kernel, more for one pass per element-wise op)."""
-    bytes_per_param = (stack or DEFAULT_STACK).optimizer_step_bytes
-    dense = rank.layers.dense_params / (plan.dp * plan.cp if plan.zero_stage >= 1 else 1)
-    expert = rank.layers.expert_params / (plan.dp * plan.cp * plan.tp // plan.ep if plan.zero_stage >= 1 else 1)
-    return memory_bound_time_s(bytes_moved=(dense + expert) * bytes_per_param, cluster=cluster)
 
 
 def _notes(profile: ModelProfile, plan: Plan) -> list[str]:

@@ -182,7 +182,7 @@ def simulate(events: Sequence[TraceEvent], cluster: Cluster) -> StreamTimes:
             exposed[index] += finish[index] - compute_clock
             compute_clock = finish[index]
     # what a collective hid behind compute still slows that compute by the cluster's overlap_slowdown
-    # (costmodel.estimate.overlapped_s: max(0, comm - compute) + κ·min(comm, compute))
+    # (costmodel.data_parallel.overlapped_s: max(0, comm - compute) + κ·min(comm, compute))
     for index, (event, duration) in collectives.items():
         hidden = max(0.0, duration - exposed[index])
         if hidden and cluster.overlap_slowdown:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from ortools.sat.python import cp_model
 
-from autoplan.costmodel.estimate import Coster, dp_sync_s, optimizer_step_s, rank_memory
+from autoplan.costmodel.data_parallel import dp_sync_s, optimizer_step_s
+from autoplan.costmodel.estimate import Coster, rank_memory
 from autoplan.schema import Plan
 
 TIME_SCALE = 1e7         # ILP time unit: 0.1 microsecond (integer coefficients for CP-SAT)

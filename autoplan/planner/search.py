@@ -18,7 +18,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from autoplan.costmodel.estimate import Coster, RankCost, dp_sync_s, optimizer_step_s
+from autoplan.costmodel.data_parallel import dp_sync_s, optimizer_step_s
+from autoplan.costmodel.estimate import Coster, RankCost
 from autoplan.costmodel.layers import LayerCost
 from autoplan.costmodel.memory import model_state_bytes
 from autoplan.costmodel.rank_memory import RankMemoryInputs, model_states

@@ -5,7 +5,8 @@ import torch
 
 import autoplan as ap
 from autoplan.costmodel.compute import gemm_time_s
-from autoplan.costmodel.estimate import Coster, dp_sync_s
+from autoplan.costmodel.data_parallel import dp_sync_s
+from autoplan.costmodel.estimate import Coster
 from autoplan.costmodel.layers import FP8_CAST_BYTES_PER_ELEMENT, layer_cost
 from autoplan.errors import InvalidInputError
 from autoplan.schema import Stack

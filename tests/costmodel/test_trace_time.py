@@ -42,7 +42,7 @@ def test_op_prices_are_the_estimates_formulas():
 
 def test_sustained_clock_and_overlap_as_the_estimate():
     """The estimate's physics: GEMMs at the sustained clock (t / clock), and a collective hidden behind
-    compute still adds overlap_slowdown of its hidden part (costmodel.estimate.overlapped_s)."""
+    compute still adds overlap_slowdown of its hidden part (costmodel.data_parallel.overlapped_s)."""
     fitted = CLUSTER.model_copy(update={"sustained_clock_fraction": 0.8, "overlap_slowdown": 0.5})
     assert op_time_s(gemm(0), fitted) == pytest.approx(op_time_s(gemm(0), CLUSTER) / 0.8)
     t_gemm = op_time_s(gemm(0), fitted)

@@ -35,6 +35,10 @@ def dp_sync_s(rank: RankCost, cluster: Cluster, plan: Plan, stack: Stack | None 
     groups = [(rank.layers.dense_params, plan.dp * plan.cp, plan.tp),
               (rank.layers.expert_params, plan.dp * plan.cp * plan.tp // plan.ep, plan.ep)]
     units = (max(rank.blocks, 1) * stack.zero3_collectives_per_block + 1) if plan.zero_stage == 3 else 1
+    m = plan.num_micro_batches
+    # FSDP reshards gradients after every micro-batch's backward (autoplan's executor: no no_sync for
+    # ZeRO-2), each reduce-scatter beside that micro-batch's backward; under a pipeline once per step
+    reduces = m if plan.zero_stage == 2 and plan.pp == 1 else 1
     reduce_s = gather_s = 0.0
     for params, size, stride in groups:
         if size <= 1 or params <= 0:
@@ -43,16 +47,10 @@ def dp_sync_s(rank: RankCost, cluster: Cluster, plan: Plan, stack: Stack | None 
         grads, weights = GRAD_BYTES * params / units, PARAM_BYTES * params / units
         if plan.zero_stage <= 1:
             reduce_s += units * comm.group_all_reduce_s(message_bytes=grads, topo=topo, cluster=cluster)
-        elif plan.zero_stage == 2 and plan.pp == 1:
-            # FSDP reshards gradients after every micro-batch's backward (autoplan's executor: no
-            # no_sync for ZeRO-2), each reduce-scatter beside that micro-batch's backward
-            reduce_s += plan.num_micro_batches * comm.group_reduce_scatter_s(message_bytes=grads, topo=topo,
-                                                                             cluster=cluster)
         else:
-            reduce_s += units * comm.group_reduce_scatter_s(message_bytes=grads, topo=topo, cluster=cluster)
+            reduce_s += units * reduces * comm.group_reduce_scatter_s(message_bytes=grads, topo=topo, cluster=cluster)
         if plan.zero_stage >= 1:
             gather_s += units * comm.group_all_gather_s(message_bytes=weights, topo=topo, cluster=cluster)
-    m = plan.num_micro_batches
     fwd_s, bwd_s = rank.layers.fwd_compute_s, rank.layers.bwd_compute_s + rank.layers.recompute_s
     if plan.zero_stage == 3 and plan.pp > 1:
         # under a pipeline schedule FSDP keeps the gathered parameters for all the step's micro-batches and
@@ -65,8 +63,7 @@ def dp_sync_s(rank: RankCost, cluster: Cluster, plan: Plan, stack: Stack | None 
         per_micro = 2 * gather_s + reduce_s
         edges = (gather_s + reduce_s) / units  # the first gather and the last reduce-scatter
         return m * (overlapped_s(comm_s=per_micro, compute_s=fwd_s + bwd_s, cluster=cluster) + edges), m * per_micro
-    reduce_beside_s = bwd_s * (plan.num_micro_batches if plan.zero_stage == 2 and plan.pp == 1 else 1)
-    exposed = (overlapped_s(comm_s=reduce_s, compute_s=reduce_beside_s, cluster=cluster)
+    exposed = (overlapped_s(comm_s=reduce_s, compute_s=reduces * bwd_s, cluster=cluster)
                + overlapped_s(comm_s=gather_s, compute_s=fwd_s, cluster=cluster))
     return exposed, reduce_s + gather_s
 

@@ -18,6 +18,12 @@ NAMED_CONFIGS: dict[str, tuple] = {
                                seq_len=8192), "Dubey et al. 2024, Table 3"),
     "llama3-405b": (llama, dict(layers=126, hidden=16384, heads=128, kv_heads=8, ffn_hidden=53248, vocab=128256,
                                 seq_len=8192), "Dubey et al. 2024, Table 3"),
+    "llama3.2-1b": (llama, dict(layers=16, hidden=2048, heads=32, kv_heads=8, ffn_hidden=8192, vocab=128256,
+                                seq_len=8192), "Meta Llama 3.2 1B config.json (its output head is tied to the "
+                    "embedding; here it is a separate matrix: +263M parameters)"),
+    "llama3.2-3b": (llama, dict(layers=28, hidden=3072, heads=24, kv_heads=8, ffn_hidden=8192, vocab=128256,
+                                seq_len=8192), "Meta Llama 3.2 3B config.json (its output head is tied to the "
+                    "embedding; here it is a separate matrix: +394M parameters)"),
     "mixtral-8x7b": (moe, dict(layers=32, hidden=4096, heads=32, kv_heads=8, ffn_hidden=14336, vocab=32000,
                                seq_len=4096, num_experts=8, top_k=2), "Jiang et al. 2024, Table 1"),
 }

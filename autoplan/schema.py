@@ -208,6 +208,7 @@ class Cluster(_Noun):
                                                                 "(1 where the GPU has no float8 tensor cores).")
     layer_overhead_fwd_s: float = Field(0.0, ge=0, description="Fixed seconds per layer and micro-batch in forward beyond its kernels' work (framework dispatch, kernel launches); fitted by `autoplan profile` from measured layer times, 0 in the presets.")
     layer_overhead_bwd_s: float = Field(0.0, ge=0, description="The same in backward.")
+    host_block_s: dict[str, float] = Field(default_factory=dict, description="Seconds the host takes to issue one transformer block's forward and backward, per recompute mode (none, selective, full), measured by `autoplan profile MODEL` on a GPU (profiler.host); a block then costs max(device time, host time) per micro-batch. Empty: the host never limits (CPUs, where dispatch is part of the measured layer times).")
     overheads: dict[str, float] = Field(default_factory=dict, description="Seconds per call of the fixed costs of costmodel.overhead.FEATURES (loop, DTensor dispatch, FSDP units, DDP sync, pipeline micro-batches), fitted by `autoplan calibrate` from measured runs; empty in the presets.")
     sources: dict[str, str] = Field(default_factory=dict, description="Where each number comes from.")
     measurements: dict | None = Field(None, description="Raw measurements a profile run fitted the numbers from.")

@@ -14,7 +14,7 @@ Two parts, so that the GPU is held only while it measures:
    plan the cost model ranks first is the fastest measured, memory against the estimate and the dry run.
 
 Run: python -m benchmarks.gpu_one measure --out DIR [--models llama3.2-1b,llama3.2-3b] [--deadline-s 400]
-     python -m benchmarks.gpu_one report DIR [--tag h200] [--cluster dgx-h200]
+     python -m benchmarks.gpu_one report DIR [--tag h200] [--cluster dgx-h200] [--profiled CLUSTER] [--noise DIR2]
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -72,12 +71,13 @@ def _free(device) -> None:
         torch.cuda.empty_cache()
 
 
-def _plans(global_batch: int, micro_batches: list[int]):
+def _plans(global_batch: int, micro_batches: list[int], recompute_modes=RECOMPUTE, repeat: int = 1):
     from autoplan.schema import Plan
 
     for mb in micro_batches:
-        for recompute in RECOMPUTE:
-            yield Plan(micro_batch_size=mb, global_batch_size=global_batch, recompute=recompute)
+        for recompute in recompute_modes:
+            for _ in range(repeat):
+                yield Plan(micro_batch_size=mb, global_batch_size=global_batch, recompute=recompute)
 
 
 def _environment(device) -> dict:
@@ -112,7 +112,8 @@ def measure(args) -> int:
     models = args.models.split(",")
     try:
         for index, name in enumerate(models):
-            for plan in _plans(args.global_batch, [int(m) for m in args.micro_batches.split(",")]):
+            for plan in _plans(args.global_batch, [int(m) for m in args.micro_batches.split(",")],
+                               args.recompute.split(","), args.repeat):
                 if time.monotonic() - begin > args.deadline_s:
                     print(f"deadline: {name} {plan.describe()} not run", flush=True)
                     continue
@@ -198,8 +199,9 @@ def report(args) -> int:
     folder = Path(args.folder)
     measured = json.loads((folder / "measured.json").read_text())
     clusters = {"preset": ap.Cluster.preset(args.cluster, gpus=1)}
-    if (folder / "cluster.json").exists():
-        clusters["profiled"] = ap.Cluster.load(folder / "cluster.json")
+    profiled = Path(args.profiled) if args.profiled else folder / "cluster.json"
+    if profiled.exists():
+        clusters["profiled"] = ap.Cluster.load(profiled)
     rows = _estimates(measured, clusters, dry_run=not args.no_dry_run)
     summaries = {label: _summary(rows, label) for label in clusters}
     env = measured["environment"]
@@ -210,8 +212,13 @@ def report(args) -> int:
              "weights and AdamW (autoplan's executor, eager PyTorch); the step time is the median of the steps after "
              "the first. `preset`: the cost model with the "
              f"`{args.cluster}` preset, whose fitted numbers come from published runs only; `profiled`: with the "
-             "cluster `autoplan profile` measured on this GPU. Memory: peak allocated bytes (torch.cuda) vs the "
+             f"cluster `autoplan profile` measured on this GPU ({profiled.relative_to(folder.parent) if profiled.is_relative_to(folder.parent) else profiled.name}), "
+             "which has the host's issue time per block (`host_block_s`: a block costs max(device, host)). "
+             "Memory: peak allocated bytes (torch.cuda) vs the "
              "estimate and the dry run (the executor on fake tensors), the cluster's reserve excluded.", ""]
+    if "profiled" in clusters and clusters["profiled"].host_block_s:
+        lines += ["Host issue time per block (fwd + bwd, profiler.host): " + ", ".join(
+            f"{mode} {sec * 1e3:.1f} ms" for mode, sec in clusters["profiled"].host_block_s.items()) + ".", ""]
     for label, s in summaries.items():
         if s["mape"] is None:
             continue
@@ -235,12 +242,43 @@ def report(args) -> int:
     smi = folder / "smi.csv"
     if smi.exists():
         lines += ["", _clock_line(smi)]
-    tag = args.tag
-    (RESULTS / f"gpu_one_{tag}.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / f"gpu_one_{tag}.json").write_text(json.dumps({"environment": env, "summaries": summaries, "rows": rows},
-                                                            indent=1))
+    noise = _noise(Path(args.noise), measured) if args.noise else None
+    if noise:
+        lines += ["", "## Noise floor", "", noise["text"]]
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"gpu_one_{args.tag}.md").write_text("\n".join(lines) + "\n")
+    (results / f"gpu_one_{args.tag}.json").write_text(json.dumps(
+        {"environment": env, "summaries": summaries, "rows": rows, "noise": noise}, indent=1))
     print("\n".join(lines))
     return 0
+
+
+def _noise(folder: Path, first: dict) -> dict:
+    """The same plans run several times in one process (folder/measured.json, `measure --repeat`): the spread
+    within that run, and its median against the first run's (another lease of the same kind of machine)."""
+    runs = json.loads((folder / "measured.json").read_text())["runs"]
+    by_plan: dict[tuple, list[float]] = {}
+    for run in runs:
+        if run.get("median_step_time_s"):
+            by_plan.setdefault((run["model"], json.dumps(run["plan"], sort_keys=True)), []).append(run["median_step_time_s"])
+    firsts = {(r["model"], json.dumps(r["plan"], sort_keys=True)): r.get("median_step_time_s") for r in first["runs"]}
+    rows, text = [], ["| model | plan | runs | spread (max/min - 1) | median vs the first lease |", "|---|---|---:|---:|---:|"]
+    import autoplan as ap
+
+    for (model, plan), times in by_plan.items():
+        spread, median, before = max(times) / min(times) - 1, statistics.median(times), firsts.get((model, plan))
+        rows.append({"model": model, "plan": plan, "runs": len(times), "spread": spread,
+                     "vs_first": median / before - 1 if before else None})
+        shown = f"{rows[-1]['vs_first']:+.1%}" if before else "-"
+        text.append(f"| {model} | {ap.Plan(**json.loads(plan)).describe()} | {len(times)} | {spread:.1%} | {shown} |")
+    within = statistics.median(r["spread"] for r in rows)
+    between = [abs(r["vs_first"]) for r in rows if r["vs_first"] is not None]
+    summary = (f"Within one lease the same plan's step time spreads {within:.1%} (median over {len(rows)} plans); "
+               + (f"between two leases of the same machine kind it differs by {statistics.median(between):.1%} "
+                  f"(median; up to {max(between):.1%})." if between else ""))
+    return {"rows": rows, "within": within, "between": statistics.median(between) if between else None,
+            "text": summary + "\n\n" + "\n".join(text)}
 
 
 def _clock_line(path: Path) -> str:
@@ -270,6 +308,8 @@ def main(argv=None) -> int:
     m.add_argument("--global-batch", type=int, default=8)
     m.add_argument("--seq-len", type=int, default=4096)
     m.add_argument("--steps", type=int, default=5)
+    m.add_argument("--recompute", default=",".join(RECOMPUTE))
+    m.add_argument("--repeat", type=int, default=1, help="run each plan this many times (the noise floor)")
     m.add_argument("--deadline-s", type=float, default=400, help="start no plan after this many seconds")
     m.add_argument("--profile-timeout-s", type=float, default=150)
     m.add_argument("--no-profile", action="store_true")
@@ -278,6 +318,9 @@ def main(argv=None) -> int:
     r.add_argument("--tag", default="h200")
     r.add_argument("--cluster", default="dgx-h200")
     r.add_argument("--no-dry-run", action="store_true")
+    r.add_argument("--profiled", help="the profiled cluster.json (default: FOLDER/cluster.json)")
+    r.add_argument("--noise", help="a folder of `measure --repeat` runs: the noise floor")
+    r.add_argument("--results", default=str(RESULTS), help="where the report goes")
     args = parser.parse_args(argv)
     return measure(args) if args.command == "measure" else report(args)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from autoplan.costmodel import bands, comm
 from autoplan.costmodel.data_parallel import dp_sync_s, optimizer_step_s
-from autoplan.costmodel.layers import DEFAULT_STACK, ROUTING_IMBALANCE, LayerCost, ProfileDigest, digest, layer_cost
+from autoplan.costmodel.layers import DEFAULT_STACK, ROUTING_IMBALANCE, LayerCost, digest, layer_cost
 from autoplan.costmodel.memory import PARAM_BYTES, model_state_bytes
 from autoplan.costmodel.overhead import overhead_s
 from autoplan.costmodel.pipeline import micro_batches_in_flight, pipeline_step_s
@@ -83,6 +83,11 @@ class Coster:
                 total.add(one)
                 if layer.kind == "head":
                     logits += one.activation_bytes
+            # the host issues kernels ahead of the device: a block costs max(device, host) (profiler.host); the
+            # host's time is that of autoplan's executor (eager PyTorch), measured, not another stack's
+            host_s = self.cluster.host_block_s.get(recompute, 0.0) if self.stack.name == DEFAULT_STACK.name else 0.0
+            if host_s and layers and layers[0].block is not None:
+                total.host_wait_s = max(0.0, host_s - total.fwd_s - total.bwd_s)
             cached = self._layers[key] = (total, logits)
         return cached
 
@@ -310,7 +315,7 @@ def _assemble(profile: ModelProfile, cluster: Cluster, plan: Plan, ranks: list[R
         "compute": m * (slowest.fwd_compute_s + slowest.bwd_compute_s), "recompute": m * slowest.recompute_s,
         "tp_comm": m * slowest.tp_comm_s, "cp_comm": m * slowest.cp_comm_s, "ep_comm": m * slowest.ep_comm_s,
         "pp_comm": pipe.p2p_s, "pp_bubble": pipe.bubble_s, "dp_comm_exposed": dp_exposed, "optimizer": optimizer_s,
-        "overhead": fixed_s,
+        "overhead": fixed_s + m * slowest.host_wait_s,
     }
     # a plan the executor refuses has nothing to hold the memory model to: rank_memory accounts for it as the
     # papers do, as the design intends

@@ -37,6 +37,7 @@ class LayerCost:
     dense_params: float = 0.0
     expert_params: float = 0.0
     recompute_flops_per_sequence: float = 0.0  # extra forward FLOPs of the whole layer, per sequence
+    host_wait_s: float = 0.0            # the device idle, waiting for the host to issue the block (profiler.host)
 
     def add(self, other: LayerCost, times: float = 1.0) -> None:
         for name in _SUMMED:
@@ -45,11 +46,12 @@ class LayerCost:
 
     @property
     def fwd_s(self) -> float:
-        return self.fwd_compute_s + (self.tp_comm_s + self.cp_comm_s + self.ep_comm_s) / 2
+        return self.fwd_compute_s + (self.tp_comm_s + self.cp_comm_s + self.ep_comm_s) / 2 + self.host_wait_s / 3
 
     @property
-    def bwd_s(self) -> float:
-        return self.bwd_compute_s + self.recompute_s + (self.tp_comm_s + self.cp_comm_s + self.ep_comm_s) / 2
+    def bwd_s(self) -> float:  # backward issues about twice forward's ops, and the recomputed ones
+        return (self.bwd_compute_s + self.recompute_s + (self.tp_comm_s + self.cp_comm_s + self.ep_comm_s) / 2
+                + 2 * self.host_wait_s / 3)
 
 
 _SUMMED = tuple(f.name for f in fields(LayerCost) if f.name != "working_bytes")

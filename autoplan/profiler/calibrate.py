@@ -282,6 +282,12 @@ def calibrated_cluster(*, name: str, measurements: dict, gpus_per_node: int, num
                       memory_reserve_bytes=reserve, intra_node=intra, inter_node=inter, gemm_efficiency=curve,
                       attention_efficiency=attention, memory_bound_efficiency=memory_bound, sources=sources,
                       measurements=measurements)
+    host = measurements.get("host_blocks") or {}
+    if all(isinstance(host.get(mode), (int, float)) for mode in ("none", "selective", "full")):
+        cluster = cluster.model_copy(update={
+            "host_block_s": {mode: float(host[mode]) for mode in ("none", "selective", "full")},
+            "sources": {**cluster.sources, "host_block_s": f"measured: the host's issue time of one {host.get('model')} "
+                        f"block's forward + backward at {host.get('tokens')} tokens (profiler.host)"}})
     return fit_layer_overhead(cluster, measurements.get("layers") or [])
 
 

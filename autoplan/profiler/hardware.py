@@ -298,11 +298,13 @@ def measure_collectives(*, sizes: Sequence[int], repeats: int, ops: Sequence[str
 
 # ----------------------------------------------------------------------------------------- model blocks
 def measure_layers(model: str, *, device: torch.device | str, dtype: torch.dtype, micro_batch_sizes: Sequence[int],
-                   repeats: int, progress: Progress = _noop) -> list[dict]:
+                   repeats: int, progress: Progress = _noop, host: dict | None = None) -> list[dict]:
     """Forward and backward seconds of each block of `model` (a built-in name or a model.py whose blocks are
     `model.layers`) on real tensors, per micro-batch size; activation memory as the bytes autograd saves
     (saved_tensors_hooks, deduplicated by storage, parameters excluded) and, on CUDA, the peak allocated
-    during one forward + backward (torch.cuda.max_memory_allocated above what was allocated before)."""
+    during one forward + backward (torch.cuda.max_memory_allocated above what was allocated before).
+    `host` (a dict, CUDA only): filled with the host's issue time of the first block per recompute mode
+    (profiler.host)."""
     from autoplan.errors import InvalidInputError
     from autoplan.models import load_model
 
@@ -328,6 +330,11 @@ def measure_layers(model: str, *, device: torch.device | str, dtype: torch.dtype
             entries.append({"model": loaded.name, "layer": f"layers.{name}", "micro_batch_size": mbs,
                             "seq_len": seq_len, "dtype": str(dtype).removeprefix("torch."), **timed})
         progress(f"{loaded.name} blocks, micro-batch {mbs}")
+    if host is not None and device.type == "cuda" and named:
+        from autoplan.profiler.host import measure_host_blocks
+
+        host.update(model=loaded.name, **measure_host_blocks(module, named[0][1], vocab=vocab, device=device,
+                                                             repeats=repeats, block_inputs=_block_inputs))
     return entries
 
 
@@ -490,17 +497,17 @@ def measure_all(settings: ProfileSettings, *, device: torch.device, model: str |
                                               groups=groups, progress=progress)
         else:
             notes.append("single process (no process group of 2+ ranks): collectives not measured")
-        layers = []
+        layers, host = [], {}
         if model:
             layers = measure_layers(model, micro_batch_sizes=settings.layer_micro_batch_sizes, progress=progress,
-                                    **common)
+                                    host=host, **common)
     info = device_info(device)
     info["rss_bytes"] = rss_bytes
     return {"host": socket.gethostname(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "device": info, "dtype": str(settings.dtype).removeprefix("torch."),
             "repeats": settings.repeats, "world_size": dist.get_world_size() if distributed() else 1,
             "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", "1")), "gemm": gemm, "bandwidth": bandwidth,
-            "attention": attention, "collectives": collectives, "layers": layers, "notes": notes}
+            "attention": attention, "collectives": collectives, "layers": layers, "host_blocks": host, "notes": notes}
 
 
 class _progress_bar:

@@ -353,7 +353,7 @@ def _launch(args) -> int:
 
 
 def _profile_hardware(args) -> int:
-    from autoplan.profiler.calibrate import run_profile, summary
+    from autoplan.profiler.session import run_profile, summary
 
     if args.peak_flops is not None and not (math.isfinite(args.peak_flops) and args.peak_flops > 0):
         raise InvalidInputError(f"--peak-flops must be a positive, finite number, got {args.peak_flops}")

@@ -316,6 +316,11 @@ class Stack(_Noun):
 
 
 # ----------------------------------------------------------------------------------------- how
+def chunks_per_rank(schedule: str, virtual_stages: int) -> int:
+    """Model chunks a pipeline rank holds: gpipe and 1f1b have one whatever virtual_stages says."""
+    return virtual_stages if schedule in ("interleaved-1f1b", "zero-bubble") else 1
+
+
 class Plan(_Noun):
     """How to train: parallel degrees, sharding, recomputation, batch and pipeline schedule."""
 
@@ -357,6 +362,15 @@ class Plan(_Noun):
     @property
     def gpus(self) -> int:
         return self.dp * self.tp * self.pp * self.cp
+
+    @property
+    def expert_data_parallel(self) -> int:
+        """Ranks holding the same experts: the dp x cp x tp ranks of a stage, ep of them splitting the experts."""
+        return self.dp * self.cp * self.tp // self.ep
+
+    @property
+    def chunks_per_rank(self) -> int:
+        return chunks_per_rank(self.schedule, self.virtual_stages)
 
     @property
     def num_micro_batches(self) -> int:

@@ -33,7 +33,7 @@ def dp_sync_s(rank: RankCost, cluster: Cluster, plan: Plan, stack: Stack | None 
     """
     stack = stack or DEFAULT_STACK
     groups = [(rank.layers.dense_params, plan.dp * plan.cp, plan.tp),
-              (rank.layers.expert_params, plan.dp * plan.cp * plan.tp // plan.ep, plan.ep)]
+              (rank.layers.expert_params, plan.expert_data_parallel, plan.ep)]
     units = (max(rank.blocks, 1) * stack.zero3_collectives_per_block + 1) if plan.zero_stage == 3 else 1
     m = plan.num_micro_batches
     # FSDP reshards gradients after every micro-batch's backward (autoplan's executor: no no_sync for
@@ -84,5 +84,5 @@ def optimizer_step_s(rank: RankCost, cluster: Cluster, plan: Plan, stack: Stack 
     (Stack.optimizer_step_bytes: ADAM_STEP_BYTES for a fused kernel, more for one pass per element-wise op)."""
     bytes_per_param = (stack or DEFAULT_STACK).optimizer_step_bytes
     dense = rank.layers.dense_params / (plan.dp * plan.cp if plan.zero_stage >= 1 else 1)
-    expert = rank.layers.expert_params / (plan.dp * plan.cp * plan.tp // plan.ep if plan.zero_stage >= 1 else 1)
+    expert = rank.layers.expert_params / (plan.expert_data_parallel if plan.zero_stage >= 1 else 1)
     return memory_bound_time_s(bytes_moved=(dense + expert) * bytes_per_param, cluster=cluster)

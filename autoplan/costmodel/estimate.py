@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 from autoplan.costmodel import bands, comm
 from autoplan.costmodel.data_parallel import dp_sync_s, optimizer_step_s
-from autoplan.costmodel.layers import DEFAULT_STACK, ROUTING_IMBALANCE, LayerCost, digest, layer_cost
+from autoplan.costmodel.layers import (DEFAULT_STACK, ROUTING_IMBALANCE, LayerCost, digest, layer_cost,
+                                       micro_batch_boundary_bytes)
 from autoplan.costmodel.memory import PARAM_BYTES, model_state_bytes
 from autoplan.costmodel.overhead import overhead_s
 from autoplan.costmodel.pipeline import micro_batches_in_flight, pipeline_step_s
@@ -175,7 +176,7 @@ class Coster:
             return
         profile, total = self.profile, plan.pp * plan.virtual_stages
         chunks = range(rank, total, plan.pp)
-        boundary = profile.hidden * profile.seq_len * profile.dtype_bytes * plan.micro_batch_size / plan.cp
+        boundary = micro_batch_boundary_bytes(profile, plan)
         memory.boundary_bytes = boundary / (plan.tp if plan.sequence_parallel and plan.tp > 1 else 1)
         memory.chunks = len(chunks)
         memory.receives_activations = sum(c != 0 for c in chunks)
@@ -227,7 +228,7 @@ class Coster:
         if plan.pp == 1:
             return 0.0
         profile = self.profile
-        boundary_bytes = profile.hidden * profile.seq_len * profile.dtype_bytes * plan.micro_batch_size / plan.cp
+        boundary_bytes = micro_batch_boundary_bytes(profile, plan)
         if plan.sequence_parallel:
             boundary_bytes /= plan.tp
         return comm.p2p_between_stages_s(message_bytes=boundary_bytes, stage_stride_ranks=plan.tp * plan.cp * plan.dp,
@@ -283,7 +284,7 @@ def paper_rank_memory(rank: RankCost, index: int, plan: Plan, stack: Stack | Non
                                         num_micro_batches=plan.num_micro_batches, virtual_stages=plan.virtual_stages)
     dense = model_state_bytes(params=rank.layers.dense_params, zero_stage=plan.zero_stage, shard_degree=plan.dp * plan.cp)
     expert = model_state_bytes(params=rank.layers.expert_params, zero_stage=plan.zero_stage,
-                               shard_degree=plan.dp * plan.cp * plan.tp // plan.ep)
+                               shard_degree=plan.expert_data_parallel)
     zero3_buffers = 2 * PARAM_BYTES * rank.max_layer_params if plan.zero_stage == 3 else 0.0
     return {
         "params": int(dense[0] + expert[0]), "grads": int(dense[1] + expert[1]),

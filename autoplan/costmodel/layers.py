@@ -101,6 +101,12 @@ def digest(profile: ModelProfile) -> ProfileDigest:
 FP8_CAST_BYTES_PER_ELEMENT = 3.0
 
 
+def micro_batch_boundary_bytes(profile: ModelProfile, plan: Plan) -> float:
+    """Bytes of one micro-batch's [b, s, h] activation on one rank (its 1/cp share of the sequence): what
+    crosses a block or stage boundary, and what a tensor-parallel collective moves."""
+    return profile.hidden * profile.seq_len * profile.dtype_bytes * plan.micro_batch_size / plan.cp
+
+
 def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, plan: Plan, recompute: str,
                block_first: bool, stack: Stack | None = None) -> LayerCost:
     """Time and memory of `layer` for one micro-batch of plan.micro_batch_size sequences on one rank,
@@ -162,7 +168,7 @@ def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, 
         cost.recompute_flops_per_sequence = ((layer.attention_core_fwd_flops if eager else 0.0)
                                              + (row_parallel_flops if rerun_rows else 0.0))
     # -- communication on the critical path
-    boundary_bytes = profile.hidden * profile.seq_len * profile.dtype_bytes * seqs  # [b, s, h] per rank
+    boundary_bytes = micro_batch_boundary_bytes(profile, plan)
     tp_topo = comm.group_topology(group_size=tp, stride=1, gpus_per_node=cluster.gpus_per_node)
     if tp > 1 and layer.tp_collectives:
         # Megatron: one all-reduce forward and one backward per row-parallel GEMM (Shoeybi et al. 2019, Fig. 4);

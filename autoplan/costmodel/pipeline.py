@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from autoplan.schema import chunks_per_rank
+
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zero-bubble")
 
 
@@ -29,11 +31,6 @@ def _check(schedule: str, num_micro_batches: int, virtual_stages: int) -> None:
         raise ValueError(f"num_micro_batches={num_micro_batches} and virtual_stages={virtual_stages} must be >= 1")
 
 
-def _chunks(schedule: str, virtual_stages: int) -> int:
-    """v the schedule actually uses: gpipe and 1f1b have one chunk per rank whatever the plan says."""
-    return virtual_stages if schedule in ("interleaved-1f1b", "zero-bubble") else 1
-
-
 def bubble_fraction(*, schedule: str, pp: int, num_micro_batches: int, virtual_stages: int = 1) -> float:
     """Bubble time / ideal compute time m·(T_F+T_B) (the papers' definition), even stages.
 
@@ -47,7 +44,7 @@ def bubble_fraction(*, schedule: str, pp: int, num_micro_batches: int, virtual_s
     _check(schedule, num_micro_batches, virtual_stages)
     if pp <= 1:
         return 0.0
-    v = _chunks(schedule, virtual_stages)
+    v = chunks_per_rank(schedule, virtual_stages)
     third = 3 if schedule == "zero-bubble" else 1
     return (pp - 1) / (third * v * num_micro_batches)
 
@@ -76,7 +73,7 @@ def pipeline_step_s(*, schedule: str, stage_fwd_s: Sequence[float], stage_bwd_s:
     if len(stage_fwd_s) != len(stage_bwd_s) or not stage_fwd_s:
         raise ValueError(f"stage_fwd_s has {len(stage_fwd_s)} entries, stage_bwd_s {len(stage_bwd_s)}; "
                          "need one per pipeline rank, at least one")
-    m, pp, v = num_micro_batches, len(stage_fwd_s), _chunks(schedule, virtual_stages)
+    m, pp, v = num_micro_batches, len(stage_fwd_s), chunks_per_rank(schedule, virtual_stages)
     costs = [f + b for f, b in zip(stage_fwd_s, stage_bwd_s)]
     k = max(range(pp), key=costs.__getitem__)
     compute_s = m * costs[k]
@@ -111,7 +108,7 @@ def micro_batches_in_flight(*, schedule: str, pp: int, stage: int, num_micro_bat
     _check(schedule, num_micro_batches, virtual_stages)
     if not 0 <= stage < max(pp, 1):
         raise ValueError(f"stage={stage} is outside 0..{pp - 1}")
-    m, v = num_micro_batches, _chunks(schedule, virtual_stages)
+    m, v = num_micro_batches, chunks_per_rank(schedule, virtual_stages)
     if pp <= 1:
         return 1.0
     if schedule == "gpipe":
@@ -138,7 +135,7 @@ def micro_batches_at_backward(*, schedule: str, pp: int, stage: int, num_micro_b
     interleaved:      Megatron's warm-up (micro_batches_in_flight); steady state holds as many while there are
                       more chunk-forwards than warm-up ones, else a chunk fewer.
     """
-    m, v = num_micro_batches, _chunks(schedule, virtual_stages)
+    m, v = num_micro_batches, chunks_per_rank(schedule, virtual_stages)
     first = micro_batches_in_flight(schedule=schedule, pp=pp, stage=stage, num_micro_batches=m,
                                     virtual_stages=virtual_stages)
     if pp <= 1:

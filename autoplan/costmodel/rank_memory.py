@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from autoplan.costmodel.memory import GRAD_BYTES, OPTIMIZER_BYTES, PARAM_BYTES
-from autoplan.costmodel.pipeline import micro_batches_at_backward, micro_batches_in_flight
+from autoplan.costmodel.pipeline import micro_batches_at_backward
 from autoplan.schema import LayerProfile, Plan
 
 # The optimizer updates in chunks of at most 2**22 elements (executor.precision.CHUNK_ELEMENTS): an fp32

@@ -45,10 +45,6 @@ class _Option:
     optimizer_ticks: int
 
 
-def _effective_v(plan: Plan) -> int:
-    return plan.virtual_stages if plan.schedule in ("interleaved-1f1b", "zero-bubble") else 1
-
-
 def block_ranges(*, num_blocks: int, min_blocks: int, max_blocks: list[int]) -> tuple[range, ...]:
     """The block counts each pipeline rank can take in a plan faster than the incumbent: at least
     min_blocks (a block per virtual stage), at most max_blocks[s], and enough that the other ranks, each
@@ -115,7 +111,7 @@ def end_layers_s(coster: Coster, plan: Plan, rank: int) -> float:
 def stage_block_ranges(coster: Coster, plan: Plan, *, incumbent_s: float) -> tuple[range, ...]:
     """Every block count of each pipeline rank that a plan of this layout faster than incumbent_s can
     have (block_ranges with max_blocks_s); every count from v to L - (p-1)·v when incumbent_s is inf."""
-    p, v, blocks = plan.pp, _effective_v(plan), coster.profile.num_blocks
+    p, v, blocks = plan.pp, plan.chunks_per_rank, coster.profile.num_blocks
     if p == 1:
         return (range(blocks, blocks + 1),)
     block = coster.layers_cost(coster.digest.block_templates[0], plan, "none")[0]
@@ -137,7 +133,7 @@ def solve_partition(coster: Coster, plan: Plan, *, recompute: tuple[str, ...], t
     if len(coster.digest.block_templates) != 1 or plan.pp == 1 and len(recompute) == 1:
         return None
     start = time.perf_counter()
-    p, m, v = plan.pp, plan.num_micro_batches, _effective_v(plan)
+    p, m, v = plan.pp, plan.num_micro_batches, plan.chunks_per_rank
     ranges = stage_block_ranges(coster, plan, incumbent_s=min(cutoff_s, incumbent_s))
     if any(not blocks for blocks in ranges):
         return None

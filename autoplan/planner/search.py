@@ -105,7 +105,7 @@ def time_bound_s(coster: Coster, plan: Plan, whole: LayerCost) -> float:
     (Jensen), whose backward is credited with a full recompute (the widest overlap window)."""
     m, p = plan.num_micro_batches, plan.pp
     f, w = whole.fwd_s, whole.fwd_s + whole.bwd_s
-    v = plan.virtual_stages if plan.schedule in ("interleaved-1f1b", "zero-bubble") else 1
+    v = plan.chunks_per_rank
     slowest = max(w / p, balanced_slowest_s(coster, plan))  # C: no partition has a faster slowest rank
     if p == 1:
         pipe = m * w
@@ -158,7 +158,7 @@ def memory_bound_bytes(coster: Coster, plan: Plan, whole: LayerCost) -> float:
     mean = RankMemoryInputs(dense_params=whole.dense_params / plan.pp, expert_params=whole.expert_params / plan.pp)
     dense = model_state_bytes(params=mean.dense_params, zero_stage=plan.zero_stage, shard_degree=plan.dp * plan.cp)
     expert = model_state_bytes(params=mean.expert_params, zero_stage=plan.zero_stage,
-                               shard_degree=plan.dp * plan.cp * plan.tp // plan.ep)
+                               shard_degree=plan.expert_data_parallel)
     # the executor's states (costmodel.rank_memory), or the papers' where the estimate falls back to them
     return min(sum(model_states(mean, plan).values()), sum(dense) + sum(expert)) + coster.cluster.memory_reserve_bytes
 

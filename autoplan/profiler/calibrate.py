@@ -1,14 +1,13 @@
-"""Measurements (profiler.hardware) -> Cluster: the GEMM efficiency curve, the links' alpha-beta, the rest.
+"""Measurements (profiler.hardware, profiler.blocks) -> Cluster: the GEMM efficiency curve, the links'
+alpha-beta, the rest; and the per-call overheads fitted to measured runs (`autoplan calibrate`).
 
 Fitting is plain functions over the measurement dicts (no torch), so they are tested on synthetic data;
-`run_profile` is the whole job that `autoplan profile` runs: measure, fit, write the Cluster file.
+the whole job that `autoplan profile` runs (measure, fit, write the Cluster file) is profiler.session.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -248,7 +247,7 @@ def _reserve(device: dict) -> tuple[int, str]:
 def calibrated_cluster(*, name: str, measurements: dict, gpus_per_node: int, num_gpus: int,
                        peak_flops_per_s: float | None = None, memory_bytes: int | None = None,
                        base: Cluster | None = None) -> Cluster:
-    """A Cluster fitted to `measurements` (as profiler.hardware.measure_all returns them); numbers not
+    """A Cluster fitted to `measurements` (as profiler.session.measure_all returns them); numbers not
     measured come from `base` (or documented defaults), and `sources` says which is which."""
     device = measurements.get("device", {})
     where = (f"measured on {measurements.get('host', '?')} {measurements.get('date', '?')}, median of "
@@ -337,58 +336,6 @@ def default_base(device: dict) -> Cluster | None:
         if key in device.get("name", ""):
             return Cluster.preset(preset)
     return None
-
-
-def run_profile(*, out: str | None = None, quick: bool = False, model: str | None = None, name: str | None = None,
-                peak_flops_per_s: float | None = None, base: Cluster | None = None,
-                show_progress: bool = True) -> Cluster:
-    """Measure this machine, fit a Cluster, and (rank 0) write it to `out`. Alone: no collectives (noted
-    in `sources`). Under torchrun: initialises the process group from the environment if none exists
-    (nccl on CUDA, gloo on CPU), measures the interconnect too, and destroys the group it created.
-    `base`: the cluster unmeasured numbers come from (default: the preset of the same GPU, if any)."""
-    import torch
-    import torch.distributed as dist
-
-    from autoplan.profiler import hardware
-
-    created = hardware.init_distributed_from_env()
-    try:
-        device = hardware.profile_device()
-        settings = hardware.ProfileSettings.for_device(device, quick=quick)
-        measurements = hardware.measure_all(settings, device=device, model=model, show_progress=show_progress)
-        world = measurements["world_size"]
-        if world > 1:
-            gpus_per_node = min(world, measurements["local_world_size"])
-        else:
-            gpus_per_node = torch.cuda.device_count() if device.type == "cuda" else 1
-        cluster = calibrated_cluster(name=name or f"measured-{socket.gethostname()}", measurements=measurements,
-                                     gpus_per_node=gpus_per_node, num_gpus=world, peak_flops_per_s=peak_flops_per_s,
-                                     base=base if base is not None else default_base(measurements["device"]))
-        if out and (not hardware.distributed() or dist.get_rank() == 0):
-            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-            cluster.save(out)
-        if hardware.distributed():
-            dist.barrier()
-    finally:
-        if created:
-            dist.destroy_process_group()
-    return cluster
-
-
-def summary(cluster: Cluster) -> str:
-    """The fitted numbers in a few lines (TFLOP/s, GB/s, us)."""
-    curve = ", ".join(f"{p.flops:.2g}:{p.efficiency:.2f}" for p in cluster.gemm_efficiency)
-
-    def link(l: Link) -> str:
-        return f"{l.bandwidth_bytes_per_s / 1e9:.2f} GB/s, {l.latency_s * 1e6:.1f} us"
-
-    return "\n".join([
-        f"{cluster.name}: {cluster.num_gpus} x {cluster.gpu} ({cluster.gpus_per_node} per node)",
-        f"peak {cluster.peak_flops_per_s / 1e12:.4g} TFLOP/s; GEMM efficiency (FLOPs:eff) {curve}",
-        f"memory {cluster.memory_bytes / 2**30:.1f} GiB, bandwidth {cluster.memory_bandwidth_bytes_per_s / 1e9:.1f} GB/s, "
-        f"memory-bound eff {cluster.memory_bound_efficiency:.2f}, attention eff {cluster.attention_efficiency:.2f}",
-        f"intra_node {link(cluster.intra_node)}; inter_node {link(cluster.inter_node)}",
-    ])
 
 
 # ------------------------------------------------------------------------------ feedback from measured runs

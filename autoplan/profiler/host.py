@@ -22,6 +22,8 @@ import time
 import torch
 from torch import nn
 
+from autoplan.profiler.timing import sync
+
 TOKENS = 16
 MODES = ("none", "selective", "full")
 ROUNDS = 3
@@ -31,7 +33,7 @@ def measure_host_blocks(module: nn.Module, block: nn.Module, *, vocab: int, devi
                         block_inputs) -> dict:
     """{"none": s, "selective": s, "full": s, "tokens": TOKENS}: seconds the host takes to issue `block`'s
     forward and backward under each recompute mode. `block_inputs(module, [block], tokens)` gives the
-    (args, kwargs) the block receives for `tokens` (profiler.hardware._block_inputs)."""
+    (args, kwargs) the block receives for `tokens` (profiler.blocks.block_inputs)."""
     from autoplan.executor.recompute import apply_recompute
 
     tokens = torch.randint(0, vocab, (1, TOKENS), device=device)
@@ -61,14 +63,9 @@ def _issue_s(block: nn.Module, args, kwargs, *, device: torch.device, repeats: i
 
     for _ in range(3):
         once()
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
         once()
-    _sync(device)
+    sync(device)
     return (time.perf_counter() - start) / repeats
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

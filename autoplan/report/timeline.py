@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from autoplan.schema import chunks_per_rank
+
 
 @dataclass(frozen=True)
 class Op:
@@ -68,7 +70,7 @@ def schedule_timeline(*, schedule: str, stage_fwd_s: list[float], stage_bwd_s: l
     micro-batch over all its chunks). Simulated in time order: the operation that can start first runs
     first; under zero-bubble a rank whose next operation cannot start yet runs a pending W instead."""
     pp, m = len(stage_fwd_s), num_micro_batches
-    v = virtual_stages if schedule in ("interleaved-1f1b", "zero-bubble") else 1
+    v = chunks_per_rank(schedule, virtual_stages)
     split = schedule == "zero-bubble"
     orders = _orders(schedule, pp, m, v)
     if split:  # W's are not in the order: they fill idle time, and the rest run at the end

@@ -13,7 +13,7 @@ import torch
 import autoplan as ap
 from autoplan.costmodel import comm
 from autoplan.costmodel.compute import CAUSAL_ATTENTION_WORK_FRACTION
-from autoplan.profiler import calibrate, hardware
+from autoplan.profiler import blocks, calibrate, hardware, session
 from autoplan.schema import Cluster, Link
 
 REPO = Path(__file__).resolve().parents[2]
@@ -165,7 +165,7 @@ def quick_profile(tmp_path_factory):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         assert key not in os.environ, "run the single-process test outside torchrun"
     path = tmp_path_factory.mktemp("profile") / "cpu.json"
-    cluster = calibrate.run_profile(out=str(path), quick=True, show_progress=False)
+    cluster = session.run_profile(out=str(path), quick=True, show_progress=False)
     return cluster, path
 
 
@@ -197,7 +197,7 @@ def test_two_ranks_on_gloo_under_torchrun(tmp_path):
     group, and the fitted link has positive bandwidth and non-negative latency."""
     out = tmp_path / "cpu2.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "autoplan.profiler.hardware", "--quick", "--out", str(out)]
+           "-m", "autoplan.profiler.session", "--quick", "--out", str(out)]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -220,7 +220,7 @@ def test_measure_collectives_needs_a_process_group():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_quick_profile_on_cuda(tmp_path):
     """Oracle: the datasheet peak table and the device's own memory size; efficiencies within (0, 1]."""
-    cluster = calibrate.run_profile(out=str(tmp_path / "gpu.json"), quick=True, show_progress=False)
+    cluster = session.run_profile(out=str(tmp_path / "gpu.json"), quick=True, show_progress=False)
     assert cluster.memory_bytes == torch.cuda.get_device_properties(0).total_memory
     assert all(0 < p.efficiency <= 1 for p in cluster.gemm_efficiency)
     assert Cluster.load(tmp_path / "gpu.json") == cluster
@@ -232,7 +232,7 @@ def test_measure_layers_activation_bytes_linear_in_micro_batch():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small ops: one thread avoids waiting on a busy second core
     try:
-        rows = hardware.measure_layers("gpt-tiny", device="cpu", dtype=torch.float32, micro_batch_sizes=(1, 2),
+        rows = blocks.measure_layers("gpt-tiny", device="cpu", dtype=torch.float32, micro_batch_sizes=(1, 2),
                                        repeats=1)
     finally:
         torch.set_num_threads(threads)

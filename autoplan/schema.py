@@ -275,10 +275,11 @@ class Stack(_Noun):
     zero3_collectives_per_block: int = Field(1, ge=1, le=64, description="All-gathers (and reduce-scatters) a ZeRO-3 step issues per "
                                                                           "transformer block and pass: 1 where a block is one FSDP unit; "
                                                                           "more where parameters are gathered module by module.")
-    selective_recompute: Literal["autoplan", "attention-core"] = Field(
+    selective_recompute: Literal["autoplan", "attention-core", "every-other-mm"] = Field(
         "autoplan", description="What plan.recompute='selective' reruns: autoplan's rule (autoplan.selective: element-wise "
-                                "ops, SP's all-gathers, eager attention scores) or Korthikanti et al.'s (the attention "
-                                "core only), as Megatron-LM does.")
+                                "ops, SP's all-gathers, eager attention scores); Korthikanti et al.'s (the attention "
+                                "core only), as Megatron-LM does; or torchtitan's op-level policy (autoplan's, but the "
+                                "block's 2nd, 4th, ... matmul in forward order is recomputed, not kept).")
     optimizer_step_bytes: float = Field(28.0, gt=0, le=1000, description="HBM bytes the optimizer step moves per parameter of "
                                                                         "the rank's shard: 28 for a fused AdamW with fp32 "
                                                                         "states (read/write parameter, gradient, two moments); "

@@ -89,10 +89,13 @@ def _stack(case: dict, source: str) -> Stack:
         return Stack.preset("megatron-2021")
     if source == "torchtitan":
         name = "torch-compile" if cfg.get("torch_compile") else "torch"
-        # torchtitan turns on torch's loss_parallel with TP (its default `disable_loss_parallel = false`)
-        # and steps a fused AdamW (its default optimizer implementation "fused"): 28 bytes per parameter
+        # torchtitan turns on torch's loss_parallel with TP (its default `disable_loss_parallel = false`),
+        # steps a fused AdamW (its default optimizer implementation "fused"): 28 bytes per parameter, and its
+        # selective recompute is the op-level policy (selective_ac_option "op", its Llama configs' setting),
+        # which keeps every matmul output but every second one of a block
         return Stack.preset(name).model_copy(update={"fp8_linears": fp8, "vocab_parallel_loss": True,
-                                                     "optimizer_step_bytes": 28.0})
+                                                     "optimizer_step_bytes": 28.0,
+                                                     "selective_recompute": "every-other-mm"})
     return Stack.preset("llm-foundry").model_copy(update={"fp8_linears": fp8})
 
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from autoplan.costmodel import bands, comm
 from autoplan.costmodel.data_parallel import dp_sync_s, optimizer_step_s
-from autoplan.costmodel.layers import (DEFAULT_STACK, ROUTING_IMBALANCE, LayerCost, digest, layer_cost,
-                                       micro_batch_boundary_bytes)
+from autoplan.costmodel.layers import (DEFAULT_STACK, ROUTING_IMBALANCE, LayerCost, digest, every_other_mm,
+                                       layer_cost, micro_batch_boundary_bytes)
 from autoplan.costmodel.memory import PARAM_BYTES, model_state_bytes
 from autoplan.costmodel.overhead import overhead_s
 from autoplan.costmodel.pipeline import micro_batches_in_flight, pipeline_step_s
@@ -77,10 +77,11 @@ class Coster:
         key = (id(layers), recompute, plan.tp, plan.sequence_parallel, plan.cp, plan.ep, plan.micro_batch_size)
         cached = self._layers.get(key)
         if cached is None:
-            total, logits = LayerCost(), 0.0
+            total, logits, mm_offset = LayerCost(), 0.0, 0
             for i, layer in enumerate(layers):
                 one = layer_cost(layer=layer, profile=self.profile, cluster=self.cluster, plan=plan,
-                                 recompute=recompute, block_first=i == 0, stack=self.stack)
+                                 recompute=recompute, block_first=i == 0, stack=self.stack, mm_offset=mm_offset)
+                mm_offset += sum(g.count for g in layer.gemms)
                 total.add(one)
                 if layer.kind == "head":
                     logits += one.activation_bytes
@@ -98,10 +99,13 @@ class Coster:
         key = ("memory", id(layers), recompute, plan.tp, sp, plan.cp, plan.ep, plan.micro_batch_size)
         cached = self._layers.get(key)
         if cached is None:
+            offsets = [sum(g.count for earlier in layers[:i] for g in earlier.gemms) for i in range(len(layers))]
+            every_other = self.stack.selective_recompute == "every-other-mm"
             cached = self._layers[key] = tuple(
                 layer_memory(layer=layer, tp=plan.tp, sequence_parallel=sp, cp=plan.cp, ep=plan.ep,
                              micro_batch_size=plan.micro_batch_size, recompute=recompute, block_first=i == 0,
-                             dtype_bytes=self.profile.dtype_bytes)
+                             dtype_bytes=self.profile.dtype_bytes, vocab_parallel_loss=self.stack.vocab_parallel_loss,
+                             recomputed_gemms=every_other_mm(layer, offsets[i]) if every_other else ())
                 for i, layer in enumerate(layers))
         return cached
 

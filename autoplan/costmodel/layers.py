@@ -13,7 +13,7 @@ from autoplan.costmodel.compute import (ATTENTION_BWD_FACTOR, CAUSAL_ATTENTION_W
                                         MEMORY_BOUND_BWD_FACTOR, attention_core_time_s, gemm_time_s,
                                         memory_bound_time_s)
 from autoplan.costmodel.memory import layer_activation_bytes, local_params
-from autoplan.schema import Cluster, LayerProfile, ModelProfile, Plan, Stack
+from autoplan.schema import Cluster, GemmShape, LayerProfile, ModelProfile, Plan, Stack
 
 # Expected load of the busiest expert over the mean under top-k routing with a load-balancing loss:
 # Switch Transformer trains at capacity factor 1.0-1.25 with few dropped tokens (Fedus et al. 2022,
@@ -101,14 +101,39 @@ def digest(profile: ModelProfile) -> ProfileDigest:
 FP8_CAST_BYTES_PER_ELEMENT = 3.0
 
 
+def every_other_mm(layer: LayerProfile, mm_offset: int) -> list[tuple[GemmShape, int]]:
+    """The layer's GEMMs that torchtitan's op-level selective policy recomputes, as (shape, how many): the
+    block's 2nd, 4th, ... matmul in forward order (mm_offset: the block's matmuls before this layer; the
+    profile lists a layer's GEMMs in forward order, identical shapes grouped)."""
+    recomputed, index = [], mm_offset
+    for g in layer.gemms:
+        n = sum(1 for c in range(g.count) if (index + c + 1) % 2 == 0)
+        index += g.count
+        if n:
+            recomputed.append((g, n))
+    return recomputed
+
+
 def micro_batch_boundary_bytes(profile: ModelProfile, plan: Plan) -> float:
     """Bytes of one micro-batch's [b, s, h] activation on one rank (its 1/cp share of the sequence): what
     crosses a block or stage boundary, and what a tensor-parallel collective moves."""
     return profile.hidden * profile.seq_len * profile.dtype_bytes * plan.micro_batch_size / plan.cp
 
 
+def _gemm_split(g: GemmShape, *, tp: int, sp: bool, layer: LayerProfile) -> int:
+    # experts are not split by tp (expert tensor parallel = 1); with SP each tp rank routes 1/tp of the tokens
+    return tp if (sp if layer.kind == "moe" else g.tp_split != "none") else 1
+
+
+def _gemm_s(g: GemmShape, *, seqs: float, tp: int, sp: bool, layer: LayerProfile, cluster: Cluster,
+            clock: float) -> float:
+    """Seconds of the g.count GEMMs of shape g on one rank, at the sustained clock."""
+    split = _gemm_split(g, tp=tp, sp=sp, layer=layer)
+    return g.count * gemm_time_s(flops=2.0 * g.m_per_sequence * g.n * g.k * seqs / split, cluster=cluster) / clock
+
+
 def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, plan: Plan, recompute: str,
-               block_first: bool, stack: Stack | None = None) -> LayerCost:
+               block_first: bool, stack: Stack | None = None, mm_offset: int = 0) -> LayerCost:
     """Time and memory of `layer` for one micro-batch of plan.micro_batch_size sequences on one rank,
     run by `stack` (None: eager PyTorch, what autoplan's executor runs).
 
@@ -126,9 +151,8 @@ def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, 
     fp8 = stack.fp8_linears and layer.kind in ("attention", "mlp")  # float8 recipes keep the head and experts in bf16
     gemm_s = row_parallel_s = row_parallel_flops = cast_bytes = 0.0
     for g in layer.gemms:
-        # experts are not split by tp (expert tensor parallel = 1); with SP each tp rank routes 1/tp of the tokens
-        split = tp if (sp if layer.kind == "moe" else g.tp_split != "none") else 1
-        time_s = g.count * gemm_time_s(flops=2.0 * g.m_per_sequence * g.n * g.k * seqs / split, cluster=cluster) / clock
+        time_s = _gemm_s(g, seqs=seqs, tp=tp, sp=sp, layer=layer, cluster=cluster, clock=clock)
+        split = _gemm_split(g, tp=tp, sp=sp, layer=layer)
         if fp8:
             time_s /= cluster.fp8_gemm_speedup
             cast_bytes += g.count * FP8_CAST_BYTES_PER_ELEMENT * (g.m_per_sequence * seqs * g.k + g.n * g.k) / split
@@ -159,6 +183,13 @@ def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, 
             score_s = memory_bound_time_s(bytes_moved=2 * layer.attention_score_bytes * seqs / tp, cluster=cluster)
             cost.recompute_s = attn_fwd_s + score_s
             cost.recompute_flops_per_sequence = layer.attention_core_fwd_flops
+    elif layer.block is not None and recompute == "selective" and stack.selective_recompute == "every-other-mm":
+        # torchtitan's op-level policy: the memory-bound ops and every second matmul of the block run again
+        rerun = every_other_mm(layer, mm_offset)
+        cost.recompute_s = mem_fwd_s + sum(n / g.count * _gemm_s(g, seqs=seqs, tp=tp, sp=sp, layer=layer,
+                                                                  cluster=cluster, clock=clock)
+                                           for g, n in rerun) / (cluster.fp8_gemm_speedup if fp8 else 1.0)
+        cost.recompute_flops_per_sequence = sum(n * 2.0 * g.m_per_sequence * g.n * g.k for g, n in rerun)
     elif layer.block is not None and recompute == "selective":
         # autoplan.selective: the memory-bound ops run again, and an eager attention's core (its scores);
         # a fused attention's output is kept; under tp the row-parallel GEMMs of the block's first part (the

@@ -53,7 +53,8 @@ class LayerMemory:
 
 
 def executor_activation_bytes(*, layer: LayerProfile, tp: int, sequence_parallel: bool, cp: int,
-                              micro_batch_size: int, recompute: str, block_first: bool) -> float:
+                              micro_batch_size: int, recompute: str, block_first: bool,
+                              recomputed_gemms: Sequence[tuple] = (), dtype_bytes: int = 2) -> float:
     """Bytes the executor keeps for backward for one micro-batch through `layer` (its kernels; see the
     module docstring, point 2). Korthikanti et al. 2022's accounting is costmodel.memory.layer_activation_bytes;
     this differs where the executor does: sequence parallelism keeps the gathered column-parallel inputs
@@ -69,6 +70,10 @@ def executor_activation_bytes(*, layer: LayerProfile, tp: int, sequence_parallel
         # output, not its partial sum); SP's all-gathers run again in backward; the checkpoint keeps the
         # block's input
         total, sharded, gathered = layer.selective_bytes, layer.selective_tp_sharded_bytes, 0.0
+        for g, n in recomputed_gemms:  # a policy that reruns some GEMMs (Stack.selective_recompute) keeps less
+            out = n * g.m_per_sequence * g.n * dtype_bytes
+            total -= out
+            sharded -= out if g.tp_split == "n" else 0.0
         if block_first:
             total += layer.output_bytes
     else:
@@ -93,10 +98,14 @@ def _split(layer: LayerProfile, *, tp: int, sequence_parallel: bool) -> float:
 
 
 def layer_memory(*, layer: LayerProfile, tp: int, sequence_parallel: bool, cp: int, micro_batch_size: int,
-                 recompute: str, block_first: bool, ep: int = 1, dtype_bytes: int = 2) -> LayerMemory:
+                 recompute: str, block_first: bool, ep: int = 1, dtype_bytes: int = 2,
+                 vocab_parallel_loss: bool = False, recomputed_gemms: Sequence[tuple] = ()) -> LayerMemory:
     """Memory of `layer` per micro-batch on one rank. Temporaries that grow with the batch scale as the
     layer's activations do; weight-gradient temporaries as its weights (1/tp, experts 1/ep; a vocabulary-
-    parallel embedding's gradient comes back whole)."""
+    parallel embedding's gradient comes back whole). vocab_parallel_loss: the stack computes the loss on the
+    vocabulary-parallel logits (Stack.vocab_parallel_loss: torch's loss_parallel, Megatron-LM), so the
+    head's logits, their fp32 copies and their temporaries are 1/tp on each rank; autoplan's executor
+    gathers them."""
     common = dict(layer=layer, tp=tp, sequence_parallel=sequence_parallel, cp=cp, micro_batch_size=micro_batch_size,
                   block_first=block_first)
     scale = _split(layer, tp=tp, sequence_parallel=sequence_parallel) * micro_batch_size / cp
@@ -104,16 +113,23 @@ def layer_memory(*, layer: LayerProfile, tp: int, sequence_parallel: bool, cp: i
     weight_temporaries = layer.backward_peak_weight_bytes * weights
     if layer.kind == "embedding" and tp > 1:  # DTensor makes the whole-table gradient once, in bf16
         weight_temporaries = min(weight_temporaries, layer.params * dtype_bytes)
-    kept = executor_activation_bytes(recompute=recompute, **common)
+    kept = executor_activation_bytes(recompute=recompute, recomputed_gemms=recomputed_gemms, dtype_bytes=dtype_bytes,
+                                     **common)
+    logits_split = tp if layer.kind == "head" and vocab_parallel_loss else 1
+    if logits_split > 1:  # the head's input stays whole (or the SP shard gathered), the rest is logits
+        kept = (layer.activation_column_input_bytes + (layer.activation_bytes - layer.activation_column_input_bytes)
+                / logits_split) * micro_batch_size / cp
+        scale /= logits_split
     if layer.kind == "moe" and ep > 1 and kept:  # the all-to-all's dispatched tokens [T·k, h] stay for backward
         kept += layer.output_bytes * layer.top_k * micro_batch_size / cp
     head = layer.kind == "head"
     return LayerMemory(
-        kept=kept, kept_none=executor_activation_bytes(recompute="none", **common),
+        kept=kept, kept_none=kept if logits_split > 1 else executor_activation_bytes(recompute="none", **common),
         forward_excess=layer.forward_peak_bytes * scale,
         backward_excess=layer.backward_peak_bytes * scale + weight_temporaries,
-        output_kept=layer.output_bytes * micro_batch_size / cp if head else 0.0,
-        loss_kept=(layer.activation_bytes - layer.activation_column_input_bytes) * micro_batch_size / cp if head else 0.0,
+        output_kept=layer.output_bytes * micro_batch_size / cp / logits_split if head else 0.0,
+        loss_kept=((layer.activation_bytes - layer.activation_column_input_bytes) * micro_batch_size / cp / logits_split
+                   if head else 0.0),
         weight_grad_inputs=_weight_gradient_inputs(layer, tp=tp, sequence_parallel=sequence_parallel,
                                                    dtype_bytes=dtype_bytes) * micro_batch_size / cp,
         largest_tensor_params=_largest_tensor(layer, tp=tp, ep=ep))

@@ -174,3 +174,43 @@ def test_zero2_reduce_scatters_every_micro_batch(llama_profile):
     gather = comm.group_all_gather_s(message_bytes=2 * rank.layers.dense_params, topo=topo, cluster=cluster)
     assert dp_sync_s(rank, cluster, one)[1] == pytest.approx(reduce_scatter + gather)
     assert dp_sync_s(_ranks(llama_profile, cluster, four)[0], cluster, four)[1] == pytest.approx(4 * reduce_scatter + gather)
+
+
+def test_every_other_mm_reruns_the_blocks_second_fourth_and_sixth_matmul(llama_profile):
+    """Oracle: torchtitan's op-level policy counts a block's matmuls in forward order (q, k, v, o, gate,
+    up, down) and recomputes the even ones: k, o and up. Kept bytes drop by their outputs; recompute time
+    grows by their GEMM time."""
+    from autoplan.costmodel.layers import every_other_mm
+
+    attention, mlp = [layer for layer in llama_profile.layers if layer.block == 0]
+    rerun_attention = every_other_mm(attention, 0)
+    rerun_mlp = every_other_mm(mlp, sum(g.count for g in attention.gemms))
+    assert [(g.n, g.k, n) for g, n in rerun_attention] == [(1024, 1024, 1), (1024, 1024, 1)]  # k, o
+    assert [(g.n, g.k, n) for g, n in rerun_mlp] == [(2816, 1024, 1)]                        # up
+    plan = _plan(recompute="selective")
+    torchtitan = Stack.preset("torch").model_copy(update={"selective_recompute": "every-other-mm"})
+    ours, theirs = Coster(llama_profile, ap.Cluster.preset("dgx-h100", gpus=1)), \
+        Coster(llama_profile, ap.Cluster.preset("dgx-h100", gpus=1), torchtitan)
+    block = (attention, mlp)
+    dropped = sum(n * g.m_per_sequence * g.n * 2 for g, n in rerun_attention + rerun_mlp) * plan.micro_batch_size
+    kept = lambda coster: sum(m.kept for m in coster.layers_memory(block, plan, "selective"))  # noqa: E731
+    assert kept(ours) - kept(theirs) == pytest.approx(dropped)
+    rerun_s = sum(n / g.count * g.count * gemm_time_s(flops=2.0 * g.m_per_sequence * g.n * g.k * 2,
+                                                      cluster=ours.cluster) / ours.cluster.sustained_clock_fraction
+                  for g, n in rerun_attention + rerun_mlp)
+    recompute = lambda coster: coster.layers_cost(block, plan, "selective")[0].recompute_s  # noqa: E731
+    assert recompute(theirs) - recompute(ours) == pytest.approx(rerun_s)
+
+
+def test_vocabulary_parallel_loss_splits_the_heads_logits_over_tp(llama_profile):
+    """Oracle: torch's loss_parallel keeps each rank's 1/tp of the logits; the head's input stays whole."""
+    head = next(layer for layer in llama_profile.layers if layer.kind == "head")
+    plan = _plan(tp=2)
+    cluster = ap.Cluster.preset("dgx-h100", gpus=2)
+    gathered = Coster(llama_profile, cluster).layers_memory((head,), plan, "none")[0]
+    parallel = Coster(llama_profile, cluster, Stack.preset("torch").model_copy(
+        update={"vocab_parallel_loss": True})).layers_memory((head,), plan, "none")[0]
+    column_input = head.activation_column_input_bytes * plan.micro_batch_size
+    assert parallel.kept == pytest.approx(column_input + (gathered.kept - column_input) / 2)
+    assert parallel.output_kept == pytest.approx(gathered.output_kept / 2)
+    assert parallel.backward_excess < gathered.backward_excess

@@ -289,7 +289,12 @@ def paper_rank_memory(rank: RankCost, index: int, plan: Plan, stack: Stack | Non
     dense = model_state_bytes(params=rank.layers.dense_params, zero_stage=plan.zero_stage, shard_degree=plan.dp * plan.cp)
     expert = model_state_bytes(params=rank.layers.expert_params, zero_stage=plan.zero_stage,
                                shard_degree=plan.expert_data_parallel)
-    zero3_buffers = 2 * PARAM_BYTES * rank.max_layer_params if plan.zero_stage == 3 else 0.0
+    # ZeRO-3 holds two gathered units (the one in use and the one prefetched): a block where a block is one
+    # FSDP unit; where parameters are gathered module by module (Stack.zero3_collectives_per_block > 1,
+    # DeepSpeed's stage 3), the largest module, whose weight is the rank's largest tensor
+    by_module = stack is not None and stack.zero3_collectives_per_block > 1
+    unit = min(rank.memory.largest_tensor_params, rank.max_layer_params) if by_module else rank.max_layer_params
+    zero3_buffers = 2 * PARAM_BYTES * unit if plan.zero_stage == 3 else 0.0
     return {
         "params": int(dense[0] + expert[0]), "grads": int(dense[1] + expert[1]),
         "optimizer": int(dense[2] + expert[2]), "activations": int(activations * in_flight),

@@ -214,3 +214,19 @@ def test_vocabulary_parallel_loss_splits_the_heads_logits_over_tp(llama_profile)
     assert parallel.kept == pytest.approx(column_input + (gathered.kept - column_input) / 2)
     assert parallel.output_kept == pytest.approx(gathered.output_kept / 2)
     assert parallel.backward_excess < gathered.backward_excess
+
+
+def test_zero3_gathered_unit_follows_the_stacks_gathering(llama_profile):
+    """Oracle: ZeRO-3 holds two gathered units: a whole block where a block is one FSDP unit, the largest
+    module (the rank's largest weight) where the stack gathers module by module (DeepSpeed's stage 3)."""
+    plan = _plan(dp=2, zero_stage=3, global_batch_size=4)
+    cluster = ap.Cluster.preset("dgx-a100-80gb", gpus=2)
+    by_block = ap.estimate(llama_profile, cluster, plan, memory="paper", stack=Stack.preset("torch"))
+    by_module = ap.estimate(llama_profile, cluster, plan, memory="paper", stack=Stack.preset("megatron-2021"))
+    block_params = sum(layer.params for layer in llama_profile.layers if layer.block == 0)
+    with torch.device("meta"):
+        model = ap.models.llama(layers=2, hidden=1024, heads=8, kv_heads=8, ffn_hidden=2816, vocab=1000, seq_len=512)
+    largest = max(p.numel() for p in model.parameters())  # an MLP weight, 2816 x 1024
+    assert largest == 2816 * 1024
+    assert by_block.memory_breakdown["buffers"] == 2 * 2 * block_params
+    assert by_module.memory_breakdown["buffers"] == 2 * 2 * largest

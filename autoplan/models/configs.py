@@ -10,6 +10,12 @@ NAMED_CONFIGS: dict[str, tuple] = {
                  "autoplan test model"),
     "moe-tiny": (moe, dict(layers=4, hidden=64, heads=4, kv_heads=2, ffn_hidden=128, vocab=512, seq_len=64,
                            num_experts=4, top_k=2), "autoplan test model"),
+    # held-out CPU bench models (benchmarks/bench_cpu_held_out.py): big enough that kernels, not per-call
+    # framework costs, decide a step on a CPU rank (about a second), small enough to run 15+ plans in minutes
+    "gpt-bench": (gpt, dict(layers=6, hidden=256, heads=8, vocab=2048, seq_len=256, ffn_hidden=1024),
+                  "autoplan CPU bench model"),
+    "moe-bench": (moe, dict(layers=4, hidden=256, heads=8, kv_heads=4, ffn_hidden=512, vocab=2048, seq_len=256,
+                            num_experts=4, top_k=2), "autoplan CPU bench model"),
     "gpt3-175b": (gpt, dict(layers=96, hidden=12288, heads=96, vocab=51200, seq_len=2048, ffn_hidden=49152),
                   "Brown et al. 2020, Table 2.1 (vocab padded to 51200 as in Megatron-LM)"),
     "llama3-8b": (llama, dict(layers=32, hidden=4096, heads=32, kv_heads=8, ffn_hidden=14336, vocab=128256,

@@ -22,6 +22,7 @@ from pathlib import Path
 from autoplan.errors import InvalidInputError
 from autoplan.support import unsupported_reason
 from autoplan.planner import search
+from autoplan.planner.search import MAX_TOP_K
 from autoplan.report.accuracy import mape, regret, spearman
 from autoplan.safe_io import write_text
 from autoplan.schema import Cluster, Estimate, ModelProfile, Plan
@@ -43,7 +44,7 @@ def candidates(profile: ModelProfile, cluster: Cluster, *, global_batch_size: in
     keeps to plans the executor runs (the expert defaults are reported as defined, run or refused)."""
     everything = every_plan or sample > 0
     moe = profile.num_experts > 0  # only what the executor runs: the bench's runs go through it
-    result = search(profile, cluster, global_batch_size=global_batch_size, top_k=10**6 if everything else top_k,
+    result = search(profile, cluster, global_batch_size=global_batch_size, top_k=MAX_TOP_K if everything else top_k,
                     accept=lambda plan: unsupported_reason(plan, moe=moe) is None, **fixed)
     ranked = list(enumerate(result.ranked, 1))
     if everything and not every_plan:

@@ -70,3 +70,19 @@ def test_picked_plan_that_failed_counts_as_full_regret(results):
     plans = results["plans"]
     plans[0] = _row(["#1"], Plan(dp=2, global_batch_size=8, micro_batch_size=2), 0.010, None, status="error")
     assert accuracy(plans)["regret"] == 0.0
+
+
+def test_a_sample_spreads_over_the_whole_ranking():
+    """Oracle: definition of --sample: the top plans, then `sample` more taken evenly from the rest of the
+    ranking, each plan once (the search is asked for all of its ranking, within its own bound)."""
+    import autoplan as ap
+    from autoplan.report.bench import candidates
+
+    profile = ap.profile_model("gpt-tiny")
+    cluster = ap.Cluster.preset("dgx-h100", gpus=2)
+    chosen = candidates(profile, cluster, global_batch_size=8, top_k=2, sample=3)
+    plans = [c.plan for c in chosen]
+    assert len(plans) == len({p.model_dump_json() for p in plans})
+    top = ap.search(profile, cluster, global_batch_size=8, top_k=2).ranked
+    assert [p.model_dump() for p, _ in top][:2] == [p.model_dump() for p in plans[:2]]
+    assert len(plans) >= 2 + 3

@@ -8,11 +8,13 @@ Public API (re-exports only):
     search(profile, cluster, global_batch_size=B, top_k=5) -> SearchResult (.best, .ranked, ...)
     dryrun(model, plan, gpus=N)       -> DryRunResult (peak memory per GPU and its breakdown, measured)
     verify_plans(ranked, model, cluster) -> the ranked plans with their dry runs, those over memory dropped
+    sweep(profile, cluster, gpus=(8, 1024), global_batch_size=B, tokens=1e12) -> SweepResult (best plan per
+                                      GPU count, tokens/s per GPU, time to train, GPU-hours, cost)
 """
 
 from autoplan import models
 from autoplan.costmodel import estimate
-from autoplan.planner import Constraints, SearchResult, search
+from autoplan.planner import Constraints, SearchResult, SweepResult, search, sweep
 from autoplan.errors import (AutoplanError, InfeasiblePlanError, InvalidInputError, InvalidPlanError,
                              ModelLoadError)
 from autoplan.schema import (SCHEMA_VERSION, Cluster, DryRunResult, Estimate, LayerProfile, Link, ModelProfile, Stack,
@@ -49,4 +51,4 @@ def verify_plans(ranked, model, cluster, *, seq_len=None, top=None, progress=Non
 __version__ = "0.1.0"
 __all__ = ["SCHEMA_VERSION", "AutoplanError", "Cluster", "Stack", "Constraints", "DryRunResult", "Estimate", "InfeasiblePlanError",
            "InvalidInputError", "InvalidPlanError", "LayerProfile", "Link", "ModelLoadError", "ModelProfile", "Plan",
-           "SearchResult", "check_plan", "dryrun", "estimate", "models", "profile_model", "search", "verify_plans"]
+           "SearchResult", "SweepResult", "check_plan", "dryrun", "estimate", "models", "profile_model", "search", "sweep", "verify_plans"]

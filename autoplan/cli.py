@@ -68,6 +68,11 @@ def _search(args) -> int:
 
     batch = check_job(args)
     fixed = fixed_fields(args.fix)
+    if isinstance(args.gpus, tuple):  # a range: the best plan per GPU count
+        from autoplan.cli_sweep import run_sweep
+
+        profile = _load_profile(args)
+        return run_sweep(args, batch=batch, fixed=fixed, profile=profile, accept=_executable(args, profile))
     if args.out:
         check_output(args.out, force=args.force)
     cluster = Cluster.resolve(args.cluster, gpus=args.gpus)

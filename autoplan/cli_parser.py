@@ -205,7 +205,7 @@ def default_batch(gpus: int) -> int:
 
 
 FIXABLE = ("dp", "tp", "pp", "cp", "ep", "zero_stage", "recompute", "sequence_parallel", "micro_batch_size",
-           "schedule", "virtual_stages")
+           "schedule", "virtual_stages", "offload")
 
 
 def fixed_fields(pairs: list[str]) -> dict:
@@ -246,7 +246,7 @@ def fix_value(name: str, text: str):
 
 def gpus_arg(text: str) -> int | tuple[int, int]:
     """--gpus of search: N, or LOW-HIGH for a sweep over GPU counts."""
-    match = re.fullmatch(r"\s*([0-9]{1,12})\s*(?:-\s*([0-9]{1,12})\s*)?", text)
+    match = re.fullmatch(r"\s*([0-9]{1,100})\s*(?:-\s*([0-9]{1,100})\s*)?", text)
     if not match:
         raise argparse.ArgumentTypeError(f"expected a number of GPUs or a range such as 8-1024, got {text!r}")
     low = int(match.group(1))

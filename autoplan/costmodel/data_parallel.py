@@ -9,6 +9,7 @@ from autoplan.costmodel import comm
 from autoplan.costmodel.compute import memory_bound_time_s
 from autoplan.costmodel.layers import DEFAULT_STACK
 from autoplan.costmodel.memory import GRAD_BYTES, PARAM_BYTES
+from autoplan.costmodel.offload import fsdp_offload_copies_s, offloaded_step_s
 from autoplan.schema import Cluster, Plan, Stack
 
 if TYPE_CHECKING:
@@ -52,6 +53,10 @@ def dp_sync_s(rank: RankCost, cluster: Cluster, plan: Plan, stack: Stack | None 
         if plan.zero_stage >= 1:
             gather_s += units * comm.group_all_gather_s(message_bytes=weights, topo=topo, cluster=cluster)
     fwd_s, bwd_s = rank.layers.fwd_compute_s, rank.layers.bwd_compute_s + rank.layers.recompute_s
+    if plan.offload == "params":  # FSDP2's CPUOffloadPolicy: the shard up before each gather, down after each reduce
+        shard = rank.layers.dense_params / (plan.dp * plan.cp) + rank.layers.expert_params / (plan.dp * plan.cp)
+        gather_s += fsdp_offload_copies_s(shard_params=shard, gathers=1, reduces=0, cluster=cluster)
+        reduce_s += fsdp_offload_copies_s(shard_params=shard, gathers=0, reduces=1, cluster=cluster)
     if plan.zero_stage == 3 and plan.pp > 1:
         # under a pipeline schedule FSDP keeps the gathered parameters for all the step's micro-batches and
         # reduce-scatters the accumulated gradients once (torch.distributed.pipelining with FSDP2, as
@@ -85,4 +90,6 @@ def optimizer_step_s(rank: RankCost, cluster: Cluster, plan: Plan, stack: Stack 
     bytes_per_param = (stack or DEFAULT_STACK).optimizer_step_bytes
     dense = rank.layers.dense_params / (plan.dp * plan.cp if plan.zero_stage >= 1 else 1)
     expert = rank.layers.expert_params / (plan.dp * plan.cp * plan.tp // plan.ep if plan.zero_stage >= 1 else 1)
+    if plan.offload != "none":  # on the CPU, with the host-link copies (costmodel.offload)
+        return offloaded_step_s(shard_params=dense + expert, plan=plan, cluster=cluster)
     return memory_bound_time_s(bytes_moved=(dense + expert) * bytes_per_param, cluster=cluster)

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from autoplan.costmodel.memory import GRAD_BYTES, OPTIMIZER_BYTES, PARAM_BYTES
+from autoplan.costmodel.offload import host_state_bytes
 from autoplan.costmodel.pipeline import micro_batches_at_backward, micro_batches_in_flight
 from autoplan.schema import LayerProfile, Plan
 
@@ -222,15 +223,9 @@ def model_states(rank: RankMemoryInputs, plan: Plan) -> dict[str, float]:
     the step: DDP buckets, FSDP's sharded storage beside a gathered copy, pipeline receive buffers."""
     wrapper = data_parallel_wrapper(plan)
     fsdp = wrapper.startswith("fsdp")
-    n_dense = plan.dp * plan.cp if fsdp else 1
-    sharded = rank.dense_params / n_dense + rank.expert_params * _expert_shard(rank, plan)
+    sharded = fsdp_shard_params(rank, plan)
     whole = rank.dense_params + rank.expert_params
-    if fsdp:
-        optimizer_shard = sharded
-    elif plan.zero_stage == 1:  # executor.zero_one: each tensor cut in even chunks over its replicas
-        optimizer_shard = rank.dense_params / (plan.dp * plan.cp) + rank.expert_params * plan.ep / (plan.dp * plan.cp)
-    else:
-        optimizer_shard = whole
+    optimizer_shard = optimizer_shard_params(rank, plan)
     grads = GRAD_BYTES * (sharded if fsdp else whole)
     if plan.tp > 1 and not fsdp:
         grads += GRAD_BYTES * rank.embedding_params * (plan.tp - 1)  # a Replicate DTensor gradient
@@ -243,8 +238,44 @@ def model_states(rank: RankMemoryInputs, plan: Plan) -> dict[str, float]:
     buffers += rank.boundary_bytes * micro * (rank.receives_activations + rank.receives_gradients)
     if plan.schedule == "zero-bubble":  # its input-gradient step leaves each micro-batch's gradient on the buffer
         buffers += rank.boundary_bytes * (micro - 1) * rank.receives_activations
-    return {"params": PARAM_BYTES * (sharded if wrapper == "fsdp" else whole), "grads": grads,
-            "optimizer": OPTIMIZER_BYTES * optimizer_shard, "buffers": buffers}
+    states = {"params": PARAM_BYTES * (sharded if wrapper == "fsdp" else whole), "grads": grads,
+              "optimizer": OPTIMIZER_BYTES * optimizer_shard, "buffers": buffers}
+    return offload_device_states(states, plan)
+
+
+def offload_device_states(states: dict[str, float], plan: Plan) -> dict[str, float]:
+    """What of the model states stays on the GPU under Plan.offload (costmodel.offload): no optimizer states
+    when anything is offloaded; with offload=params neither the sharded parameters nor their gradients."""
+    if plan.offload != "none":
+        states["optimizer"] = 0.0
+    if plan.offload == "params":
+        states["params"] = states["grads"] = 0.0
+    return states
+
+
+def fsdp_shard_params(rank: RankMemoryInputs, plan: Plan) -> float:
+    """Parameters of the rank's FSDP shard (all of them without FSDP)."""
+    n_dense = plan.dp * plan.cp if data_parallel_wrapper(plan).startswith("fsdp") else 1
+    return rank.dense_params / n_dense + rank.expert_params * _expert_shard(rank, plan)
+
+
+def optimizer_shard_params(rank: RankMemoryInputs, plan: Plan) -> float:
+    """Parameters whose optimizer states the rank keeps: its FSDP shard, ZeRO-1's even chunks, or all."""
+    if data_parallel_wrapper(plan).startswith("fsdp"):
+        return fsdp_shard_params(rank, plan)
+    if plan.zero_stage == 1:  # executor.zero_one: each tensor cut in even chunks over its replicas
+        return rank.dense_params / (plan.dp * plan.cp) + rank.expert_params * plan.ep / (plan.dp * plan.cp)
+    return rank.dense_params + rank.expert_params
+
+
+def host_bytes(rank: RankMemoryInputs, plan: Plan) -> float:
+    """Host memory of the rank's offloaded states (costmodel.offload.host_state_bytes) and, at most, the
+    scratch of the CPU's optimizer step (a chunk's, as on the GPU without offload)."""
+    if plan.offload == "none":
+        return 0.0
+    scratch = OPTIMIZER_SCRATCH_BYTES_PER_ELEMENT * min(OPTIMIZER_CHUNK_ELEMENTS, rank.largest_tensor_params)
+    return scratch + host_state_bytes(optimizer_shard_params=optimizer_shard_params(rank, plan),
+                                      sharded_params=fsdp_shard_params(rank, plan), plan=plan)
 
 
 def _expert_shard(rank: RankMemoryInputs, plan: Plan) -> float:
@@ -308,8 +339,9 @@ def _activations_held(rank: RankMemoryInputs, plan: Plan, stage: int, in_flight:
 
 def _optimizer_step(rank: RankMemoryInputs, plan: Plan) -> dict[str, float]:
     """The optimizer step: the states, no activations, a chunk's scratch; FSDP2 at stage 2 has resharded."""
+    scratch = OPTIMIZER_SCRATCH_BYTES_PER_ELEMENT * min(OPTIMIZER_CHUNK_ELEMENTS, rank.largest_tensor_params)
     step = dict(model_states(rank, plan), activations=0.0,
-                temporaries=OPTIMIZER_SCRATCH_BYTES_PER_ELEMENT * min(OPTIMIZER_CHUNK_ELEMENTS, rank.largest_tensor_params))
+                temporaries=0.0 if plan.offload != "none" else scratch)  # offloaded: the scratch is on the host
     if data_parallel_wrapper(plan) == "fsdp-gathered":
         step["params"] = 0.0
     return step

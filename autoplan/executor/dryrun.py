@@ -129,6 +129,7 @@ def dry_run(model, plan: Plan, *, gpus: int | None = None, seq_len: int | None =
     result = DryRunResult(model=spec.name, plan=plan, gpus=plan.gpus, seq_len=spec.seq_len, precision=PRECISION,
                           steps=steps, micro_batches_per_step=run_plan.num_micro_batches,
                           peak_memory_bytes=peak.peak_memory_bytes, memory_breakdown=peak.memory_breakdown,
+                          host_memory_bytes=max(r.host_memory_bytes for r in results),
                           peak_stage=peak.stage, stages=results, notes=notes)
     if time_step:
         timed = {memory.stage: timing for memory, timing, _ in traced}
@@ -345,7 +346,8 @@ def track_steps(par, optimizer, *, steps: int, seq_len: int, vocab: int,
         breakdown["activations"] += int(tokens * missing)
     rank = dist.get_rank() if dist.is_initialized() else 0
     return StageMemory(stage=par.coords.get("pp", 0), rank=rank, peak_memory_bytes=sum(breakdown.values()),
-                       memory_breakdown=breakdown, peak_phase=tracker.peak_phase)
+                       memory_breakdown=breakdown, peak_phase=tracker.peak_phase,
+                       host_memory_bytes=tracker.host_peak_bytes)
 
 
 def _receive_buffers(par) -> dict[int, list[torch.Tensor]]:

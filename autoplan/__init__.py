@@ -28,7 +28,7 @@ def profile_model(model, *, seq_len=None, **kwargs):
     return _profile_model(model, seq_len=seq_len, **kwargs)
 
 
-def dryrun(model, plan, *, gpus=None, seq_len=None, stages="ends", time=False, cluster=None):
+def dryrun(model, plan, *, gpus=None, seq_len=None, stages="ends", time=False, cluster=None, trainable=None):
     """Run `plan` with the executor's code for the fullest rank of each chosen pipeline stage of a `gpus`-rank
     job, on a fake process group with fake tensors, and count every tensor byte: a DryRunResult with
     peak_memory_bytes and memory_breakdown. `model`: an nn.Module built on meta, a model.py path or a
@@ -37,7 +37,8 @@ def dryrun(model, plan, *, gpus=None, seq_len=None, stages="ends", time=False, c
     default the dgx-h100 preset) with the estimate's formulas: .step_time_s and .time_breakdown."""
     from autoplan.executor.dryrun import dry_run  # imports torch
 
-    return dry_run(model, plan, gpus=gpus, seq_len=seq_len, stages=stages, time_step=time, cluster=cluster)
+    return dry_run(model, plan, gpus=gpus, seq_len=seq_len, stages=stages, time_step=time, cluster=cluster,
+                   trainable=trainable)
 
 
 def verify_plans(ranked, model, cluster, *, seq_len=None, top=None, progress=None):

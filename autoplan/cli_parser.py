@@ -179,6 +179,10 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="path to a model.py (defines build_model()), a Hugging Face config.json or "
                                       "model folder, or a built-in name, e.g. llama3-70b")
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's CONFIG)")
+    parser.add_argument("--trainable", metavar="PATTERN",
+                        help="fine-tune: only parameters whose name matches this regular expression train (e.g. "
+                             "'layers\\.3[01]\\.|output'); the others are frozen: no gradients, optimizer states "
+                             "or data-parallel traffic (default: what the model sets, all for the built-in ones)")
 
 
 def read_plan(path: str):

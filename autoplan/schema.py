@@ -92,6 +92,9 @@ class LayerProfile(_Noun):
     attention_core_fwd_flops: float = Field(0.0, description="Part of fwd_flops inside attention's softmax(QK^T)V core.")
     params: int = Field(description="Parameters owned by this layer.")
     tp_sharded_params: int = Field(0, description="Parameters that tensor parallelism splits (the rest are replicated).")
+    frozen_params: int = Field(0, description="Part of params that does not train (requires_grad=False: a frozen base "
+                                              "under LoRA, --trainable): no gradient, optimizer state or data-parallel "
+                                              "gradient traffic.")
     expert_params: int = Field(0, description="Parameters of routed experts (split by expert parallelism).")
     tied_params: int = Field(0, description="Parameters this layer uses that an earlier layer holds and counts (a tied "
                                             "weight, e.g. the output head's table shared with the embedding); not in "

@@ -18,7 +18,7 @@ from autoplan.costmodel.overhead import overhead_s
 from autoplan.costmodel.pipeline import micro_batches_in_flight, pipeline_step_s
 from autoplan.costmodel.rank_memory import (LayerMemory, RankMemoryInputs, backward_excess, backward_steps,
                                             forward_excess, host_bytes, layer_memory, offload_device_states,
-                                            rank_peak)
+                                            rank_peak, trainable_fraction)
 from autoplan.schema import Cluster, Estimate, LayerProfile, ModelProfile, Plan, Stack, check_plan
 from autoplan.support import unsupported_reason
 
@@ -161,6 +161,7 @@ class Coster:
                 memory.weight_grad_inputs += one.weight_grad_inputs
                 memory.largest_tensor_params = max(memory.largest_tensor_params, one.largest_tensor_params)
         memory.dense_params, memory.expert_params = result.layers.dense_params, result.layers.expert_params
+        memory.frozen_params = result.layers.frozen_params
         self._temporaries(memory, plan, rank, recompute, last_blocks)
         return result
 
@@ -281,8 +282,9 @@ def paper_rank_memory(rank: RankCost, index: int, plan: Plan, stack: Stack | Non
     expert = model_state_bytes(params=rank.layers.expert_params, zero_stage=plan.zero_stage,
                                shard_degree=plan.dp * plan.cp * plan.tp // plan.ep)
     zero3_buffers = 2 * PARAM_BYTES * rank.max_layer_params if plan.zero_stage == 3 else 0.0
-    states = offload_device_states({"params": dense[0] + expert[0], "grads": dense[1] + expert[1],
-                                    "optimizer": dense[2] + expert[2]}, plan)
+    train = trainable_fraction(rank.memory)  # frozen parameters: no gradients, no optimizer states
+    states = offload_device_states({"params": dense[0] + expert[0], "grads": (dense[1] + expert[1]) * train,
+                                    "optimizer": (dense[2] + expert[2]) * train}, plan)
     return {
         **{name: int(value) for name, value in states.items()}, "activations": int(activations * in_flight),
         "temporaries": int(temporaries), "buffers": int(zero3_buffers),

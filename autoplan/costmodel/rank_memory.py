@@ -184,6 +184,7 @@ class RankMemoryInputs:
 
     dense_params: float = 0.0        # parameters on this rank (after tp); experts apart
     expert_params: float = 0.0       # routed-expert parameters on this rank (after ep)
+    frozen_params: float = 0.0       # part of them that does not train (no gradient, no optimizer state)
     embedding_params: float = 0.0    # the vocabulary-parallel table on this rank (its gradient comes back whole)
     largest_unit_params: float = 0.0  # the largest FSDP unit (a block) on this rank
     root_params: float = 0.0         # parameters outside the blocks on this rank (FSDP's root unit)
@@ -225,13 +226,14 @@ def model_states(rank: RankMemoryInputs, plan: Plan) -> dict[str, float]:
     fsdp = wrapper.startswith("fsdp")
     sharded = fsdp_shard_params(rank, plan)
     whole = rank.dense_params + rank.expert_params
+    train = trainable_fraction(rank)
     optimizer_shard = optimizer_shard_params(rank, plan)
-    grads = GRAD_BYTES * (sharded if fsdp else whole)
+    grads = GRAD_BYTES * (sharded if fsdp else whole) * train
     if plan.tp > 1 and not fsdp:
-        grads += GRAD_BYTES * rank.embedding_params * (plan.tp - 1)  # a Replicate DTensor gradient
+        grads += GRAD_BYTES * rank.embedding_params * (plan.tp - 1) * train  # a Replicate DTensor gradient
     buffers = 0.0
     if wrapper == "ddp":
-        buffers += GRAD_BYTES * whole
+        buffers += GRAD_BYTES * whole * train  # DDP buckets hold the gradients of trainable parameters only
     if wrapper == "fsdp-gathered":
         buffers += PARAM_BYTES * sharded
     micro = plan.num_micro_batches
@@ -253,6 +255,13 @@ def offload_device_states(states: dict[str, float], plan: Plan) -> dict[str, flo
     return states
 
 
+def trainable_fraction(rank: RankMemoryInputs) -> float:
+    """Share of the rank's parameters that train (1 without frozen ones); gradients, optimizer states and
+    their traffic scale with it (frozen tensors are assumed spread as the others are)."""
+    whole = rank.dense_params + rank.expert_params
+    return 1.0 - rank.frozen_params / whole if whole and rank.frozen_params else 1.0
+
+
 def fsdp_shard_params(rank: RankMemoryInputs, plan: Plan) -> float:
     """Parameters of the rank's FSDP shard (all of them without FSDP)."""
     n_dense = plan.dp * plan.cp if data_parallel_wrapper(plan).startswith("fsdp") else 1
@@ -260,12 +269,13 @@ def fsdp_shard_params(rank: RankMemoryInputs, plan: Plan) -> float:
 
 
 def optimizer_shard_params(rank: RankMemoryInputs, plan: Plan) -> float:
-    """Parameters whose optimizer states the rank keeps: its FSDP shard, ZeRO-1's even chunks, or all."""
+    """Trainable parameters whose optimizer states the rank keeps: its FSDP shard, ZeRO-1's even chunks, or all."""
+    train = trainable_fraction(rank)
     if data_parallel_wrapper(plan).startswith("fsdp"):
-        return fsdp_shard_params(rank, plan)
+        return fsdp_shard_params(rank, plan) * train
     if plan.zero_stage == 1:  # executor.zero_one: each tensor cut in even chunks over its replicas
-        return rank.dense_params / (plan.dp * plan.cp) + rank.expert_params * plan.ep / (plan.dp * plan.cp)
-    return rank.dense_params + rank.expert_params
+        return (rank.dense_params / (plan.dp * plan.cp) + rank.expert_params * plan.ep / (plan.dp * plan.cp)) * train
+    return (rank.dense_params + rank.expert_params) * train
 
 
 def host_bytes(rank: RankMemoryInputs, plan: Plan) -> float:
@@ -378,8 +388,8 @@ def _rank_peak(rank: RankMemoryInputs, plan: Plan, stage: int, in_flight: float,
         else:
             out["buffers"] += gathered
         if plan.pp > 1 and wrapper.startswith("fsdp") and grads:  # reduced once, after the last micro-batch
-            out["buffers"] += GRAD_BYTES * (rank.dense_params + rank.expert_params * pad
-                                            + rank.embedding_params * (plan.tp - 1))  # (a Replicate DTensor)
+            out["buffers"] += GRAD_BYTES * trainable_fraction(rank) * (
+                rank.dense_params + rank.expert_params * pad + rank.embedding_params * (plan.tp - 1))  # (Replicate)
         if plan.pp > 1 and wrapper.startswith("fsdp"):
             out["grads"] = 0.0
         return out

@@ -22,7 +22,7 @@ from autoplan.costmodel.data_parallel import dp_sync_s, optimizer_step_s
 from autoplan.costmodel.estimate import Coster, RankCost
 from autoplan.costmodel.layers import LayerCost
 from autoplan.costmodel.memory import model_state_bytes
-from autoplan.costmodel.rank_memory import RankMemoryInputs, model_states, offload_device_states
+from autoplan.costmodel.rank_memory import RankMemoryInputs, model_states, offload_device_states, trainable_fraction
 from autoplan.errors import InfeasiblePlanError, InvalidInputError
 from autoplan.planner.baselines import expert_defaults
 from autoplan.planner.partition import end_layers_s, solve_partition
@@ -117,7 +117,8 @@ def time_bound_s(coster: Coster, plan: Plan, whole: LayerCost) -> float:
         pipe = (m - 1 / v) * slowest + f / v
     average = RankCost(LayerCost(fwd_compute_s=whole.fwd_compute_s / p,
                                  bwd_compute_s=(whole.bwd_compute_s + whole.fwd_compute_s) / p,
-                                 dense_params=whole.dense_params / p, expert_params=whole.expert_params / p),
+                                 dense_params=whole.dense_params / p, expert_params=whole.expert_params / p,
+                                 frozen_params=whole.frozen_params / p),
                        blocks=coster.profile.num_blocks // p)
     tail = dp_sync_s(average, coster.cluster, plan, coster.stack)[0] + optimizer_step_s(average, coster.cluster, plan, coster.stack)
     return pipe + coster.p2p_total_s(plan) + tail
@@ -155,12 +156,14 @@ def balanced_slowest_s(coster: Coster, plan: Plan) -> float:
 def memory_bound_bytes(coster: Coster, plan: Plan, whole: LayerCost) -> float:
     """A lower bound on the fullest rank's memory: the model states spread evenly over the pp ranks
     (the fullest holds at least the mean), plus the reserve."""
-    mean = RankMemoryInputs(dense_params=whole.dense_params / plan.pp, expert_params=whole.expert_params / plan.pp)
+    mean = RankMemoryInputs(dense_params=whole.dense_params / plan.pp, expert_params=whole.expert_params / plan.pp,
+                            frozen_params=whole.frozen_params / plan.pp)
+    train = trainable_fraction(mean)
     dense = model_state_bytes(params=mean.dense_params, zero_stage=plan.zero_stage, shard_degree=plan.dp * plan.cp)
     expert = model_state_bytes(params=mean.expert_params, zero_stage=plan.zero_stage,
                                shard_degree=plan.dp * plan.cp * plan.tp // plan.ep)
-    paper = offload_device_states({"params": dense[0] + expert[0], "grads": dense[1] + expert[1],
-                                   "optimizer": dense[2] + expert[2]}, plan)
+    paper = offload_device_states({"params": dense[0] + expert[0], "grads": (dense[1] + expert[1]) * train,
+                                   "optimizer": (dense[2] + expert[2]) * train}, plan)
     # the executor's states (costmodel.rank_memory), or the papers' where the estimate falls back to them
     return min(sum(model_states(mean, plan).values()), sum(paper.values())) + coster.cluster.memory_reserve_bytes
 

@@ -41,6 +41,9 @@ def estimate_table(estimate: Estimate, *, plan: Plan, cluster: Cluster, profile:
         verdict = "fits, but within the memory model's error of the limit"
     headline.add_row("memory/GPU", f"{estimate.memory_per_gpu_bytes / GIB:.2f} GiB of "
                                    f"{estimate.memory_limit_bytes / GIB:.2f} GiB ({verdict}; stage {estimate.peak_stage})")
+    if plan.offload != "none":
+        headline.add_row("host/GPU", f"{estimate.host_memory_per_gpu_bytes / GIB:.2f} GiB of "
+                                     f"{estimate.host_memory_limit_bytes / GIB:.2f} GiB (offload={plan.offload})")
     console.print(headline)
     console.print(_breakdown("time", {k: v * 1e3 for k, v in estimate.time_breakdown.items()}, "ms",
                              estimate.step_time_s * 1e3))

@@ -28,7 +28,7 @@ def _load_profile(args):
     from autoplan.profiler.model import MAX_SEQ_LEN, profile_model
 
     check_range("--seq-len", args.seq_len, 1, MAX_SEQ_LEN)
-    profile = profile_model(args.model, seq_len=args.seq_len)
+    profile = profile_model(args.model, seq_len=args.seq_len, trainable=args.trainable)
     for note in profile.notes:  # what the profiler could not recognize: said, not silently guessed
         print(f"autoplan: note: {note}", file=sys.stderr)
     return profile
@@ -68,6 +68,11 @@ def _search(args) -> int:
 
     batch = check_job(args)
     fixed = fixed_fields(args.fix)
+    if isinstance(args.gpus, tuple):  # a range: the best plan per GPU count
+        from autoplan.cli_sweep import run_sweep
+
+        profile = _load_profile(args)
+        return run_sweep(args, batch=batch, fixed=fixed, profile=profile, accept=_executable(args, profile))
     if args.out:
         check_output(args.out, force=args.force)
     cluster = Cluster.resolve(args.cluster, gpus=args.gpus)
@@ -142,7 +147,7 @@ def _dryrun(args) -> int:
     cluster = Cluster.resolve(args.cluster, gpus=plan.gpus)
     profile = _load_profile(args)
     result = dryrun(args.model, plan, gpus=plan.gpus, seq_len=profile.seq_len, stages=args.stages, time=args.time,
-                    cluster=cluster)
+                    cluster=cluster, trainable=args.trainable)
     if args.json:
         print(result.model_dump_json(indent=2))
         return 0
@@ -158,6 +163,8 @@ def _bench(args) -> int:
     from autoplan.report.bench import bench
     from autoplan.schema import Cluster
 
+    if args.trainable is not None:
+        raise InvalidInputError("bench runs whole models; --trainable is taken by search, estimate, dryrun and run")
     batch = check_job(args)
     fixed = fixed_fields(args.fix)
     out = Path(args.out)
@@ -310,6 +317,9 @@ def _train_plan(args, plan, device) -> None:
     model = loaded.module
     if hasattr(model, "init_weights"):
         model.init_weights(seed=args.seed)
+    from autoplan.models.finetune import apply_trainable
+
+    apply_trainable(model, args.trainable)
     if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda"):
         model.to(torch.bfloat16)  # AdamW then keeps fp32 master weights (executor.precision)
     seq_len = args.seq_len or loaded.seq_len

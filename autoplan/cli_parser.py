@@ -33,7 +33,14 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
                           description="Search dp/tp/pp/cp/ep, ZeRO, recompute, micro-batch and pipeline schedule "
                                       "for the fastest plans that fit in GPU memory.")
     _model_args(srch)
-    srch.add_argument("--gpus", type=int, required=True, help="GPUs in the job")
+    srch.add_argument("--gpus", type=gpus_arg, required=True,
+                      help="GPUs in the job, or a range LOW-HIGH (e.g. 8-1024): the best plan at each power of two "
+                           "and power-of-two number of nodes in it, with time to train and GPU-hours")
+    srch.add_argument("--tokens", default="1T",
+                      help="with a --gpus range: tokens to train on, e.g. 1T, 300B, 2.5e12 (default 1T)")
+    srch.add_argument("--gpu-hour-price", type=float, metavar="P",
+                      help="with a --gpus range: price of one GPU-hour, for a cost column")
+    srch.add_argument("--plot", help="with a --gpus range: write the sweep's plot (PNG) here (default: beside --out)")
     srch.add_argument("--cluster", default=DEFAULT_CLUSTER,
                       help=f"preset name or cluster JSON file (default {DEFAULT_CLUSTER})")
     _stack_arg(srch)
@@ -172,6 +179,10 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="path to a model.py (defines build_model()), a Hugging Face config.json or "
                                       "model folder, or a built-in name, e.g. llama3-70b")
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's CONFIG)")
+    parser.add_argument("--trainable", metavar="PATTERN",
+                        help="fine-tune: only parameters whose name matches this regular expression train (e.g. "
+                             "'layers\\.3[01]\\.|output'); the others are frozen: no gradients, optimizer states "
+                             "or data-parallel traffic (default: what the model sets, all for the built-in ones)")
 
 
 def read_plan(path: str):
@@ -198,7 +209,7 @@ def default_batch(gpus: int) -> int:
 
 
 FIXABLE = ("dp", "tp", "pp", "cp", "ep", "zero_stage", "recompute", "sequence_parallel", "micro_batch_size",
-           "schedule", "virtual_stages")
+           "schedule", "virtual_stages", "offload")
 
 
 def fixed_fields(pairs: list[str]) -> dict:
@@ -237,12 +248,25 @@ def fix_value(name: str, text: str):
         raise InvalidInputError(f"--fix {name}={text}: {one_line(err)}") from None
 
 
+def gpus_arg(text: str) -> int | tuple[int, int]:
+    """--gpus of search: N, or LOW-HIGH for a sweep over GPU counts."""
+    match = re.fullmatch(r"\s*([0-9]{1,100})\s*(?:-\s*([0-9]{1,100})\s*)?", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a number of GPUs or a range such as 8-1024, got {text!r}")
+    low = int(match.group(1))
+    return low if match.group(2) is None else (low, int(match.group(2)))
+
+
 def check_job(args) -> int:
     """Check --gpus, --top and --global-batch of search and bench; the global batch to use."""
     from autoplan.planner.search import MAX_TOP_K
     from autoplan.schema import MAX_GLOBAL_BATCH, MAX_GPUS
 
-    check_range("--gpus", args.gpus, 1, MAX_GPUS)
+    gpus = args.gpus if isinstance(args.gpus, tuple) else (args.gpus,)
+    for count in gpus:
+        check_range("--gpus", count, 1, MAX_GPUS)
+    if len(gpus) == 2 and gpus[0] > gpus[1]:
+        raise InvalidInputError(f"--gpus range {gpus[0]}-{gpus[1]}: LOW must not exceed HIGH")
     check_range("--top", args.top, 1, MAX_TOP_K)
     check_range("--global-batch", args.global_batch, 1, MAX_GLOBAL_BATCH)
-    return args.global_batch if args.global_batch is not None else default_batch(args.gpus)
+    return args.global_batch if args.global_batch is not None else default_batch(gpus[-1])

@@ -24,6 +24,7 @@ PRESETS_DIR = Path(__file__).parent / "profiler" / "presets"
 LayerKind = Literal["embedding", "attention", "mlp", "moe", "norm", "head", "other"]
 Schedule = Literal["gpipe", "1f1b", "interleaved-1f1b", "zero-bubble"]
 Recompute = Literal["none", "selective", "full"]
+Offload = Literal["none", "optimizer", "params"]
 TpSplit = Literal["n", "k", "none"]
 
 
@@ -91,6 +92,9 @@ class LayerProfile(_Noun):
     attention_core_fwd_flops: float = Field(0.0, description="Part of fwd_flops inside attention's softmax(QK^T)V core.")
     params: int = Field(description="Parameters owned by this layer.")
     tp_sharded_params: int = Field(0, description="Parameters that tensor parallelism splits (the rest are replicated).")
+    frozen_params: int = Field(0, description="Part of params that does not train (requires_grad=False: a frozen base "
+                                              "under LoRA, --trainable): no gradient, optimizer state or data-parallel "
+                                              "gradient traffic.")
     expert_params: int = Field(0, description="Parameters of routed experts (split by expert parallelism).")
     tied_params: int = Field(0, description="Parameters this layer uses that an earlier layer holds and counts (a tied "
                                             "weight, e.g. the output head's table shared with the embedding); not in "
@@ -210,6 +214,17 @@ class Cluster(_Noun):
     layer_overhead_bwd_s: float = Field(0.0, ge=0, description="The same in backward.")
     host_block_s: dict[str, float] = Field(default_factory=dict, description="Seconds the host takes to issue one transformer block's forward and backward, per recompute mode (none, selective, full), measured by `autoplan profile MODEL` on a GPU (profiler.host); a block then costs max(device time, host time) per micro-batch. Empty: the host never limits (CPUs, where dispatch is part of the measured layer times).")
     overheads: dict[str, float] = Field(default_factory=dict, description="Seconds per call of the fixed costs of costmodel.overhead.FEATURES (loop, DTensor dispatch, FSDP units, DDP sync, pipeline micro-batches), fitted by `autoplan calibrate` from measured runs; empty in the presets.")
+    host_memory_bytes: int = Field(0, ge=0, description="CPU (host) memory per node, all sockets; 0: unknown, and no plan "
+                                                      "that offloads to the host is considered.")
+    host_memory_reserve_bytes: int = Field(0, ge=0, description="Host memory per node not available to offloaded states: "
+                                                              "the OS, the data loader, CUDA's pinned staging buffers.")
+    host_memory_bandwidth_bytes_per_s: float = Field(0.0, ge=0, description="CPU memory bandwidth per node, all sockets "
+                                                                          "(what an optimizer step on the CPU is bound by).")
+    host_link: Link | None = Field(None, description="Link between host memory and one GPU (PCIe, NVLink-C2C): achievable "
+                                                     "bandwidth per direction per GPU and latency; None: unknown.")
+    cpu_optimizer_efficiency: float = Field(0.5, gt=0, le=1, description="Fraction of host memory bandwidth an Adam step "
+                                                                        "on the CPU reaches (the step's GPUs share the node's "
+                                                                        "bandwidth).")
     sources: dict[str, str] = Field(default_factory=dict, description="Where each number comes from.")
     measurements: dict | None = Field(None, description="Raw measurements a profile run fitted the numbers from.")
 
@@ -225,6 +240,17 @@ class Cluster(_Noun):
     @property
     def num_nodes(self) -> int:
         return math.ceil(self.num_gpus / self.gpus_per_node)
+
+    @property
+    def host_memory_per_gpu_bytes(self) -> int:
+        """Host memory one GPU's process may fill with offloaded states: the node's, less its reserve, shared by
+        the job's GPUs on the node (all of it for a job of one GPU)."""
+        sharing = min(self.gpus_per_node, self.num_gpus)
+        return max(self.host_memory_bytes - self.host_memory_reserve_bytes, 0) // sharing
+
+    @property
+    def can_offload(self) -> bool:
+        return self.host_memory_bytes > 0 and self.host_link is not None and self.host_memory_bandwidth_bytes_per_s > 0
 
     @classmethod
     def presets(cls) -> list[str]:
@@ -340,6 +366,9 @@ class Plan(_Noun):
     virtual_stages: int = Field(1, ge=1, le=1024, description="Model chunks per pipeline rank (interleaved schedules).")
     layers_per_stage: list[int] | None = Field(None, description="Blocks per pipeline chunk (pp*virtual_stages entries); None: as even as possible.")
     recompute_per_stage: list[Recompute] | None = Field(None, description="Recompute per pipeline stage (pp entries), overriding `recompute`.")
+    offload: Offload = Field("none", description="What lives in host memory: none; optimizer (fp32 master weights and "
+                                                 "moments, the Adam step on the CPU: ZeRO-Offload); params (also the "
+                                                 "sharded parameters and gradients: FSDP2's CPUOffloadPolicy, zero_stage 3).")
 
     @model_validator(mode="after")
     def _self_consistent(self) -> Plan:
@@ -358,6 +387,8 @@ class Plan(_Noun):
             raise ValueError(f"layers_per_stage has {len(self.layers_per_stage)} entries but pp*virtual_stages = {chunks}")
         if self.recompute_per_stage is not None and len(self.recompute_per_stage) != self.pp:
             raise ValueError(f"recompute_per_stage has {len(self.recompute_per_stage)} entries but pp = {self.pp}")
+        if self.offload == "params" and self.zero_stage != 3:
+            raise ValueError(f"offload=params needs zero_stage 3 (FSDP2's CPUOffloadPolicy), not {self.zero_stage}")
         return self
 
     @property
@@ -387,6 +418,8 @@ class Plan(_Noun):
                  f"mbs={self.micro_batch_size}", f"gbs={self.global_batch_size}", f"schedule={self.schedule}"]
         if self.virtual_stages > 1:
             parts.append(f"v={self.virtual_stages}")
+        if self.offload != "none":
+            parts.append(f"offload={self.offload}")
         return " ".join(parts)
 
 
@@ -462,7 +495,9 @@ class Estimate(_Noun):
     hardware_flops_per_gpu_per_s: float = Field(description="FLOPs executed per second per GPU, recompute included.")
     memory_per_gpu_bytes: int = Field(description="Peak memory of the fullest rank.")
     memory_limit_bytes: int = Field(description="GPU memory per rank.")
-    fits: bool = Field(description="memory_per_gpu_bytes <= memory_limit_bytes.")
+    fits: bool = Field(description="memory_per_gpu_bytes <= memory_limit_bytes (and the host memory within its limit).")
+    host_memory_per_gpu_bytes: int = Field(0, description="Host memory the fullest rank's offloaded states take (Plan.offload).")
+    host_memory_limit_bytes: int = Field(0, description="Host memory per GPU (Cluster.host_memory_per_gpu_bytes).")
     step_time_band_s: tuple[float, float] | None = Field(None, description="Where the step time falls for most runs: the "
                                                                             "cross-validated error band of the published runs "
                                                                             "(costmodel.bands) around step_time_s.")
@@ -486,6 +521,7 @@ class StageMemory(_Noun):
     memory_breakdown: dict[str, int] = Field(description="Bytes at the peak by category: params, grads, optimizer, "
                                                          "activations, temporaries, buffers.")
     peak_phase: str = Field(description="When the peak happened, e.g. 'step 2 backward'.")
+    host_memory_bytes: int = Field(0, description="Most bytes of offloaded states in host memory (Plan.offload).")
     fwd_s: float | None = Field(None, description="Time dry run: seconds of one micro-batch's forward on this rank "
                                                   "(compute and exposed communication, priced by costmodel.trace_time).")
     bwd_s: float | None = Field(None, description="Time dry run: seconds of one micro-batch's backward, recompute included.")
@@ -508,6 +544,8 @@ class DryRunResult(_Noun):
     micro_batches_per_step: int = Field(description="Micro-batches run per step (a memory-equivalent number; "
                                                     "the plan's may be larger).")
     peak_memory_bytes: int = Field(description="Peak tensor bytes per GPU of the fullest rank (no reserve).")
+    host_memory_bytes: int = Field(0, description="Bytes of offloaded states in host memory of that rank (Plan.offload): "
+                                                   "counted apart, not in peak_memory_bytes.")
     memory_breakdown: dict[str, int] = Field(description="Bytes of the fullest rank at its peak by category.")
     peak_stage: int = Field(0, description="Pipeline stage of the fullest rank.")
     stages: list[StageMemory] = Field(default_factory=list, description="Each pipeline stage that was run.")
@@ -526,8 +564,10 @@ class DryRunResult(_Noun):
         return self._traces
 
     def fits(self, cluster: Cluster) -> bool:
-        """Peak tensor memory plus the cluster's reserve (context, NCCL, fragmentation) within GPU memory."""
-        return self.peak_memory_bytes + cluster.memory_reserve_bytes <= cluster.memory_bytes
+        """Peak tensor memory plus the cluster's reserve (context, NCCL, fragmentation) within GPU memory, and the
+        offloaded states within the host memory per GPU."""
+        host_ok = not self.host_memory_bytes or self.host_memory_bytes <= cluster.host_memory_per_gpu_bytes
+        return self.peak_memory_bytes + cluster.memory_reserve_bytes <= cluster.memory_bytes and host_ok
 
 
 PlanFile.model_rebuild()

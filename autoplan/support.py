@@ -13,6 +13,9 @@ ZERO_BUBBLE_SELECTIVE = "the zero-bubble schedule with selective recompute is no
                         "in two passes and torch's selective checkpointing allows one; use full recompute or 1f1b"
 
 
+OFFLOAD_PARAMS = "offload=params runs on FSDP2's CPUOffloadPolicy over the dp*cp replicas: it needs dp*cp > 1 and " \
+                 "ep=1; on one replica use offload=optimizer"
+
 FOREIGN_CP = "cp > 1 needs the reference models' RoPE table; a Hugging Face model computes its rotary tables per " \
              "forward and is not run with context parallelism yet: use cp=1"
 
@@ -28,6 +31,8 @@ def unsupported_reason(plan, *, moe: bool, foreign: bool = False) -> str | None:
         return f"cp={plan.cp} with ep={plan.ep}: expert parallelism runs with cp=1 only so far"
     if plan.ep > 1 and (plan.tp > 1 or plan.zero_stage > 1):
         return EP_LIMITS
+    if plan.offload == "params" and (plan.dp * plan.cp == 1 or plan.ep > 1):
+        return OFFLOAD_PARAMS
     if plan.schedule == "zero-bubble" and plan.pp > 1 and \
             any(plan.stage_recompute(stage) == "selective" for stage in range(plan.pp)):
         return ZERO_BUBBLE_SELECTIVE

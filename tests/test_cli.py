@@ -161,3 +161,22 @@ def test_no_layout_exits_3(run_cli):
 def test_search_bad_input(argv, expected, run_cli):
     code, _, err = run_cli(argv)
     assert code == 2 and expected in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("pattern, message", [("(", "is not a regular expression"),
+                                              ("no_such_parameter", "matches none of the model's parameters")])
+def test_trainable_bad_pattern_is_one_line(run_cli, pattern, message):
+    code, _, err = run_cli(["search", "gpt-tiny", "--gpus", "2", "--trainable", pattern])
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_trainable_shrinks_the_optimizer_states(run_cli, tmp_path):
+    """Oracle: ZeRO's K = 12 B per trained parameter: training only the output head (gpt-tiny's: 512 x 64)
+    keeps 12 B per head parameter of optimizer states, not 12 B per model parameter."""
+    import json
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"global_batch_size": 8}))
+    code, out, err = run_cli(["estimate", "gpt-tiny", "--plan", str(plan), "--json", "--trainable", r"^output\."])
+    assert code == 0, err
+    assert json.loads(out)["memory_breakdown"]["optimizer"] == pytest.approx(12 * 512 * 64, rel=0.01)

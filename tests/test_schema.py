@@ -236,7 +236,7 @@ def numeric_fields() -> set[str]:
             continue
         if info.annotation in (int, float):
             names.add(name)
-        elif info.annotation is Link:
+        elif info.annotation in (Link, Link | None):
             names |= {f"{name}.{sub}" for sub in Link.model_fields}
         elif name == "gemm_efficiency":
             names.add(name)
@@ -250,7 +250,9 @@ def test_numeric_fields_are_the_expected_set():
         "memory_reserve_bytes", "intra_node.bandwidth_bytes_per_s", "intra_node.latency_s",
         "inter_node.bandwidth_bytes_per_s", "inter_node.latency_s", "gemm_efficiency", "attention_efficiency",
         "memory_bound_efficiency", "layer_overhead_fwd_s", "layer_overhead_bwd_s", "sustained_clock_fraction",
-        "overlap_slowdown", "fp8_gemm_speedup"}
+        "overlap_slowdown", "fp8_gemm_speedup", "host_memory_bytes", "host_memory_reserve_bytes",
+        "host_memory_bandwidth_bytes_per_s", "host_link.bandwidth_bytes_per_s", "host_link.latency_s",
+        "cpu_optimizer_efficiency"}
 
 
 @pytest.mark.parametrize("name", PRESETS)

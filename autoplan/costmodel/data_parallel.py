@@ -9,6 +9,7 @@ from autoplan.costmodel import comm
 from autoplan.costmodel.compute import memory_bound_time_s
 from autoplan.costmodel.layers import DEFAULT_STACK
 from autoplan.costmodel.memory import GRAD_BYTES, PARAM_BYTES
+from autoplan.costmodel.offload import fsdp_offload_copies_s, offloaded_step_s
 from autoplan.schema import Cluster, Plan, Stack
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ def dp_sync_s(rank: RankCost, cluster: Cluster, plan: Plan, stack: Stack | None 
     (stride tp); experts over the expert-data-parallel ranks dp*cp*tp/ep (stride ep).
     """
     stack = stack or DEFAULT_STACK
+    train = _trainable(rank)  # frozen parameters send no gradients (nor, under ZeRO 1/2, updated weights)
     groups = [(rank.layers.dense_params, plan.dp * plan.cp, plan.tp),
               (rank.layers.expert_params, plan.expert_data_parallel, plan.ep)]
     units = (max(rank.blocks, 1) * stack.zero3_collectives_per_block + 1) if plan.zero_stage == 3 else 1
@@ -45,13 +47,22 @@ def dp_sync_s(rank: RankCost, cluster: Cluster, plan: Plan, stack: Stack | None 
             continue
         topo = comm.group_topology(group_size=size, stride=stride, gpus_per_node=cluster.gpus_per_node)
         grads, weights = GRAD_BYTES * params / units, PARAM_BYTES * params / units
-        if plan.zero_stage <= 1:
+        grads *= train
+        if plan.zero_stage in (1, 2):
+            weights *= train
+        if grads <= 0:
+            pass
+        elif plan.zero_stage <= 1:
             reduce_s += units * comm.group_all_reduce_s(message_bytes=grads, topo=topo, cluster=cluster)
         else:
             reduce_s += units * reduces * comm.group_reduce_scatter_s(message_bytes=grads, topo=topo, cluster=cluster)
-        if plan.zero_stage >= 1:
+        if plan.zero_stage >= 1 and weights > 0:
             gather_s += units * comm.group_all_gather_s(message_bytes=weights, topo=topo, cluster=cluster)
     fwd_s, bwd_s = rank.layers.fwd_compute_s, rank.layers.bwd_compute_s + rank.layers.recompute_s
+    if plan.offload == "params":  # FSDP2's CPUOffloadPolicy: the shard up before each gather, down after each reduce
+        shard = rank.layers.dense_params / (plan.dp * plan.cp) + rank.layers.expert_params / (plan.dp * plan.cp)
+        gather_s += fsdp_offload_copies_s(shard_params=shard, gathers=1, reduces=0, cluster=cluster)
+        reduce_s += fsdp_offload_copies_s(shard_params=shard, gathers=0, reduces=1, cluster=cluster)
     if plan.zero_stage == 3 and plan.pp > 1:
         # under a pipeline schedule FSDP keeps the gathered parameters for all the step's micro-batches and
         # reduce-scatters the accumulated gradients once (torch.distributed.pipelining with FSDP2, as
@@ -85,4 +96,13 @@ def optimizer_step_s(rank: RankCost, cluster: Cluster, plan: Plan, stack: Stack 
     bytes_per_param = (stack or DEFAULT_STACK).optimizer_step_bytes
     dense = rank.layers.dense_params / (plan.dp * plan.cp if plan.zero_stage >= 1 else 1)
     expert = rank.layers.expert_params / (plan.expert_data_parallel if plan.zero_stage >= 1 else 1)
-    return memory_bound_time_s(bytes_moved=(dense + expert) * bytes_per_param, cluster=cluster)
+    shard = (dense + expert) * _trainable(rank)  # frozen parameters are not stepped
+    if plan.offload != "none":  # on the CPU, with the host-link copies (costmodel.offload)
+        return offloaded_step_s(shard_params=shard, plan=plan, cluster=cluster)
+    return memory_bound_time_s(bytes_moved=shard * bytes_per_param, cluster=cluster)
+
+
+def _trainable(rank: RankCost) -> float:
+    """Share of the rank's parameters that train (costmodel.rank_memory.trainable_fraction)."""
+    whole = rank.layers.dense_params + rank.layers.expert_params
+    return 1.0 - rank.layers.frozen_params / whole if whole and rank.layers.frozen_params else 1.0

@@ -18,7 +18,8 @@ from autoplan.costmodel.memory import PARAM_BYTES, model_state_bytes
 from autoplan.costmodel.overhead import overhead_s
 from autoplan.costmodel.pipeline import micro_batches_in_flight, pipeline_step_s
 from autoplan.costmodel.rank_memory import (LayerMemory, RankMemoryInputs, backward_excess, backward_steps,
-                                            forward_excess, layer_memory, rank_peak)
+                                            forward_excess, host_bytes, layer_memory, offload_device_states,
+                                            rank_peak, trainable_fraction)
 from autoplan.schema import Cluster, Estimate, LayerProfile, ModelProfile, Plan, Stack, check_plan
 from autoplan.support import unsupported_reason
 
@@ -170,6 +171,7 @@ class Coster:
                 memory.weight_grad_inputs += one.weight_grad_inputs
                 memory.largest_tensor_params = max(memory.largest_tensor_params, one.largest_tensor_params)
         memory.dense_params, memory.expert_params = result.layers.dense_params, result.layers.expert_params
+        memory.frozen_params = result.layers.frozen_params
         self._temporaries(memory, plan, rank, recompute, last_blocks)
         return result
 
@@ -295,9 +297,11 @@ def paper_rank_memory(rank: RankCost, index: int, plan: Plan, stack: Stack | Non
     by_module = stack is not None and stack.zero3_collectives_per_block > 1
     unit = min(rank.memory.largest_tensor_params, rank.max_layer_params) if by_module else rank.max_layer_params
     zero3_buffers = 2 * PARAM_BYTES * unit if plan.zero_stage == 3 else 0.0
+    train = trainable_fraction(rank.memory)  # frozen parameters: no gradients, no optimizer states
+    states = offload_device_states({"params": dense[0] + expert[0], "grads": (dense[1] + expert[1]) * train,
+                                    "optimizer": (dense[2] + expert[2]) * train}, plan)
     return {
-        "params": int(dense[0] + expert[0]), "grads": int(dense[1] + expert[1]),
-        "optimizer": int(dense[2] + expert[2]), "activations": int(activations * in_flight),
+        **{name: int(value) for name, value in states.items()}, "activations": int(activations * in_flight),
         "temporaries": int(temporaries), "buffers": int(zero3_buffers),
     }
 
@@ -337,6 +341,9 @@ def _assemble(profile: ModelProfile, cluster: Cluster, plan: Plan, ranks: list[R
     # the band covers the tensors' bytes; the reserve is a fixed budget, not a prediction
     reserve = cluster.memory_reserve_bytes
     memory_band = tuple(reserve + b for b in bands.memory_band_bytes(totals[peak] - reserve))
+    host = int(max(host_bytes(rank.memory, plan) for rank in distinct))
+    host_limit = cluster.host_memory_per_gpu_bytes
+    fits = totals[peak] <= cluster.memory_bytes and host <= host_limit if host else totals[peak] <= cluster.memory_bytes
     model_flops = profile.train_flops_per_sequence * plan.global_batch_size
     recompute_flops = sum(r.layers.recompute_flops_per_sequence for r in ranks) * plan.global_batch_size
     return Estimate(
@@ -345,7 +352,8 @@ def _assemble(profile: ModelProfile, cluster: Cluster, plan: Plan, ranks: list[R
         model_flops_per_gpu_per_s=model_flops / step_s / gpus,
         hardware_flops_per_gpu_per_s=(model_flops + recompute_flops) / step_s / gpus,
         memory_per_gpu_bytes=totals[peak], memory_limit_bytes=cluster.memory_bytes,
-        fits=totals[peak] <= cluster.memory_bytes, peak_stage=peak, memory_per_stage_bytes=totals,
+        fits=fits, host_memory_per_gpu_bytes=host, host_memory_limit_bytes=host_limit,
+        peak_stage=peak, memory_per_stage_bytes=totals,
         step_time_band_s=bands.step_time_band_s(step_s), memory_band_bytes=memory_band,
         memory_at_risk=totals[peak] <= cluster.memory_bytes < memory_band[1],
         time_breakdown=time_breakdown, memory_breakdown=memories[peak],
@@ -361,4 +369,7 @@ def _notes(profile: ModelProfile, plan: Plan) -> list[str]:
         notes.append(f"busiest expert takes {ROUTING_IMBALANCE:.2f}x the mean load")
     if plan.sequence_parallel and plan.tp == 1:
         notes.append("sequence_parallel has no effect with tp=1")
+    if plan.offload != "none":
+        notes.append(f"offload={plan.offload}: the Adam step on the CPU and the host-link copies on the critical "
+                     f"path (costmodel.offload)")
     return notes

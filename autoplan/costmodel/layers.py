@@ -36,6 +36,7 @@ class LayerCost:
     working_bytes: float = 0.0          # activations of this layer without recompute (alive while it runs)
     dense_params: float = 0.0
     expert_params: float = 0.0
+    frozen_params: float = 0.0          # part of dense_params + expert_params that does not train
     recompute_flops_per_sequence: float = 0.0  # extra forward FLOPs of the whole layer, per sequence
     host_wait_s: float = 0.0            # the device idle, waiting for the host to issue the block (profiler.host)
 
@@ -232,6 +233,8 @@ def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, 
     cost.working_bytes = layer_activation_bytes(layer=layer, tp=tp, sequence_parallel=sp, cp=cp, recompute="none",
                                                 micro_batch_size=mbs, block_first=block_first)
     cost.dense_params, cost.expert_params = local_params(layer=layer, tp=tp, ep=ep)
+    if layer.frozen_params and layer.params:  # frozen tensors split as the layer's others do (a uniform share)
+        cost.frozen_params = (cost.dense_params + cost.expert_params) * layer.frozen_params / layer.params
     return cost
 
 

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from autoplan.costmodel.memory import GRAD_BYTES, OPTIMIZER_BYTES, PARAM_BYTES
+from autoplan.costmodel.offload import host_state_bytes
 from autoplan.costmodel.pipeline import micro_batches_at_backward
 from autoplan.schema import LayerProfile, Plan
 
@@ -199,6 +200,7 @@ class RankMemoryInputs:
 
     dense_params: float = 0.0        # parameters on this rank (after tp); experts apart
     expert_params: float = 0.0       # routed-expert parameters on this rank (after ep)
+    frozen_params: float = 0.0       # part of them that does not train (no gradient, no optimizer state)
     embedding_params: float = 0.0    # the vocabulary-parallel table on this rank (its gradient comes back whole)
     largest_unit_params: float = 0.0  # the largest FSDP unit (a block) on this rank
     root_params: float = 0.0         # parameters outside the blocks on this rank (FSDP's root unit)
@@ -238,29 +240,68 @@ def model_states(rank: RankMemoryInputs, plan: Plan) -> dict[str, float]:
     the step: DDP buckets, FSDP's sharded storage beside a gathered copy, pipeline receive buffers."""
     wrapper = data_parallel_wrapper(plan)
     fsdp = wrapper.startswith("fsdp")
-    n_dense = plan.dp * plan.cp if fsdp else 1
-    sharded = rank.dense_params / n_dense + rank.expert_params * _expert_shard(rank, plan)
+    sharded = fsdp_shard_params(rank, plan)
     whole = rank.dense_params + rank.expert_params
-    if fsdp:
-        optimizer_shard = sharded
-    elif plan.zero_stage == 1:  # executor.zero_one: each tensor cut in even chunks over its replicas
-        optimizer_shard = rank.dense_params / (plan.dp * plan.cp) + rank.expert_params * plan.ep / (plan.dp * plan.cp)
-    else:
-        optimizer_shard = whole
-    grads = GRAD_BYTES * (sharded if fsdp else whole)
+    train = trainable_fraction(rank)
+    optimizer_shard = optimizer_shard_params(rank, plan)
+    grads = GRAD_BYTES * (sharded if fsdp else whole) * train
     if plan.tp > 1 and not fsdp:
-        grads += GRAD_BYTES * rank.embedding_params * (plan.tp - 1)  # a Replicate DTensor gradient
+        grads += GRAD_BYTES * rank.embedding_params * (plan.tp - 1) * train  # a Replicate DTensor gradient
     buffers = 0.0
     if wrapper == "ddp":
-        buffers += GRAD_BYTES * whole
+        buffers += GRAD_BYTES * whole * train  # DDP buckets hold the gradients of trainable parameters only
     if wrapper == "fsdp-gathered":
         buffers += PARAM_BYTES * sharded
     micro = plan.num_micro_batches
     buffers += rank.boundary_bytes * micro * (rank.receives_activations + rank.receives_gradients)
     if plan.schedule == "zero-bubble":  # its input-gradient step leaves each micro-batch's gradient on the buffer
         buffers += rank.boundary_bytes * (micro - 1) * rank.receives_activations
-    return {"params": PARAM_BYTES * (sharded if wrapper == "fsdp" else whole), "grads": grads,
-            "optimizer": OPTIMIZER_BYTES * optimizer_shard, "buffers": buffers}
+    states = {"params": PARAM_BYTES * (sharded if wrapper == "fsdp" else whole), "grads": grads,
+              "optimizer": OPTIMIZER_BYTES * optimizer_shard, "buffers": buffers}
+    return offload_device_states(states, plan)
+
+
+def offload_device_states(states: dict[str, float], plan: Plan) -> dict[str, float]:
+    """What of the model states stays on the GPU under Plan.offload (costmodel.offload): no optimizer states
+    when anything is offloaded; with offload=params neither the sharded parameters nor their gradients."""
+    if plan.offload != "none":
+        states["optimizer"] = 0.0
+    if plan.offload == "params":
+        states["params"] = states["grads"] = 0.0
+    return states
+
+
+def trainable_fraction(rank: RankMemoryInputs) -> float:
+    """Share of the rank's parameters that train (1 without frozen ones); gradients, optimizer states and
+    their traffic scale with it (frozen tensors are assumed spread as the others are)."""
+    whole = rank.dense_params + rank.expert_params
+    return 1.0 - rank.frozen_params / whole if whole and rank.frozen_params else 1.0
+
+
+def fsdp_shard_params(rank: RankMemoryInputs, plan: Plan) -> float:
+    """Parameters of the rank's FSDP shard (all of them without FSDP)."""
+    n_dense = plan.dp * plan.cp if data_parallel_wrapper(plan).startswith("fsdp") else 1
+    return rank.dense_params / n_dense + rank.expert_params * _expert_shard(rank, plan)
+
+
+def optimizer_shard_params(rank: RankMemoryInputs, plan: Plan) -> float:
+    """Trainable parameters whose optimizer states the rank keeps: its FSDP shard, ZeRO-1's even chunks, or all."""
+    train = trainable_fraction(rank)
+    if data_parallel_wrapper(plan).startswith("fsdp"):
+        return fsdp_shard_params(rank, plan) * train
+    if plan.zero_stage == 1:  # executor.zero_one: each tensor cut in even chunks over its replicas
+        return (rank.dense_params / (plan.dp * plan.cp) + rank.expert_params * plan.ep / (plan.dp * plan.cp)) * train
+    return (rank.dense_params + rank.expert_params) * train
+
+
+def host_bytes(rank: RankMemoryInputs, plan: Plan) -> float:
+    """Host memory of the rank's offloaded states (costmodel.offload.host_state_bytes) and, at most, the
+    scratch of the CPU's optimizer step (a chunk's, as on the GPU without offload)."""
+    if plan.offload == "none":
+        return 0.0
+    scratch = OPTIMIZER_SCRATCH_BYTES_PER_ELEMENT * min(OPTIMIZER_CHUNK_ELEMENTS, rank.largest_tensor_params)
+    return scratch + host_state_bytes(optimizer_shard_params=optimizer_shard_params(rank, plan),
+                                      sharded_params=fsdp_shard_params(rank, plan), plan=plan)
 
 
 def _expert_shard(rank: RankMemoryInputs, plan: Plan) -> float:
@@ -324,8 +365,9 @@ def _activations_held(rank: RankMemoryInputs, plan: Plan, stage: int, in_flight:
 
 def _optimizer_step(rank: RankMemoryInputs, plan: Plan) -> dict[str, float]:
     """The optimizer step: the states, no activations, a chunk's scratch; FSDP2 at stage 2 has resharded."""
+    scratch = OPTIMIZER_SCRATCH_BYTES_PER_ELEMENT * min(OPTIMIZER_CHUNK_ELEMENTS, rank.largest_tensor_params)
     step = dict(model_states(rank, plan), activations=0.0,
-                temporaries=OPTIMIZER_SCRATCH_BYTES_PER_ELEMENT * min(OPTIMIZER_CHUNK_ELEMENTS, rank.largest_tensor_params))
+                temporaries=0.0 if plan.offload != "none" else scratch)  # offloaded: the scratch is on the host
     if data_parallel_wrapper(plan) == "fsdp-gathered":
         step["params"] = 0.0
     return step
@@ -362,8 +404,8 @@ def _rank_peak(rank: RankMemoryInputs, plan: Plan, stage: int, in_flight: float,
         else:
             out["buffers"] += gathered
         if plan.pp > 1 and wrapper.startswith("fsdp") and grads:  # reduced once, after the last micro-batch
-            out["buffers"] += GRAD_BYTES * (rank.dense_params + rank.expert_params * pad
-                                            + rank.embedding_params * (plan.tp - 1))  # (a Replicate DTensor)
+            out["buffers"] += GRAD_BYTES * trainable_fraction(rank) * (
+                rank.dense_params + rank.expert_params * pad + rank.embedding_params * (plan.tp - 1))  # (Replicate)
         if plan.pp > 1 and wrapper.startswith("fsdp"):
             out["grads"] = 0.0
         return out

@@ -36,11 +36,12 @@ def averages_by_hand(*, zero_stage: int, tp: int, pipelined: bool) -> bool:
 
 
 def apply_data_parallel(model: nn.Module, dp_mesh: DeviceMesh, *, zero_stage: int, tp: int,
-                        pipelined: bool = False) -> nn.Module:
+                        pipelined: bool = False, offload: str = "none") -> nn.Module:
     """Wrap the model for data parallelism over `dp_mesh` (in place; returns the module to train).
     Where DDP's hooks would reduce wrong gradients (`averages_by_hand`: pipelines, tensor parallelism) the
     DDP stages leave the module as is and the caller averages the gradients over the dp ranks after the
-    step (`all_reduce_gradients`): DDP's arithmetic, no hooks."""
+    step (`all_reduce_gradients`): DDP's arithmetic, no hooks. offload="params" (zero_stage 3): FSDP2's
+    CPUOffloadPolicy keeps the sharded parameters and gradients in host memory (pinned on a GPU)."""
     if averages_by_hand(zero_stage=zero_stage, tp=tp, pipelined=pipelined):
         return model
     if uses_ddp(zero_stage=zero_stage):
@@ -48,19 +49,33 @@ def apply_data_parallel(model: nn.Module, dp_mesh: DeviceMesh, *, zero_stage: in
 
         return replicate(model, device_mesh=dp_mesh)
     reshard = zero_stage == 3
+    policy = {}
+    if offload == "params":
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        policy = {"offload_policy": CPUOffloadPolicy(pin_memory=dp_mesh.device_type == "cuda")}
     for block in getattr(model, "layers", {}).values():
-        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard)
-    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard)
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, **policy)
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard, **policy)
     return model
 
 
 def build_optimizer(model: nn.Module, *, zero_stage: int, dp_mesh: DeviceMesh | None, lr: float,
                     weight_decay: float, master_weights: bool = False,
-                    expert_mesh: DeviceMesh | None = None) -> torch.optim.Optimizer:
+                    expert_mesh: DeviceMesh | None = None, offload: str = "none") -> torch.optim.Optimizer:
     """AdamW; for ZeRO-1 with several dp ranks its states split evenly over them (executor.zero_one; expert
     weights over the ranks holding the same experts, `expert_mesh`).
-    master_weights: fp32 master copies of low-precision parameters (executor.precision.MasterWeightAdamW)."""
+    master_weights: fp32 master copies of low-precision parameters (executor.precision.MasterWeightAdamW).
+    offload: "optimizer" keeps the states in host memory and steps on the CPU; "params" (FSDP2's
+    CPUOffloadPolicy) has put the parameters there already, so the states are made beside them."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if offload == "params":
+        from autoplan.executor.precision import MasterWeightAdamW
+
+        optimizer = MasterWeightAdamW(params, lr=lr, weight_decay=weight_decay)
+        optimizer.offloaded = True
+        return optimizer
+    host = offload == "optimizer"
     if zero_stage == 1 and dp_mesh is not None and dp_mesh.size() > 1:
         from autoplan.executor.expert_parallel import expert_parameters
         from autoplan.executor.zero_one import ZeroOneAdamW
@@ -68,11 +83,11 @@ def build_optimizer(model: nn.Module, *, zero_stage: int, dp_mesh: DeviceMesh | 
         dense, experts = dp_mesh.get_group(), (expert_mesh or dp_mesh).get_group()
         expert_ids = expert_parameters(model)
         return ZeroOneAdamW(params, group_of=lambda p: experts if id(p) in expert_ids else dense,
-                            master_weights=master_weights, lr=lr, weight_decay=weight_decay)
-    if master_weights:
+                            master_weights=master_weights, lr=lr, weight_decay=weight_decay, offload=host)
+    if master_weights or host:
         from autoplan.executor.precision import MasterWeightAdamW
 
-        return MasterWeightAdamW(params, lr=lr, weight_decay=weight_decay)
+        return MasterWeightAdamW(params, lr=lr, weight_decay=weight_decay, offload=host)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=False)
 
 

@@ -97,14 +97,16 @@ def stage_rank(plan: Plan, stage: int) -> int:
 
 
 def dry_run(model, plan: Plan, *, gpus: int | None = None, seq_len: int | None = None, stages="ends",
-            steps: int = STEPS, time_step: bool = False, cluster: Cluster | None = None) -> DryRunResult:
+            steps: int = STEPS, time_step: bool = False, cluster: Cluster | None = None,
+            trainable: str | None = None) -> DryRunResult:
     """Run `plan` for the fullest rank of each chosen pipeline stage on a fake process group of `gpus`
     ranks and report its peak memory per GPU and breakdown (a DryRunResult).
 
     model: an nn.Module built on the meta device, a path to a model.py, or a built-in name.
     stages: "ends" (first and last), "all", or a list of stage indices.
     time_step: also record what the last step runs (executor.timetrace) and price it on `cluster` (default
-    the dgx-h100 preset) with costmodel.trace_time: step_time_s and time_breakdown. With a pipeline of more
+    the dgx-h100 preset) with costmodel.trace_time: step_time_s and time_breakdown. trainable: a regular
+    expression of the parameters that train (the others frozen: models.finetune). With a pipeline of more
     than two stages "ends" then also runs stage 1, whose time stands for the middle stages (all stages
     when they hold different block counts).
     """
@@ -114,6 +116,11 @@ def dry_run(model, plan: Plan, *, gpus: int | None = None, seq_len: int | None =
     if dist.is_initialized():
         raise InvalidInputError("a dry run needs a process without an initialised process group")
     spec = _model_spec(model, seq_len)
+    if trainable is not None:  # only the parameters it matches train (models.finetune)
+        from autoplan.models.finetune import apply_trainable
+
+        build = spec.build
+        spec.build = lambda: apply_trainable(build(), trainable)
     run_plan = memory_equivalent_plan(plan)
     cluster = cluster or Cluster.preset("dgx-h100", gpus=plan.gpus) if time_step else None
     chosen = _stages(plan, stages)
@@ -129,6 +136,7 @@ def dry_run(model, plan: Plan, *, gpus: int | None = None, seq_len: int | None =
     result = DryRunResult(model=spec.name, plan=plan, gpus=plan.gpus, seq_len=spec.seq_len, precision=PRECISION,
                           steps=steps, micro_batches_per_step=run_plan.num_micro_batches,
                           peak_memory_bytes=peak.peak_memory_bytes, memory_breakdown=peak.memory_breakdown,
+                          host_memory_bytes=max(r.host_memory_bytes for r in results),
                           peak_stage=peak.stage, stages=results, notes=notes)
     if time_step:
         timed = {memory.stage: timing for memory, timing, _ in traced}
@@ -345,7 +353,8 @@ def track_steps(par, optimizer, *, steps: int, seq_len: int, vocab: int,
         breakdown["activations"] += int(tokens * missing)
     rank = dist.get_rank() if dist.is_initialized() else 0
     return StageMemory(stage=par.coords.get("pp", 0), rank=rank, peak_memory_bytes=sum(breakdown.values()),
-                       memory_breakdown=breakdown, peak_phase=tracker.peak_phase)
+                       memory_breakdown=breakdown, peak_phase=tracker.peak_phase,
+                       host_memory_bytes=tracker.host_peak_bytes)
 
 
 def _receive_buffers(par) -> dict[int, list[torch.Tensor]]:

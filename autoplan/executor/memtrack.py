@@ -15,6 +15,7 @@ under the categories the cost model predicts (costmodel.rank_memory):
 | activations | what forward creates and is still alive: saved for backward, logits, inputs                  |
 | temporaries | what backward and the optimizer step create: activation gradients, recomputed activations, scratch |
 | buffers     | every other copy and communication buffer: FSDP's gathered layers (stage 3), its sharded storage (stage 2, beside the gathered copy), unsharded gradients and reduce-scatter inputs, DDP's gradient buckets, pipeline receive buffers |
+| host        | (apart from the GPU's bytes) what an offloading plan keeps in host memory: an offloaded optimizer's states and its step's scratch, FSDP2 CPUOffloadPolicy's sharded parameters and gradients |
 
 A tensor is born under its phase's category (forward: activations; backward and optimizer step:
 temporaries) and is re-filed when its role is learnt (a gradient, an optimizer state, a buffer); the
@@ -55,9 +56,10 @@ class Category(_RefType):
     ACTIVATIONS = "activations"
     TEMPORARIES = "temporaries"
     BUFFERS = "buffers"
+    HOST = "host"  # offloaded states in host memory (Plan.offload): counted apart, not in the GPU's bytes
 
 
-CATEGORIES = tuple(c.value for c in Category)
+CATEGORIES = tuple(c.value for c in Category if c is not Category.HOST)
 
 
 def _in_backward() -> bool:
@@ -94,6 +96,8 @@ class RankMemoryTracker(FSDPMemTracker):
         self.step_label = ""          # set by the caller ("step 1"); the phase adds forward/backward/optimizer
         self.phase_peaks: dict[str, tuple[int, dict, int]] = {}  # phase -> (peak bytes, snapshot, clock then)
         self._clock = 0               # ops dispatched so far
+        self.host_peak_bytes = 0      # most bytes filed as host memory at once
+        self._host_params: set[int] = set()  # FSDP shards CPUOffloadPolicy keeps in host memory
 
     # -------------------------------------------------------------------------------- results
     @property
@@ -111,12 +115,20 @@ class RankMemoryTracker(FSDPMemTracker):
         snapshot = self.phase_peaks[phase or self.peak_phase][1] if self.phase_peaks else {}
         for snap in snapshot.values():
             for tag, nbytes in snap.items():
-                if tag != _TOTAL:
+                if tag not in (_TOTAL, Category.HOST):
                     out[tag.value] += nbytes
         return out
 
     def current_bytes(self) -> int:
-        return sum(snap.get(_TOTAL, 0) for snap in self._curr_mem_snap.values())
+        """Bytes on the GPU now (host memory apart)."""
+        return sum(snap.get(_TOTAL, 0) - snap.get(Category.HOST, 0) for snap in self._curr_mem_snap.values())
+
+    def current_host_bytes(self) -> int:
+        return sum(snap.get(Category.HOST, 0) for snap in self._curr_mem_snap.values())
+
+    @property
+    def _offloaded(self) -> bool:
+        return bool(getattr(self._optm, "offloaded", False))
 
     def file(self, tensors, category: Category) -> None:
         """File these tensors (and the peaks they were alive at) under `category`."""
@@ -140,9 +152,13 @@ class RankMemoryTracker(FSDPMemTracker):
             self._gathered_is_param[id(group)] = gathered_is_param
             for fsdp_param in group.fsdp_params:
                 sharded.add(id(fsdp_param.sharded_param))
-                self.file(fsdp_param.sharded_param, Category.BUFFERS if gathered_is_param else Category.PARAMS)
+                on_host = fsdp_param.offload_to_cpu  # CPUOffloadPolicy: the shard lives in host memory
+                if on_host:
+                    self._host_params.add(id(fsdp_param.sharded_param))
+                self.file(fsdp_param.sharded_param, Category.HOST if on_host else
+                          Category.BUFFERS if gathered_is_param else Category.PARAMS)
                 if fsdp_param.sharded_param.grad is not None:
-                    self.file(fsdp_param.sharded_param.grad, Category.GRADS)
+                    self.file(fsdp_param.sharded_param.grad, Category.HOST if on_host else Category.GRADS)
         for param in self._root_mod.parameters():
             if id(param) in sharded:
                 continue
@@ -174,7 +190,8 @@ class RankMemoryTracker(FSDPMemTracker):
     def _step_pre_hook(self, optimizer, args, kwargs) -> None:
         # gradients that were assigned rather than accumulated (a pipeline's weight-gradient step) met no
         # accumulate hook: file every gradient now
-        self.file([p.grad for p in self._root_mod.parameters() if p.grad is not None], Category.GRADS)
+        self.file([p.grad for p in self._root_mod.parameters() if p.grad is not None and id(p) not in self._host_params],
+                  Category.GRADS)
         self._in_step = True
 
     def _step_post_hook(self, optimizer, args, kwargs) -> None:
@@ -183,7 +200,7 @@ class RankMemoryTracker(FSDPMemTracker):
 
     def _file_optimizer_states(self) -> None:
         self.file([v for state in self._optm.state.values() for v in state.values() if isinstance(v, torch.Tensor)],
-                  Category.OPTIMIZER)
+                  Category.HOST if self._offloaded else Category.OPTIMIZER)
 
     # FSDP hooks (FSDPMemTracker installs them) without per-module snapshots, which raise on the repeated
     # forwards of gradient accumulation and pipeline schedules: only the filing
@@ -224,8 +241,9 @@ class RankMemoryTracker(FSDPMemTracker):
                       Category.BUFFERS)
             self._fsdp_state = _FSDPState.POST_BW
             orig_post_backward(*args, **kwargs)
-            self.file([fp.sharded_param.grad for fp in fsdp_params if fp.sharded_param.grad is not None],
-                      Category.GRADS)
+            for fp in fsdp_params:
+                if fp.sharded_param.grad is not None:
+                    self.file(fp.sharded_param.grad, Category.HOST if fp.offload_to_cpu else Category.GRADS)
         return inner
 
     # -------------------------------------------------------------------------------- counting
@@ -248,6 +266,7 @@ class RankMemoryTracker(FSDPMemTracker):
         TorchDispatchMode.__exit__(self, *args)
 
     def _update_peak_stats(self, peak_state=None) -> None:
+        self.host_peak_bytes = max(self.host_peak_bytes, self.current_host_bytes())
         total = self.current_bytes()
         part = "optimizer" if self._in_step else "backward" if _in_backward() else "forward"
         label = f"{self.step_label} {part}".strip()
@@ -288,6 +307,8 @@ class RankMemoryTracker(FSDPMemTracker):
             return res  # DTensor's sharding propagation under its own fake mode: no memory of this rank
         if self._as_buffers:
             category = Category.BUFFERS
+        elif self._in_step and self._offloaded:  # the offloaded step's scratch is host memory
+            category = Category.HOST
         elif self._in_step or _in_backward():
             category = Category.TEMPORARIES
         else:

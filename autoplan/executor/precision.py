@@ -18,6 +18,7 @@ import math
 import torch
 
 MIXED_PRECISION_DTYPE = torch.bfloat16
+HOST = torch.device("cpu")  # where an offloaded optimizer keeps its states (Plan.offload; costmodel.offload)
 # 2**22 elements: the fp32 gradient copy and denominator of one chunk are 16 MiB each.
 CHUNK_ELEMENTS = 2**22
 
@@ -32,11 +33,14 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 
     state[p]: step (python int), master, exp_avg, exp_avg_sq (fp32, shaped as p's local tensor).
     After each update the master is rounded into p. Ignores amsgrad and gradient scaling.
+    offload: the states live in host memory and the update runs on the CPU (ZeRO-Offload, Ren et al. 2021,
+    Sec. 4.1): each chunk's gradient goes down, the updated parameter chunk comes back up in p's dtype.
     """
 
     def __init__(self, params, *, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, offload: bool = False):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.offloaded = offload  # the memory tracker files the states (and the step's scratch) as host memory
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -59,7 +63,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         weight = _local(param)
         if not state:
             state["step"] = 0
-            state["master"] = weight.detach().to(torch.float32, copy=True)
+            state["master"] = weight.detach().to(HOST if self.offloaded else weight.device, torch.float32, copy=True)
             state["exp_avg"] = torch.zeros_like(state["master"])
             state["exp_avg_sq"] = torch.zeros_like(state["master"])
         state["step"] += 1
@@ -80,17 +84,19 @@ def adamw_update(weight: torch.Tensor, grad: torch.Tensor, master: torch.Tensor 
                  exp_avg_sq: torch.Tensor, *, step: int, group: dict) -> None:
     """One AdamW update (torch.optim.AdamW's arithmetic, foreach=False) of `weight` in place, over chunks of
     CHUNK_ELEMENTS; with `master` (fp32) the update is made there and rounded into `weight`, without it
-    `weight` is itself fp32 and updated directly. All tensors have `weight`'s number of elements."""
+    `weight` is itself fp32 and updated directly. All tensors have `weight`'s number of elements. The states
+    may live elsewhere than `weight` (offloaded to the host): the update runs where they are, the gradient
+    chunk is copied there and the updated chunk copied back in `weight`'s dtype."""
     beta1, beta2 = group["betas"]
     lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
     step_size = lr / (1 - beta1 ** step)
     bias2_sqrt = math.sqrt(1 - beta2 ** step)
     target = weight if master is None else master
     for w, g, t, m, v in zip(*(x.view(-1).split(CHUNK_ELEMENTS) for x in (weight, grad, target, exp_avg, exp_avg_sq))):
-        g32 = g.to(torch.float32)
+        g32 = g.to(m.device, torch.float32)
         m.lerp_(g32, 1 - beta1)
         v.mul_(beta2).addcmul_(g32, g32, value=1 - beta2)
         denom = v.sqrt().div_(bias2_sqrt).add_(eps)
         t.mul_(1 - lr * decay).addcdiv_(m, denom, value=-step_size)
         if master is not None:
-            w.copy_(t)
+            w.copy_(t if t.device == w.device else t.to(w.dtype))

@@ -95,7 +95,7 @@ def _apply_per_stage(model: nn.Module, plan: Plan, mesh, pp_rank: int, tp_plan, 
     apply_recompute(model, plan.stage_recompute(pp_rank))
     if plan.dp * plan.cp > 1 and expert_mesh is None:  # parameters are replicated over dp and cp
         model = apply_data_parallel(model, replica_mesh(mesh, plan), zero_stage=plan.zero_stage, tp=plan.tp,
-                                    pipelined=plan.pp > 1)
+                                    pipelined=plan.pp > 1, offload=plan.offload)
     return model
 
 
@@ -160,7 +160,7 @@ def make_optimizer(par: Parallelized, *, lr: float = 1e-3) -> torch.optim.Optimi
     expert_mesh = par.expert_mesh["edp"] if par.expert_mesh is not None else None
     low = any(p.dtype in (torch.bfloat16, torch.float16) for p in par.model.parameters())
     return build_optimizer(par.model, zero_stage=plan.zero_stage, dp_mesh=dp_mesh, lr=lr, weight_decay=0.0,
-                           master_weights=low, expert_mesh=expert_mesh)
+                           master_weights=low, expert_mesh=expert_mesh, offload=plan.offload)
 
 
 def train(par: Parallelized, *, steps: int, seq_len: int, vocab: int, device: torch.device, lr: float = 1e-3,

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from autoplan.executor.precision import MasterWeightAdamW, _local, adamw_update, local_grad
+from autoplan.executor.precision import HOST, MasterWeightAdamW, _local, adamw_update, local_grad
 
 # torch 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -36,9 +36,9 @@ class ZeroOneAdamW(MasterWeightAdamW):
 
     def __init__(self, params, *, group_of: Callable[[torch.Tensor], dist.ProcessGroup], master_weights: bool,
                  lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        self.master_weights = master_weights
+                 weight_decay: float = 0.0, offload: bool = False):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, offload=offload)
+        self.master_weights = master_weights or offload  # offloaded: the host keeps the master
         self._groups = {id(p): group_of(p) for group in self.param_groups for p in group["params"]}
         self._chunks = {id(p): _chunk(_local(p).numel(), self._groups[id(p)])
                         for group in self.param_groups for p in group["params"]}
@@ -62,9 +62,10 @@ class ZeroOneAdamW(MasterWeightAdamW):
             start, stop, _ = self.chunk(param)
             weight = _local(param).view(-1)[start:stop]
             state["step"] = 0
+            device = HOST if self.offloaded else weight.device
             if self.master_weights:
-                state["master"] = weight.to(torch.float32, copy=True)
-            state["exp_avg"] = torch.zeros(stop - start, dtype=torch.float32, device=weight.device)
+                state["master"] = weight.to(device, torch.float32, copy=True)
+            state["exp_avg"] = torch.zeros(stop - start, dtype=torch.float32, device=device)
             state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
         return state
 

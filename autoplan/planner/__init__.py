@@ -2,5 +2,6 @@
 
 from autoplan.planner.search import SearchResult, search
 from autoplan.planner.space import Constraints
+from autoplan.planner.sweep import SweepResult, SweepRow, sweep
 
-__all__ = ["Constraints", "SearchResult", "search"]
+__all__ = ["Constraints", "SearchResult", "SweepResult", "SweepRow", "search", "sweep"]

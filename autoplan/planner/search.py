@@ -22,11 +22,11 @@ from autoplan.costmodel.data_parallel import dp_sync_s, optimizer_step_s
 from autoplan.costmodel.estimate import Coster, RankCost
 from autoplan.costmodel.layers import LayerCost
 from autoplan.costmodel.memory import model_state_bytes
-from autoplan.costmodel.rank_memory import RankMemoryInputs, model_states
+from autoplan.costmodel.rank_memory import RankMemoryInputs, model_states, offload_device_states, trainable_fraction
 from autoplan.errors import InfeasiblePlanError, InvalidInputError
 from autoplan.planner.baselines import expert_defaults
 from autoplan.planner.partition import end_layers_s, solve_partition
-from autoplan.planner.space import Constraints, Layout, layouts, micro_batch_sizes, schedules
+from autoplan.planner.space import Constraints, Layout, layouts, micro_batch_sizes, offloads, schedules
 from autoplan.schema import MAX_GLOBAL_BATCH, Cluster, Estimate, ModelProfile, Plan, Stack
 
 # An evaluated configuration whose best uniform plan is within this fraction of its lower bound is not
@@ -117,7 +117,8 @@ def time_bound_s(coster: Coster, plan: Plan, whole: LayerCost) -> float:
         pipe = (m - 1 / v) * slowest + f / v
     average = RankCost(LayerCost(fwd_compute_s=whole.fwd_compute_s / p,
                                  bwd_compute_s=(whole.bwd_compute_s + whole.fwd_compute_s) / p,
-                                 dense_params=whole.dense_params / p, expert_params=whole.expert_params / p),
+                                 dense_params=whole.dense_params / p, expert_params=whole.expert_params / p,
+                                 frozen_params=whole.frozen_params / p),
                        blocks=coster.profile.num_blocks // p)
     tail = dp_sync_s(average, coster.cluster, plan, coster.stack)[0] + optimizer_step_s(average, coster.cluster, plan, coster.stack)
     return pipe + coster.p2p_total_s(plan) + tail
@@ -155,12 +156,16 @@ def balanced_slowest_s(coster: Coster, plan: Plan) -> float:
 def memory_bound_bytes(coster: Coster, plan: Plan, whole: LayerCost) -> float:
     """A lower bound on the fullest rank's memory: the model states spread evenly over the pp ranks
     (the fullest holds at least the mean), plus the reserve."""
-    mean = RankMemoryInputs(dense_params=whole.dense_params / plan.pp, expert_params=whole.expert_params / plan.pp)
+    mean = RankMemoryInputs(dense_params=whole.dense_params / plan.pp, expert_params=whole.expert_params / plan.pp,
+                            frozen_params=whole.frozen_params / plan.pp)
+    train = trainable_fraction(mean)
     dense = model_state_bytes(params=mean.dense_params, zero_stage=plan.zero_stage, shard_degree=plan.dp * plan.cp)
     expert = model_state_bytes(params=mean.expert_params, zero_stage=plan.zero_stage,
                                shard_degree=plan.expert_data_parallel)
+    paper = offload_device_states({"params": dense[0] + expert[0], "grads": (dense[1] + expert[1]) * train,
+                                   "optimizer": (dense[2] + expert[2]) * train}, plan)
     # the executor's states (costmodel.rank_memory), or the papers' where the estimate falls back to them
-    return min(sum(model_states(mean, plan).values()), sum(dense) + sum(expert)) + coster.cluster.memory_reserve_bytes
+    return min(sum(model_states(mean, plan).values()), sum(paper.values())) + coster.cluster.memory_reserve_bytes
 
 
 def _configs(profile: ModelProfile, cluster: Cluster, coster: Coster, global_batch_size: int,
@@ -182,22 +187,24 @@ def _configs(profile: ModelProfile, cluster: Cluster, coster: Coster, global_bat
                     pruned["dominated" if not few else "unrunnable"] += len(constraints.zero_stages)
                     continue
                 for zero in (z for z in constraints.zero_stages if constraints.allows("zero_stage", z)):
-                    plan = _plan(layout, mbs, global_batch_size, schedule, v, zero, "none", sp)
-                    if accept is not None and not accept(plan):
-                        pruned["not accepted"] += 1
-                        continue
-                    memory = memory_bound_bytes(coster, plan, whole)
-                    if leanest is None or memory < leanest.bound_s:
-                        leanest = _Config(memory, plan)
-                    if memory > cluster.memory_bytes:
-                        pruned["memory_bound"] += 1
-                        continue
-                    configs.append(_Config(time_bound_s(coster, plan, whole), plan))
+                    for offload in offloads(zero_stage=zero, dp=layout.dp, cp=layout.cp, ep=layout.ep,
+                                            cluster=cluster, constraints=constraints):
+                        plan = _plan(layout, mbs, global_batch_size, schedule, v, zero, "none", sp, offload)
+                        if accept is not None and not accept(plan):
+                            pruned["not accepted"] += 1
+                            continue
+                        memory = memory_bound_bytes(coster, plan, whole)
+                        if leanest is None or memory < leanest.bound_s:
+                            leanest = _Config(memory, plan)
+                        if memory > cluster.memory_bytes:
+                            pruned["memory_bound"] += 1
+                            continue
+                        configs.append(_Config(time_bound_s(coster, plan, whole), plan))
     return configs, leanest
 
 
 PINNABLE = ("dp", "tp", "pp", "cp", "ep", "zero_stage", "recompute", "sequence_parallel", "micro_batch_size",
-            "schedule", "virtual_stages")
+            "schedule", "virtual_stages", "offload")
 
 
 def _check_fixed(fixed: dict) -> None:
@@ -212,10 +219,10 @@ def _check_fixed(fixed: dict) -> None:
 
 
 def _plan(layout: Layout, mbs: int, gbs: int, schedule: str, v: int, zero: int, recompute: str,
-          sequence_parallel: bool = True) -> Plan:
+          sequence_parallel: bool = True, offload: str = "none") -> Plan:
     return Plan(dp=layout.dp, tp=layout.tp, pp=layout.pp, cp=layout.cp, ep=layout.ep, zero_stage=zero,
                 recompute=recompute, sequence_parallel=sequence_parallel and layout.tp > 1, micro_batch_size=mbs,
-                global_batch_size=gbs, schedule=schedule, virtual_stages=v)
+                global_batch_size=gbs, schedule=schedule, virtual_stages=v, offload=offload)
 
 
 class _TopK:
@@ -251,7 +258,8 @@ class _TopK:
 def _rank_key(plan: Plan, est: Estimate) -> tuple:
     """Max-heap key (negated): faster first; among plans within 1e-6 s, the simpler one (fewer and smaller
     parallel dimensions, no recompute, less sharding), then the one with more memory to spare."""
-    simplicity = (plan.cp, plan.pp, plan.virtual_stages, plan.tp, plan.ep, plan.zero_stage,
+    simplicity = (plan.offload != "none", plan.offload == "params", plan.cp, plan.pp, plan.virtual_stages, plan.tp,
+                  plan.ep, plan.zero_stage,
                   plan.recompute != "none", plan.layers_per_stage is not None, plan.micro_batch_size)
     return (-round(est.step_time_s, 6), tuple(-x for x in simplicity), -est.memory_per_gpu_bytes)
 

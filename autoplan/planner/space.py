@@ -13,6 +13,7 @@ from autoplan.schema import Cluster, ModelProfile
 
 SCHEDULES_PP = ("1f1b", "gpipe", "zero-bubble", "interleaved-1f1b")
 RECOMPUTE = ("none", "selective", "full")
+OFFLOAD = ("none", "optimizer", "params")
 
 
 @lru_cache(maxsize=4096)
@@ -49,6 +50,7 @@ class Constraints:
     zero_stages: tuple[int, ...] = (0, 1, 2, 3)
     schedules: tuple[str, ...] = SCHEDULES_PP
     recompute: tuple[str, ...] = RECOMPUTE
+    offload: tuple[str, ...] = OFFLOAD        # tried only on a cluster that knows its host (Cluster.can_offload)
     fixed: dict = field(default_factory=dict)  # e.g. {"tp": 8, "pp": 4}: only plans with these values
 
     def allows(self, name: str, value) -> bool:
@@ -108,3 +110,13 @@ def schedules(*, pp: int, num_blocks: int, constraints: Constraints) -> list[tup
         options += [("interleaved-1f1b", v) for v in range(2, constraints.max_virtual_stages + 1)
                     if pp * v <= num_blocks]
     return [(s, v) for s, v in options if constraints.allows("schedule", s) and constraints.allows("virtual_stages", v)]
+
+
+def offloads(*, zero_stage: int, dp: int, cp: int, ep: int, cluster: Cluster, constraints: Constraints) -> list[str]:
+    """Plan.offload values for a configuration: none always; optimizer and params only on a cluster with host
+    memory, link and bandwidth; params only on ZeRO-3 with several replicas and no experts (FSDP2's
+    CPUOffloadPolicy on the replicas' mesh)."""
+    options = [o for o in constraints.offload if constraints.allows("offload", o)]
+    if not cluster.can_offload:
+        return [o for o in options if o == "none"]
+    return [o for o in options if o != "params" or (zero_stage == 3 and dp * cp > 1 and ep == 1)]

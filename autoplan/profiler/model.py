@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from autoplan.models.finetune import apply_trainable
 from autoplan.errors import InvalidInputError, first_line
 from autoplan.models.hf import balanced_experts, is_stacked_experts, wrap_hf_model
 from autoplan.models.loader import LoadedModel, load_model, seq_len_overrides
@@ -157,7 +158,7 @@ def _layer(name: str, kind: str, block: int | None, modules: list[nn.Module],
         for g in r.gemms:
             key = (g.m, g.n, g.k, g.tp_split)
             gemms[key] = gemms.get(key, 0) + 1
-    params = tp_params = expert_params = tied = 0
+    params = tp_params = expert_params = tied = frozen = 0
     heads = kv_heads = experts = top_k = 0
     owned = set() if owned is None else owned  # parameters an earlier layer holds (tied weights): counted there
     for module, result in zip(modules, results):
@@ -169,6 +170,7 @@ def _layer(name: str, kind: str, block: int | None, modules: list[nn.Module],
                 continue
             owned.add(id(p))
             params += p.numel()
+            frozen += 0 if p.requires_grad else p.numel()
             if split is None and kind == "moe" and p.dim() == 3:
                 expert_params += p.numel()  # stacked expert weights [experts, ...]: split by ep
             elif split == "n" or (split == "k" and leaf != "bias"):
@@ -192,7 +194,7 @@ def _layer(name: str, kind: str, block: int | None, modules: list[nn.Module],
         name=name, kind=kind, block=block, tp_collectives=tp_collectives,
         fwd_flops=sum(r.fwd_flops for r in results), bwd_flops=sum(r.bwd_flops for r in results),
         attention_core_fwd_flops=sum(r.attention_core_fwd_flops for r in results),
-        params=params, tp_sharded_params=tp_params, expert_params=expert_params, tied_params=tied,
+        params=params, tp_sharded_params=tp_params, expert_params=expert_params, tied_params=tied, frozen_params=frozen,
         activation_bytes=sum(r.activation_bytes for r in results),
         activation_tp_sharded_bytes=sum(r.activation_tp_sharded_bytes for r in results),
         attention_score_bytes=sum(r.attention_score_bytes for r in results),
@@ -240,12 +242,15 @@ MAX_SEQ_LEN = 2**24  # tokens per sequence; beyond any model trained today
 
 
 def profile_model(model: nn.Module | str | LoadedModel, *, seq_len: int | None = None, name: str | None = None,
-                  dtype: torch.dtype = torch.bfloat16, attention: str = "flash") -> ModelProfile:
+                  dtype: torch.dtype = torch.bfloat16, attention: str = "flash",
+                  trainable: str | None = None) -> ModelProfile:
     """Trace a model (module, model.py path or built-in name) on meta into a ModelProfile.
 
     Costs are per sequence (micro-batch 1) at `seq_len` tokens, in `dtype` (bf16 mixed precision by
     default). attention="flash" traces F.scaled_dot_product_attention as a fused kernel; "eager" keeps
     whatever the model does (explicit softmax attention saves its seq x seq matrices).
+    trainable: a regular expression; only parameters whose name it matches train (models.finetune), the
+    others are frozen, as are those the model itself built with requires_grad=False.
     """
     if attention not in ("flash", "eager"):
         raise InvalidInputError(f"attention must be flash or eager, not {attention!r}")
@@ -258,6 +263,7 @@ def profile_model(model: nn.Module | str | LoadedModel, *, seq_len: int | None =
         seq_len = seq_len or model.seq_len
         model = model.module
     model = wrap_hf_model(model, seq_len=seq_len)
+    apply_trainable(model, trainable)
     config = getattr(model, "config", None)
     seq_len = seq_len or getattr(config, "seq_len", None)
     if not seq_len:

@@ -56,6 +56,12 @@ def dryrun_table(result: DryRunResult, *, cluster: Cluster, estimate: Estimate |
     if estimate is not None:
         line += f"; estimated {estimate.memory_per_gpu_bytes / GIB:.2f} GiB"
     console.print(line)
+    if result.plan.offload != "none":
+        host = f"host/GPU    {result.host_memory_bytes / GIB:.2f} GiB of {cluster.host_memory_per_gpu_bytes / GIB:.2f} GiB " \
+               f"(offload={result.plan.offload}: states in host memory, not in the GPU's bytes above)"
+        if estimate is not None:
+            host += f"; estimated {estimate.host_memory_per_gpu_bytes / GIB:.2f} GiB"
+        console.print(host)
     if result.step_time_s is not None:
         console.print(time_table(result, estimate))
     return buffer.getvalue()

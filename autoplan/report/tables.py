@@ -41,6 +41,9 @@ def estimate_table(estimate: Estimate, *, plan: Plan, cluster: Cluster, profile:
         verdict = "fits, but within the memory model's error of the limit"
     headline.add_row("memory/GPU", f"{estimate.memory_per_gpu_bytes / GIB:.2f} GiB of "
                                    f"{estimate.memory_limit_bytes / GIB:.2f} GiB ({verdict}; stage {estimate.peak_stage})")
+    if plan.offload != "none":
+        headline.add_row("host/GPU", f"{estimate.host_memory_per_gpu_bytes / GIB:.2f} GiB of "
+                                     f"{estimate.host_memory_limit_bytes / GIB:.2f} GiB (offload={plan.offload})")
     console.print(headline)
     console.print(_breakdown("time", {k: v * 1e3 for k, v in estimate.time_breakdown.items()}, "ms",
                              estimate.step_time_s * 1e3))
@@ -86,13 +89,19 @@ def plans_table(rows: list[tuple[str, Plan, Estimate]], *, title: str) -> Table:
                           ("MFU", "right"),
                           ("mem GiB / limit", "right")):
         table.add_column(name, justify=justify)
+    offloads = any(plan.offload != "none" for _, plan, _ in rows)
+    if offloads:  # only when a plan offloads: tables of plans that do not stay as they were
+        table.add_column("offload", justify="left")
+        table.add_column("host GiB", justify="right")
     for label, plan, est in rows:
         schedule, rec = _short(plan)
+        extra = (plan.offload, f"{est.host_memory_per_gpu_bytes / GIB:.0f} / {est.host_memory_limit_bytes / GIB:.0f}"
+                 if plan.offload != "none" else "-") if offloads else ()
         table.add_row(label, str(plan.dp), str(plan.tp), str(plan.pp), str(plan.cp), str(plan.ep),
                       str(plan.zero_stage), rec, str(plan.micro_batch_size), schedule,
                       f"{est.step_time_s * 1e3:,.1f}", _band_cell(est), f"{est.tokens_per_s:,.0f}", f"{est.mfu * 100:.1f}%",
                       f"{est.memory_per_gpu_bytes / GIB:.1f} / {est.memory_limit_bytes / GIB:.1f}"
-                      + (" !" if est.memory_at_risk else ""))
+                      + (" !" if est.memory_at_risk else ""), *extra)
     return table
 
 

@@ -33,7 +33,13 @@ def build(model_name: str, **overrides):
 
 
 def run_plan(model_name: str, plan: Plan, overrides: dict) -> list[float]:
-    model = build(model_name, **overrides)
+    """Losses of the first STEPS steps; overrides["trainable"] (a regular expression) freezes the parameters
+    it does not match (models.finetune), the other overrides build the model."""
+    from autoplan.models.finetune import apply_trainable
+
+    overrides = dict(overrides)
+    trainable = overrides.pop("trainable", None)
+    model = apply_trainable(build(model_name, **overrides), trainable)
     par = apply(model, plan)
     config = model.config
     records = train(par, steps=STEPS, seq_len=config.seq_len, vocab=config.vocab, device=torch.device("cpu"), lr=1e-2,

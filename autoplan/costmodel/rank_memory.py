@@ -7,7 +7,9 @@ The model the dry run taught (benchmarks/results/memory_truth.md):
    (`data_parallel_wrapper`): DDP keeps a second copy of the gradients in its buckets; FSDP without
    resharding (ZeRO-2) keeps its sharded parameter storage beside the gathered
    copy; under a pipeline, torch's schedule keeps FSDP's gathered parameters and unsharded gradients
-   for the whole step (it reduces once, after the last micro-batch).
+   for the whole step (it reduces once, after the last micro-batch); with ZeRO-3 and recompute under a
+   pipeline, the blocks' parameters stay gathered from their backward to the next forward, so the end of
+   a backward holds the stage's parameters whole.
 2. Activations follow the executor's kernels (`executor_activation_bytes`): DTensor sequence parallelism
    keeps the all-gathered input of each column-parallel GEMM whole; the executor gathers the logits
    before the loss (no vocabulary-parallel loss), so the head's activations are not split by tp; the
@@ -433,6 +435,14 @@ def _rank_peak(rank: RankMemoryInputs, plan: Plan, stage: int, in_flight: float,
         gathering["activations"] -= rank.last_block_kept + rank.kept_head
         gathering["buffers"] += PARAM_BYTES * unit_params if wrapper == "fsdp-gathered" else 0.0
         candidates["forward, gathering a block"] = gathering
+    if plan.pp > 1 and zero3 and plan.stage_recompute(stage) != "none":
+        # torch's pipeline schedule turns FSDP's reshard-after-backward off for all but the step's last
+        # micro-batch: a block's gathered parameters stay until the next forward through it reshards them,
+        # so at the end of a recomputed micro-batch's backward the stage's parameters are all gathered (the
+        # dry run shows it; without recompute the peak comes earlier in the backward, with fewer gathered)
+        ending = moment((made + own, freed), PARAM_BYTES * (rank.dense_params + rank.expert_params * pad))
+        ending["activations"] = _activations_held(rank, plan, stage, max(in_flight - 1.0, 0.0))[0]
+        candidates["end of a backward, blocks left gathered"] = ending
     candidates["optimizer step"] = _optimizer_step(rank, plan)
     label = max(candidates, key=lambda name: sum(candidates[name].values()))
     when = label if grads or label == "optimizer step" else f"{label} (the step's first)"

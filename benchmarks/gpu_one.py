@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -71,13 +72,35 @@ def _free(device) -> None:
         torch.cuda.empty_cache()
 
 
-def _plans(global_batch: int, micro_batches: list[int], recompute_modes=RECOMPUTE, repeat: int = 1):
+def _plans(global_batch: int, micro_batches: list[int], recompute_modes=RECOMPUTE, repeat: int = 1,
+           offloads=("none",)):
     from autoplan.schema import Plan
 
     for mb in micro_batches:
         for recompute in recompute_modes:
-            for _ in range(repeat):
-                yield Plan(micro_batch_size=mb, global_batch_size=global_batch, recompute=recompute)
+            for offload in offloads:
+                for _ in range(repeat):
+                    yield Plan(micro_batch_size=mb, global_batch_size=global_batch, recompute=recompute,
+                               offload=offload)
+
+
+def _host_link(device) -> dict:
+    """Pinned host <-> device copy bandwidth (what offloaded states cross each step), GB/s each way."""
+    import torch
+
+    host = torch.empty(2**28, dtype=torch.bfloat16, pin_memory=True)  # 512 MiB
+    dev = torch.empty_like(host, device=device)
+    rates = {}
+    for name, copy in (("to_device", lambda: dev.copy_(host, non_blocking=True)),
+                       ("to_host", lambda: host.copy_(dev, non_blocking=True))):
+        copy()
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(5):
+            copy()
+        torch.cuda.synchronize(device)
+        rates[name + "_gb_per_s"] = 5 * host.numel() * 2 / (time.perf_counter() - start) / 1e9
+    return rates
 
 
 def _environment(device) -> dict:
@@ -110,10 +133,13 @@ def measure(args) -> int:
     result = {"environment": _environment(device), "seq_len": args.seq_len, "global_batch": args.global_batch,
               "steps": args.steps, "runs": []}
     models = args.models.split(",")
+    if device.type == "cuda":
+        result["host_link"] = _host_link(device)
+        result["environment"]["cpu_count"] = os.cpu_count()
     try:
         for index, name in enumerate(models):
             for plan in _plans(args.global_batch, [int(m) for m in args.micro_batches.split(",")],
-                               args.recompute.split(","), args.repeat):
+                               args.recompute.split(","), args.repeat, args.offload.split(",")):
                 if time.monotonic() - begin > args.deadline_s:
                     print(f"deadline: {name} {plan.describe()} not run", flush=True)
                     continue
@@ -310,6 +336,7 @@ def main(argv=None) -> int:
     m.add_argument("--steps", type=int, default=5)
     m.add_argument("--recompute", default=",".join(RECOMPUTE))
     m.add_argument("--repeat", type=int, default=1, help="run each plan this many times (the noise floor)")
+    m.add_argument("--offload", default="none", help="offload modes to run, e.g. none,optimizer")
     m.add_argument("--deadline-s", type=float, default=400, help="start no plan after this many seconds")
     m.add_argument("--profile-timeout-s", type=float, default=150)
     m.add_argument("--no-profile", action="store_true")

@@ -44,14 +44,16 @@ def host_link_s(*, message_bytes: float, cluster: Cluster) -> float:
 
 
 def cpu_adam_s(*, shard_params: float, cluster: Cluster) -> float:
-    """ADAM_STEP_BYTES · P / (B_host / GPUs on the node · efficiency): the Adam step of one rank's shard on
-    the CPU, bound by host DRAM bandwidth B_host, which the node's ranks share (they step at the same time).
-    Ignores the CPU's vector throughput (a vectorised Adam is memory-bound: ZeRO-Offload Sec. 5.1)."""
+    """ADAM_STEP_BYTES · P / (B_host / GPUs per node · efficiency): the Adam step of one rank's shard on the
+    CPU, at its share of the node's host (DRAM bandwidth B_host and the cores that stream it; a rank alone on
+    a node gets no more: the executor's CPU step is bound by the cores one process uses, benchmarks/results/
+    gpu_one_h200_offload.md). The presets' efficiency is what the executor's step measured on a 16-core
+    share."""
     if shard_params <= 0:
         return 0.0
     if cluster.host_memory_bandwidth_bytes_per_s <= 0:
         return float("inf")
-    sharing = min(cluster.gpus_per_node, cluster.num_gpus)
+    sharing = cluster.gpus_per_node
     bandwidth = cluster.host_memory_bandwidth_bytes_per_s / sharing * cluster.cpu_optimizer_efficiency
     return ADAM_STEP_BYTES * shard_params / bandwidth
 

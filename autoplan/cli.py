@@ -74,7 +74,8 @@ def _search(args) -> int:
     profile = _load_profile(args)
     with Progress(transient=True, disable=args.json or not sys.stderr.isatty()) as bar:
         task = bar.add_task("searching", total=None)
-        result = search(profile, cluster, global_batch_size=batch, top_k=args.top, accept=_executable(args, profile),
+        result = search(profile, cluster, global_batch_size=batch, top_k=args.top, runnable_only=not args.any,
+                        foreign=_foreign(args.model),
                         stack=Stack.resolve(args.stack),
                         progress=lambda done, total: bar.update(task, completed=done, total=total), **fixed)
     verification = _verify(args, result, cluster, profile.seq_len) if args.verify else None
@@ -245,16 +246,11 @@ def _profile_dtype(cluster):
     return getattr(torch, measured) if measured in ("float32", "bfloat16", "float16") else torch.bfloat16
 
 
-def _executable(args, profile):
-    """With --executable, the predicate that keeps the search to plans the executor runs."""
-    if not args.executable:
-        return None
+def _foreign(model: str) -> bool:
+    """A Hugging Face model (laid out by autoplan.models.hf; the executor refuses more of its plans)."""
     from autoplan.models.hf import is_hf_spec
-    from autoplan.support import unsupported_reason
 
-    moe = profile.num_experts > 0
-    foreign = is_hf_spec(args.model)
-    return lambda plan: unsupported_reason(plan, moe=moe, foreign=foreign) is None
+    return is_hf_spec(model)
 
 
 def _run(args) -> int:

@@ -139,6 +139,8 @@ class ModelProfile(_Noun):
     num_kv_heads: int = Field(0, description="Attention key/value heads.")
     num_experts: int = Field(0, description="Routed experts per MoE layer (0: dense model).")
     top_k: int = Field(0, description="Experts per token.")
+    latent_attention: bool = Field(False, description="The attention compresses keys and values into a latent "
+                                                      "(DeepSeek's MLA: values narrower than queries and keys).")
     attention: Literal["flash", "eager"] = Field("flash", description="How attention was traced: flash (no seq x seq saved) or eager.")
     layers: list[LayerProfile] = Field(description="Layers in forward order.")
     notes: list[str] = Field(default_factory=list, description="What the profiler could not recognize in the model, "

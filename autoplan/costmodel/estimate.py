@@ -19,7 +19,7 @@ from autoplan.costmodel.pipeline import micro_batches_in_flight, pipeline_step_s
 from autoplan.costmodel.rank_memory import (LayerMemory, RankMemoryInputs, backward_excess, backward_steps,
                                             forward_excess, layer_memory, rank_peak)
 from autoplan.schema import Cluster, Estimate, LayerProfile, ModelProfile, Plan, Stack, check_plan
-from autoplan.support import unsupported_reason
+from autoplan.support import profile_reason, unsupported_reason
 
 
 MEMORY_MODELS = ("executor", "paper")
@@ -314,7 +314,7 @@ def _assemble(profile: ModelProfile, cluster: Cluster, plan: Plan, ranks: list[R
     }
     # a plan the executor refuses has nothing to hold the memory model to: rank_memory accounts for it as the
     # papers do, as the design intends
-    refusal = unsupported_reason(plan, moe=profile.num_experts > 0) if memory == "executor" else None
+    refusal = profile_reason(plan, profile) if memory == "executor" else None
     memories = [rank_memory(rank, i, cluster, plan, memory, stack) for i, rank in enumerate(ranks)]
     totals = [sum(mem.values()) for mem in memories]
     peak = max(range(len(totals)), key=totals.__getitem__)

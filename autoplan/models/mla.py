@@ -47,6 +47,7 @@ class MLAttention(nn.Module):
         self.kv_norm = RMSNorm(kv_lora_rank, eps=norm_eps)
         self.wkv_b = nn.Linear(kv_lora_rank, heads * (qk_nope_head_dim + v_head_dim), bias=False)
         self.wo = nn.Linear(heads * v_head_dim, hidden, bias=False)
+        self.shared_key = nn.Identity()  # the RoPE key all heads share: where tensor parallelism sums its gradient
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor | None = None) -> torch.Tensor:
         b, s, _ = x.shape
@@ -57,7 +58,7 @@ class MLAttention(nn.Module):
         kv = self.wkv_b(self.kv_norm(latent)).view(b, s, -1, self.nope + self.v_dim)  # [b, s, heads/tp, ...]
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         heads = kv.shape[2]
-        k_rope = apply_rope(k_rope.unsqueeze(2), freqs).expand(b, s, heads, self.rope_dim)
+        k_rope = apply_rope(self.shared_key(k_rope).unsqueeze(2), freqs).expand(b, s, heads, self.rope_dim)
         q = torch.cat([q_nope, apply_rope(q_rope, freqs)], dim=-1).transpose(1, 2)  # [b, heads, s, d_qk]
         k = torch.cat([k_nope, k_rope], dim=-1).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True,

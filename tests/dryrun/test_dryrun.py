@@ -167,12 +167,12 @@ def test_verify_drops_the_plans_that_do_not_fit():
 
 
 def test_verify_drops_plans_the_executor_refuses():
-    """A ranked plan the executor does not run (expert parallelism with ZeRO-3) cannot be verified: it is
-    dropped with the executor's reason, and a runnable one is kept."""
-    refused, runnable = ap.Plan(dp=2, ep=2, zero_stage=3, global_batch_size=4), ap.Plan(dp=2, ep=2, global_batch_size=4)
+    """A ranked plan the executor does not run (MLA attention with context parallelism) cannot be verified: it
+    is dropped with the executor's reason, and a runnable one is kept."""
+    refused, runnable = ap.Plan(cp=2, global_batch_size=4), ap.Plan(dp=2, ep=2, zero_stage=3, global_batch_size=4)
     cluster = ap.Cluster.preset("dgx-h100", gpus=2)
-    profile = ap.profile_model("moe-tiny")
+    profile = ap.profile_model("deepseek-tiny")
     ranked = [(plan, ap.estimate(profile, cluster, plan)) for plan in (refused, runnable)]
-    kept, dropped = ap.verify_plans(ranked, "moe-tiny", cluster)
+    kept, dropped = ap.verify_plans(ranked, "deepseek-tiny", cluster)
     assert [plan for plan, _, _ in kept] == [runnable]
-    assert dropped[0][0] == refused and "ep > 1" in dropped[0][2]
+    assert dropped[0][0] == refused and "multi-head latent attention" in dropped[0][2]

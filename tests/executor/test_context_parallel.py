@@ -60,7 +60,7 @@ def test_cp2_with_dp_tp_pp_matches_single_process(name, four_rank_losses, refere
 
 
 @pytest.mark.parametrize("model, plan, message", [
-    ("moe-tiny", Plan(cp=2, ep=2, global_batch_size=GBS), "cp=2 with ep=2: expert parallelism runs with cp=1 only"),
+    ("deepseek-tiny", Plan(cp=2, global_batch_size=GBS), "cp=2 with multi-head latent attention"),
 ])
 def test_unsupported_combinations_are_refused_in_one_line(model, plan, message):
     with pytest.raises(InvalidPlanError, match=message) as err:

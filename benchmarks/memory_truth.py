@@ -90,6 +90,17 @@ GRID = [
     Point("mixtral-8x7b", _p(tp=2, dp=4, ep=4, global_batch_size=16), "EP + TP"),
     Point("mixtral-8x7b", _p(dp=8, ep=8, zero_stage=1, global_batch_size=16), "EP + ZeRO-1"),
     Point("mixtral-8x7b", _p(dp=64, ep=8, zero_stage=1, global_batch_size=128), "EP + ZeRO-1, experts over 8 ranks"),
+    Point("mixtral-8x7b", _p(dp=64, ep=4, zero_stage=1, recompute="full", micro_batch_size=8, global_batch_size=512),
+          "EP + ZeRO-1, full recompute, micro-batch 8 (issue 15: estimated 61.2 GiB against 74.4)"),
+    Point("mixtral-8x7b", _p(dp=8, ep=8, zero_stage=3, global_batch_size=16), "EP + ZeRO-3 (experts over edp)"),
+    Point("mixtral-8x7b", _p(dp=16, ep=8, zero_stage=2, global_batch_size=32), "EP + ZeRO-2"),
+    Point("mixtral-8x7b", _p(pp=4, dp=2, ep=2, zero_stage=1, global_batch_size=32), "EP x PP"),
+    Point("mixtral-8x7b", _p(tp=2, dp=4, ep=8, sequence_parallel=True, zero_stage=1, global_batch_size=16),
+          "EP x TP with SP (ep folded over dp x tp)"),
+    # qwen3-30b-a3b, seq 4096: 128 fine-grained experts, top-8
+    Point("qwen3-30b-a3b", _p(dp=8, ep=8, zero_stage=1, recompute="selective", global_batch_size=16),
+          "fine-grained experts, EP + ZeRO-1, selective recompute"),
+    Point("qwen3-30b-a3b", _p(dp=16, ep=8, zero_stage=3, global_batch_size=32), "fine-grained experts, EP + ZeRO-3"),
 ]
 
 

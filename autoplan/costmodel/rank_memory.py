@@ -105,11 +105,13 @@ def layer_memory(*, layer: LayerProfile, tp: int, sequence_parallel: bool, cp: i
     if layer.kind == "embedding" and tp > 1:  # DTensor makes the whole-table gradient once, in bf16
         weight_temporaries = min(weight_temporaries, layer.params * dtype_bytes)
     kept = executor_activation_bytes(recompute=recompute, **common)
-    if layer.kind == "moe" and ep > 1 and kept:  # the all-to-all's dispatched tokens [T·k, h] stay for backward
-        kept += layer.output_bytes * layer.top_k * micro_batch_size / cp
+    kept_none = executor_activation_bytes(recompute="none", **common)
+    if layer.kind == "moe" and ep > 1:  # the all-to-all's dispatched tokens [T·k, h] stay for backward (and a
+        dispatched = layer.output_bytes * layer.top_k * micro_batch_size / cp  # recomputed forward rebuilds them)
+        kept, kept_none = kept + (dispatched if kept else 0.0), kept_none + dispatched
     head = layer.kind == "head"
     return LayerMemory(
-        kept=kept, kept_none=executor_activation_bytes(recompute="none", **common),
+        kept=kept, kept_none=kept_none,
         forward_excess=layer.forward_peak_bytes * scale,
         backward_excess=layer.backward_peak_bytes * scale + weight_temporaries,
         output_kept=layer.output_bytes * micro_batch_size / cp if head else 0.0,
@@ -206,11 +208,12 @@ class RankMemoryInputs:
 
 def data_parallel_wrapper(plan: Plan) -> str:
     """What executor.data_parallel does with the plan over its dp x cp replicas: "none" (one replica, or
-    ep > 1: gradients averaged by hand), "ddp" (composable replicate: ZeRO 0 and 1), "ddp-by-hand" (DDP's
+    ep > 1 with ZeRO 0/1: gradients averaged by hand; with ZeRO 2/3 experts are FSDP units of their own over
+    the expert-data-parallel ranks, `_expert_shard`), "ddp" (composable replicate: ZeRO 0 and 1), "ddp-by-hand" (DDP's
     arithmetic without DDP, gradients all-reduced in place after the step: under a pipeline, or with
     tp > 1), "fsdp-gathered" (FSDP2 without resharding: ZeRO 2), "fsdp" (FSDP2 resharding after forward:
     ZeRO 3). ZeRO 1's optimizer (executor.zero_one) splits its states evenly whatever the wrapper."""
-    if plan.dp * plan.cp == 1 or plan.ep > 1:
+    if plan.dp * plan.cp == 1 or (plan.ep > 1 and plan.zero_stage <= 1):
         return "none"
     if plan.zero_stage <= 1:
         return "ddp" if plan.pp == 1 and plan.tp == 1 else "ddp-by-hand"
@@ -228,7 +231,7 @@ def model_states(rank: RankMemoryInputs, plan: Plan) -> dict[str, float]:
     if fsdp:
         optimizer_shard = sharded
     elif plan.zero_stage == 1:  # executor.zero_one: each tensor cut in even chunks over its replicas
-        optimizer_shard = rank.dense_params / (plan.dp * plan.cp) + rank.expert_params * plan.ep / (plan.dp * plan.cp)
+        optimizer_shard = rank.dense_params / (plan.dp * plan.cp) + rank.expert_params / _edp(plan)
     else:
         optimizer_shard = whole
     grads = GRAD_BYTES * (sharded if fsdp else whole)
@@ -247,18 +250,25 @@ def model_states(rank: RankMemoryInputs, plan: Plan) -> dict[str, float]:
             "optimizer": OPTIMIZER_BYTES * optimizer_shard, "buffers": buffers}
 
 
+def _edp(plan: Plan) -> int:
+    """Ranks holding the same experts: dp*cp without expert parallelism, else the dp*cp*tp ranks ep folds over
+    divided by ep (executor.mesh.build_expert_mesh)."""
+    return plan.dp * plan.cp if plan.ep == 1 else plan.dp * plan.cp * plan.tp // plan.ep
+
+
 def _expert_shard(rank: RankMemoryInputs, plan: Plan) -> float:
-    """Fraction of the stacked expert weights [E, ...] FSDP leaves on rank 0: it cuts dim 0 in N = dp*cp
-    chunks of ceil(E/N) rows (torch.chunk), so with N > E, or N not dividing E, rank 0 holds more than 1/N."""
+    """Fraction of the stacked expert weights [E, ...] FSDP leaves on rank 0: it cuts dim 0 in N chunks (N =
+    the expert-data-parallel ranks, `_edp`) of ceil(E/N) rows (torch.chunk), so with N > E, or N not dividing
+    E, rank 0 holds more than 1/N."""
     if not data_parallel_wrapper(plan).startswith("fsdp"):
         return 1.0
-    n = plan.dp * plan.cp
+    n = _edp(plan)
     return -(-rank.experts // n) / rank.experts if rank.experts else 1 / n
 
 
 def _expert_padding(rank: RankMemoryInputs, plan: Plan) -> float:
     """The gathered expert weights FSDP holds over their size: N chunks of ceil(E/N) rows, padded."""
-    return _expert_shard(rank, plan) * plan.dp * plan.cp if rank.experts else 1.0
+    return _expert_shard(rank, plan) * _edp(plan) if rank.experts else 1.0
 
 
 def rank_peak(rank: RankMemoryInputs, plan: Plan, stage: int, *, physical: bool = False) -> tuple[dict[str, int], str]:
@@ -315,6 +325,25 @@ def _optimizer_step(rank: RankMemoryInputs, plan: Plan) -> dict[str, float]:
     return step
 
 
+def _first_block_end(rank: RankMemoryInputs, plan: Plan, out: dict[str, float], *, made: float, activations: float,
+                     physical: bool) -> dict[str, float]:
+    """The moment of a micro-batch's backward through the rank's first block in the step's first backward (one
+    micro-batch per step: the only one): the gradients of all but that block and the embedding exist; of this
+    micro-batch's activations only the block's own remain (the rest freed), its temporaries come whole.
+    With full recompute and a single micro-batch this is the peak (mixtral-8x7b, dp 64, ep 4, ZeRO-1, micro-
+    batch 8: the dry run's 23.0 of 24.0 GiB of gradients at step 2's backward; the moment at the first block's
+    start had counted none)."""
+    whole = rank.dense_params + rank.expert_params
+    made_params = max(whole - rank.embedding_params - rank.largest_unit_params, 0.0)
+    out["grads"] = model_states(rank, plan)["grads"] * made_params / whole if whole else 0.0
+    freed = rank.kept - rank.last_block_kept + rank.kept_head  # this micro-batch's, gone by its first block
+    if physical:
+        out["activations"], out["temporaries"] = activations - freed, made
+    else:
+        out["activations"], out["temporaries"] = activations, made - freed
+    return out
+
+
 def _rank_peak(rank: RankMemoryInputs, plan: Plan, stage: int, in_flight: float, grads: bool,
                physical: bool) -> tuple[dict[str, int], str]:
     """rank_peak for one backward: `in_flight` micro-batches held, the step's gradients there or not."""
@@ -368,6 +397,10 @@ def _rank_peak(rank: RankMemoryInputs, plan: Plan, stage: int, in_flight: float,
         (made + own, freed), unit_grads + (PARAM_BYTES * (2 * unit_params + rank.root_params) if zero3 else 0.0))
     if not (plan.pp > 1 and wrapper.startswith("fsdp")):
         candidates["backward through a block"]["grads"] += tail_grads
+    if not grads and made:  # the first backward's end, through the rank's first block: nearly all gradients made
+        candidates["backward through the first block"] = _first_block_end(
+            rank, plan, moment((made + own, freed), unit_grads + (PARAM_BYTES * 2 * unit_params if zero3 else 0.0)),
+            made=made + own, activations=activations, physical=physical)
     candidates["forward"] = moment((rank.forward, 0.0), PARAM_BYTES * 2 * unit_params if zero3 else 0.0,
                                    forward=True)
     if wrapper.startswith("fsdp") and plan.pp == 1:  # forward gathering the last block, the next prefetched

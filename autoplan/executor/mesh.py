@@ -31,7 +31,9 @@ def build_expert_mesh(plan: Plan, device_type: str) -> DeviceMesh:
     folded = plan.dp * plan.cp * plan.tp
     if folded % plan.ep:
         raise InvalidPlanError(f"ep={plan.ep} does not divide dp*cp*tp = {folded}")
-    return init_device_mesh(device_type, (plan.pp, folded // plan.ep, plan.ep), mesh_dim_names=("pp", "edp", "ep"))
+    mesh = init_device_mesh(device_type, (plan.pp, folded // plan.ep, plan.ep), mesh_dim_names=("pp", "edp", "ep"))
+    folded_mesh(mesh)  # made now, with real tensors (a dry run's training step runs under fake tensors)
+    return mesh
 
 
 def folded_mesh(expert_mesh: DeviceMesh) -> DeviceMesh:

@@ -132,10 +132,10 @@ def test_a_large_dry_run_allocates_no_real_memory():
 
 
 def test_executor_refusals_stay_refusals():
-    """A plan the executor refuses (expert parallelism with FSDP) is refused by the dry run, with the
+    """A plan the executor refuses (context parallelism with MLA attention) is refused by the dry run, with the
     executor's own error."""
-    with pytest.raises(InvalidPlanError, match="ep > 1"):
-        ap.dryrun("moe-tiny", ap.Plan(dp=2, ep=2, zero_stage=2, global_batch_size=4))
+    with pytest.raises(InvalidPlanError, match="multi-head latent attention"):
+        ap.dryrun("deepseek-tiny", ap.Plan(cp=2, global_batch_size=4))
 
 
 def test_zero_bubble_with_selective_recompute_is_refused():

@@ -29,6 +29,10 @@ def _load_profile(args):
 
     check_range("--seq-len", args.seq_len, 1, MAX_SEQ_LEN)
     profile = profile_model(args.model, seq_len=args.seq_len)
+    imbalance = getattr(args, "routing_imbalance", None)
+    if imbalance is not None:
+        check_range("--routing-imbalance", imbalance, 1.0, 1024.0)
+        profile = profile.model_copy(update={"routing_imbalance": float(imbalance)})
     for note in profile.notes:  # what the profiler could not recognize: said, not silently guessed
         print(f"autoplan: note: {note}", file=sys.stderr)
     return profile

@@ -22,6 +22,9 @@ def _stack_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stack", help="the software the plan runs on: torch (default: eager PyTorch, autoplan's "
                                         "executor), torch-compile, megatron-te, megatron-2021, llm-foundry, or a "
                                         "stack JSON file (fusion, attention kernel, float8 linears)")
+    parser.add_argument("--routing-imbalance", type=float, metavar="X",
+                        help="MoE: tokens the busiest expert-parallel rank receives over the mean (default 1.1; "
+                             "1.0 is perfectly balanced routing)")
 
 
 def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from autoplan.costmodel import bands, comm
 from autoplan.costmodel.data_parallel import dp_sync_s, optimizer_step_s
-from autoplan.costmodel.layers import DEFAULT_STACK, ROUTING_IMBALANCE, LayerCost, ProfileDigest, digest, layer_cost
+from autoplan.costmodel.layers import DEFAULT_STACK, LayerCost, ProfileDigest, digest, layer_cost
 from autoplan.costmodel.memory import PARAM_BYTES, model_state_bytes
 from autoplan.costmodel.overhead import overhead_s
 from autoplan.costmodel.pipeline import micro_batches_in_flight, pipeline_step_s
@@ -154,6 +154,7 @@ class Coster:
                 if tail:
                     memory.kept_head += one.kept + one.output_kept
                     memory.loss_kept += one.loss_kept + one.output_kept
+                    memory.logits_kept += one.output_kept
                 else:
                     memory.kept += one.kept
                     memory.kept_none += one.kept_none
@@ -343,7 +344,7 @@ def _notes(profile: ModelProfile, plan: Plan) -> list[str]:
     if profile.attention == "flash":
         notes.append("attention costed as a fused causal kernel (half of its counted FLOPs run)")
     if profile.num_experts:
-        notes.append(f"busiest expert takes {ROUTING_IMBALANCE:.2f}x the mean load")
+        notes.append(f"busiest expert takes {profile.routing_imbalance:.2f}x the mean load")
     if plan.sequence_parallel and plan.tp == 1:
         notes.append("sequence_parallel has no effect with tp=1")
     return notes

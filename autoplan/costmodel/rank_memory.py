@@ -14,7 +14,8 @@ The model the dry run taught (benchmarks/results/memory_truth.md):
    training loop (or the pipeline schedule) holds the bf16 logits until backward; selective recompute
    keeps the GEMMs', fused attention's and collectives' outputs (autoplan.selective; measured by the
    profiler as selective_bytes) and the block's input;
-   expert parallelism keeps the tokens its all-to-all dispatched.
+   expert parallelism keeps the tokens its all-to-all dispatched; under tp a MoE layer keeps 1/tp of its
+   activations (each tp rank routes its own sequence shard: executor.tensor_parallel.moe_layout).
 3. The peak is a moment, not a sum of maxima: it is the largest of the candidates in `rank_peak` —
    backward through the loss and head, backward through the last block, the end of a forward, the
    optimizer step — each with the activations of the micro-batches in flight then
@@ -79,6 +80,8 @@ def executor_activation_bytes(*, layer: LayerProfile, tp: int, sequence_parallel
             total -= layer.attention_score_bytes
         if sequence_parallel:  # the gathered copy replaces the sequence shard the column GEMM would save
             total -= layer.activation_column_input_bytes
+    if layer.kind == "moe":  # each tp rank routes its own sequence shard (parallel folding), with SP or without
+        return total / tp * scale
     replicated = total - sharded
     return (replicated / (tp if sequence_parallel else 1) + sharded / tp + gathered) * scale
 
@@ -107,8 +110,9 @@ def layer_memory(*, layer: LayerProfile, tp: int, sequence_parallel: bool, cp: i
     kept = executor_activation_bytes(recompute=recompute, **common)
     kept_none = executor_activation_bytes(recompute="none", **common)
     if layer.kind == "moe" and ep > 1:  # the all-to-all's dispatched tokens [T·k, h] stay for backward (and a
-        dispatched = layer.output_bytes * layer.top_k * micro_batch_size / cp  # recomputed forward rebuilds them)
-        kept, kept_none = kept + (dispatched if kept else 0.0), kept_none + dispatched
+        dispatched = layer.output_bytes * layer.top_k * micro_batch_size / cp / tp  # recomputed forward rebuilds them)
+        # (selective recompute reruns the dispatch: qwen3-30b-a3b, ep 8, the dry run kept 6 GiB less)
+        kept, kept_none = kept + (dispatched if recompute == "none" else 0.0), kept_none + dispatched
     head = layer.kind == "head"
     return LayerMemory(
         kept=kept, kept_none=kept_none,
@@ -192,6 +196,7 @@ class RankMemoryInputs:
     kept_none: float = 0.0           # the same without recompute
     kept_head: float = 0.0           # kept per micro-batch by the final norm, head and loss, logits included
     loss_kept: float = 0.0           # part of kept_head only the loss needs
+    logits_kept: float = 0.0         # part of kept_head that is the head's output (the logits)
     weight_grad_inputs: float = 0.0  # per micro-batch: what zero-bubble's deferred weight-gradient step waits with
     largest_tensor_params: float = 0.0  # its largest parameter tensor (the optimizer step's scratch is bounded by it)
     experts: int = 0                 # rows of the stacked expert weights on this rank (FSDP shards dim 0)
@@ -336,7 +341,9 @@ def _first_block_end(rank: RankMemoryInputs, plan: Plan, out: dict[str, float], 
     whole = rank.dense_params + rank.expert_params
     made_params = max(whole - rank.embedding_params - rank.largest_unit_params, 0.0)
     out["grads"] = model_states(rank, plan)["grads"] * made_params / whole if whole else 0.0
-    freed = rank.kept - rank.last_block_kept + rank.kept_head  # this micro-batch's, gone by its first block
+    # this micro-batch's activations, gone by its first block: all but that block's, and but the logits, which
+    # the training loop holds until its backward returns (under a pipeline the schedule lets them go)
+    freed = rank.kept - rank.last_block_kept + rank.kept_head - (rank.logits_kept if plan.pp == 1 else 0.0)
     if physical:
         out["activations"], out["temporaries"] = activations - freed, made
     else:
@@ -397,7 +404,7 @@ def _rank_peak(rank: RankMemoryInputs, plan: Plan, stage: int, in_flight: float,
         (made + own, freed), unit_grads + (PARAM_BYTES * (2 * unit_params + rank.root_params) if zero3 else 0.0))
     if not (plan.pp > 1 and wrapper.startswith("fsdp")):
         candidates["backward through a block"]["grads"] += tail_grads
-    if not grads and made:  # the first backward's end, through the rank's first block: nearly all gradients made
+    if not grads and made and not (plan.pp > 1 and wrapper.startswith("fsdp")):  # the first backward's end, through the rank's first block: nearly all gradients made
         candidates["backward through the first block"] = _first_block_end(
             rank, plan, moment((made + own, freed), unit_grads + (PARAM_BYTES * 2 * unit_params if zero3 else 0.0)),
             made=made + own, activations=activations, physical=physical)

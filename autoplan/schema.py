@@ -143,8 +143,6 @@ class ModelProfile(_Noun):
                                      "receives over the mean (1.0: perfectly balanced routing). Default 1.1: Switch "
                                      "Transformer trains at capacity factor 1.0-1.25 with few tokens dropped (Fedus "
                                      "et al. 2022, Table 1); set it from a measured router.")
-    latent_attention: bool = Field(False, description="The attention compresses keys and values into a latent "
-                                                      "(DeepSeek's MLA: values narrower than queries and keys).")
     attention: Literal["flash", "eager"] = Field("flash", description="How attention was traced: flash (no seq x seq saved) or eager.")
     layers: list[LayerProfile] = Field(description="Layers in forward order.")
     notes: list[str] = Field(default_factory=list, description="What the profiler could not recognize in the model, "

@@ -18,20 +18,15 @@ ZERO_BUBBLE_SELECTIVE = "the zero-bubble schedule with selective recompute is no
                         "in two passes and torch's selective checkpointing allows one; use full recompute or 1f1b"
 
 
-LATENT_CP = "cp > 1 with multi-head latent attention is not supported: its values are narrower than its queries " \
-            "and keys, which the ring attention kernel does not take; use cp=1"
-
 FOREIGN_CP = "cp > 1 needs the reference models' RoPE table; a Hugging Face model computes its rotary tables per " \
              "forward and is not run with context parallelism yet: use cp=1"
 
 
-def unsupported_reason(plan, *, moe: bool, foreign: bool = False, latent_attention: bool = False) -> str | None:
+def unsupported_reason(plan, *, moe: bool, foreign: bool = False) -> str | None:
     """Why the executor cannot run `plan` on a model (MoE or not; foreign: a Hugging Face model, laid out by
-    autoplan.models.hf; latent_attention: DeepSeek's MLA), or None if it can."""
+    autoplan.models.hf), or None if it can."""
     if foreign and plan.cp > 1:
         return FOREIGN_CP
-    if latent_attention and plan.cp > 1:
-        return LATENT_CP
     if foreign and moe and plan.tp > 1:
         return FOREIGN_MOE_TP
     if plan.ep > 1 and (plan.dp * plan.cp * plan.tp) % plan.ep:
@@ -44,5 +39,4 @@ def unsupported_reason(plan, *, moe: bool, foreign: bool = False, latent_attenti
 
 def profile_reason(plan, profile, *, foreign: bool = False) -> str | None:
     """unsupported_reason for a model known by its ModelProfile."""
-    return unsupported_reason(plan, moe=profile.num_experts > 0, foreign=foreign,
-                              latent_attention=profile.latent_attention)
+    return unsupported_reason(plan, moe=profile.num_experts > 0, foreign=foreign)

@@ -56,7 +56,6 @@ class Parallelized:
 def apply(model: nn.Module, plan: Plan, *, device_type: str = "cpu", tp_plan=None) -> Parallelized:
     """Parallelise `model` in place for `plan` on the initialised process group (or one process)."""
     reason = unsupported_reason(plan, moe=any(hasattr(m, "num_experts") for m in model.modules()),
-                                latent_attention=any(hasattr(m, "kv_lora_rank") for m in model.modules()),
                                 foreign=getattr(model, "is_foreign", False))
     if reason:
         raise InvalidPlanError(reason)

@@ -7,7 +7,9 @@ arXiv:2412.19437, Sec. 2.1.1): queries and keys/values pass through low-rank lat
     k_nope, v = RMSNorm(c_kv) W_kvb   [b, s, heads, d_nope], [b, s, heads, d_v]
     RoPE on the d_rope parts of q and k; softmax(q k^T / sqrt(d_nope + d_rope)) v; out = o W_o.
 
-Training runs the expanded form above (as DeepSeek's and Megatron-LM's training code do); the absorbed
+The values are zero-padded to the query/key head width for the attention kernel (fused kernels and the
+ring attention of context parallelism take one width; DeepSeek's FlashAttention-based code pads the same
+way) and the padding sliced off its output. Training runs the expanded form above (as DeepSeek's and Megatron-LM's training code do); the absorbed
 form is an inference optimisation. Under tensor parallelism W_qb, W_kvb are column-parallel (by heads),
 W_o row-parallel, the latent projections replicated (Megatron-LM's MLA layout).
 """
@@ -61,6 +63,10 @@ class MLAttention(nn.Module):
         k_rope = apply_rope(self.shared_key(k_rope).unsqueeze(2), freqs).expand(b, s, heads, self.rope_dim)
         q = torch.cat([q_nope, apply_rope(q_rope, freqs)], dim=-1).transpose(1, 2)  # [b, heads, s, d_qk]
         k = torch.cat([k_nope, k_rope], dim=-1).transpose(1, 2)
+        # values padded to the query/key width: fused (flash) attention kernels take one head width, and so
+        # does the ring attention of context parallelism; the padding's outputs are zeros, dropped after
+        pad = self.nope + self.rope_dim - self.v_dim
+        v = F.pad(v, (0, pad)) if pad > 0 else v
         out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True,
-                                             scale=1.0 / math.sqrt(self.nope + self.rope_dim))
+                                             scale=1.0 / math.sqrt(self.nope + self.rope_dim))[..., :self.v_dim]
         return self.wo(out.transpose(1, 2).reshape(b, s, heads * self.v_dim))

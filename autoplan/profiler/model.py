@@ -337,7 +337,6 @@ def _profile(model: nn.Module, seq_len: int, name: str, dtype: torch.dtype, flas
         num_blocks=num_blocks or 1, num_heads=attn.num_heads if attn else 0,
         num_kv_heads=attn.num_kv_heads if attn else 0, num_experts=moe.num_experts if moe else 0,
         top_k=moe.top_k if moe else 0, attention="flash" if flash else "eager", layers=layers,
-        latent_attention=any(isinstance(getattr(m, "kv_lora_rank", None), int) for m in model.modules()),
     )
 
 

@@ -44,10 +44,10 @@ def test_two_launches_side_by_side(tmp_path):
 
 def test_run_refuses_what_the_executor_cannot_do_yet(tmp_path, capsys):
     plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"cp": 2, "global_batch_size": 4}))
-    assert main(["run", "deepseek-tiny", "--plan", str(plan)]) == 2
+    plan.write_text(json.dumps({"pp": 2, "schedule": "zero-bubble", "recompute": "selective", "global_batch_size": 4}))
+    assert main(["run", "moe-tiny", "--plan", str(plan)]) == 2
     err = capsys.readouterr().err
-    assert "multi-head latent attention" in err and err.count("\n") == 1
+    assert "zero-bubble schedule with selective recompute is not supported" in err and err.count("\n") == 1
 
 
 def test_moe_with_ep_not_dividing_the_folded_ranks_refused_before_any_mesh(tmp_path, capsys):
@@ -62,8 +62,8 @@ def test_moe_with_ep_not_dividing_the_folded_ranks_refused_before_any_mesh(tmp_p
 
 def test_search_keeps_to_plans_the_executor_runs_unless_asked(capsys):
     """Oracle: autoplan.support.unsupported_reason is None for every ranked plan of `search` (and of the old
-    `--executable`); with `--any` the top plans of deepseek-tiny on 2 GPUs include ones it refuses (cp with
-    MLA), each marked not runnable with the executor's reason."""
+    `--executable`); with `--any` the top plans of deepseek-tiny on 2 GPUs include ones it refuses (zero-bubble
+    with selective recompute), each marked not runnable with the executor's reason."""
     from autoplan.support import unsupported_reason
     from autoplan.schema import Plan
 
@@ -72,7 +72,7 @@ def test_search_keeps_to_plans_the_executor_runs_unless_asked(capsys):
                      *extra]) == 0
         return [(Plan.model_validate(row["plan"]), row) for row in json.loads(capsys.readouterr().out)["ranked"]]
 
-    refused = lambda plan: unsupported_reason(plan, moe=True, latent_attention=True)  # noqa: E731
+    refused = lambda plan: unsupported_reason(plan, moe=True)  # noqa: E731
     for extra in ((), ("--executable",)):
         assert all(refused(plan) is None and row["runnable"] for plan, row in ranked(*extra))
     rows = ranked("--any")

@@ -231,7 +231,7 @@ def test_accept_is_asked_about_each_recompute_mode():
 
 def test_search_returns_runnable_plans_by_default_and_labels_the_rest():
     """Oracle: autoplan.support. By default every ranked plan is one the executor runs; runnable_only=False
-    also ranks refused ones (MLA with cp > 1) and names the reason, in the result and in the report."""
+    also ranks refused ones (zero-bubble with selective recompute) and names the reason, in the result and in the report."""
     from autoplan.report import search_report
     from autoplan.support import profile_reason
 

@@ -17,6 +17,9 @@ FOREIGN_MOE_TP = "tp > 1 on a Hugging Face MoE model is not supported by the exe
 ZERO_BUBBLE_SELECTIVE = "the zero-bubble schedule with selective recompute is not supported: it runs each backward " \
                         "in two passes and torch's selective checkpointing allows one; use full recompute or 1f1b"
 
+ZERO_BUBBLE_ZERO3 = "the zero-bubble schedule with ZeRO-3 is not supported: FSDP reshards the parameters between its " \
+                    "input- and weight-gradient passes and the losses leave the single-process ones (moe-tiny, pp=2 " \
+                    "dp=2: 4e-3 off at step 2); use ZeRO 0-2 or another schedule"
 
 FOREIGN_CP = "cp > 1 needs the reference models' RoPE table; a Hugging Face model computes its rotary tables per " \
              "forward and is not run with context parallelism yet: use cp=1"
@@ -34,6 +37,8 @@ def unsupported_reason(plan, *, moe: bool, foreign: bool = False) -> str | None:
     if plan.schedule == "zero-bubble" and plan.pp > 1 and \
             any(plan.stage_recompute(stage) == "selective" for stage in range(plan.pp)):
         return ZERO_BUBBLE_SELECTIVE
+    if plan.schedule == "zero-bubble" and plan.pp > 1 and plan.zero_stage == 3 and plan.dp * plan.cp > 1:
+        return ZERO_BUBBLE_ZERO3
     return None
 
 

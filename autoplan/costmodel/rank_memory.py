@@ -268,6 +268,8 @@ def _expert_shard(rank: RankMemoryInputs, plan: Plan) -> float:
     if not data_parallel_wrapper(plan).startswith("fsdp"):
         return 1.0
     n = _edp(plan)
+    if plan.ep > 1 and rank.experts % n:  # the executor cuts them by their second dim (expert_parallel.shard_experts)
+        return 1 / n
     return -(-rank.experts // n) / rank.experts if rank.experts else 1 / n
 
 

@@ -112,6 +112,8 @@ def test_micro_batches_at_the_first_and_later_backwards(schedule, pp, stage, m, 
     (dict(dp=2, ep=4), 8, True),                   # ep does not divide dp*cp*tp
     (dict(pp=2, schedule="zero-bubble", recompute="selective"), 0, True),  # two backward passes under SAC
     (dict(pp=2, schedule="zero-bubble", recompute="full"), 0, False),
+    (dict(pp=2, dp=2, schedule="zero-bubble", zero_stage=3), 0, True),   # FSDP reshards between its two passes
+    (dict(pp=2, dp=2, schedule="zero-bubble", zero_stage=2), 8, False),
 ])
 def test_plans_the_executor_refuses_are_named(plan, experts, refused):
     """Oracle: what executor.apply refuses (tests/executor/test_expert_parallel.py runs the MoE ones it takes); the estimate then accounts for memory as the papers do (and says so in its notes)."""

@@ -14,6 +14,7 @@ from dist_worker import run_on_ranks, run_plan
 
 GBS, MBS = 8, 2
 TOL = 1e-4
+SIX_EXPERTS = {"num_experts": 6}
 
 
 def _plan(**kw) -> Plan:
@@ -37,32 +38,46 @@ FOUR_RANK_PLANS = {
     "deepseek pp2 x dp2 ep2 zero3": ("deepseek-tiny", _plan(pp=2, dp=2, ep=2, zero_stage=3)),
     "deepseek pp2 x tp2 sp ep2": ("deepseek-tiny", _plan(pp=2, tp=2, ep=2, sequence_parallel=True)),
     "moe cp2 x dp2 ep4 zero3": ("moe-tiny", _plan(cp=2, dp=2, ep=4, zero_stage=3)),
+    "moe pp2 x dp2 ep2 zero2 zero-bubble": ("moe-tiny", _plan(pp=2, dp=2, ep=2, zero_stage=2, schedule="zero-bubble")),
+    # 6 experts, ep 2: 3 per rank over 2 edp ranks, which FSDP cuts by their second dim (rows do not divide)
+    "moe6 dp4 ep2 zero3": ("moe-tiny", _plan(dp=4, ep=2, zero_stage=3), SIX_EXPERTS),
 }
+
+
+def _job(entry: tuple) -> tuple[str, Plan, dict]:
+    model, plan, *overrides = entry
+    return model, plan, overrides[0] if overrides else {}
+
+
+def _key(entry: tuple) -> tuple:
+    model, _, overrides = _job(entry)
+    return model, tuple(sorted(overrides.items()))
 
 
 @pytest.fixture(scope="module")
 def reference():
     """Oracle: the single-process runs."""
-    return {model: run_plan(model, _plan(), {}) for model in ("moe-tiny", "deepseek-tiny")}
+    entries = {_key(e): _job(e) for e in [*TWO_RANK_PLANS.values(), *FOUR_RANK_PLANS.values()]}
+    return {key: run_plan(model, _plan(), overrides) for key, (model, _, overrides) in entries.items()}
 
 
 @pytest.fixture(scope="module")
 def two_rank_losses():
-    return dict(zip(TWO_RANK_PLANS, run_on_ranks(2, [(m, p, {}) for m, p in TWO_RANK_PLANS.values()])))
+    return dict(zip(TWO_RANK_PLANS, run_on_ranks(2, [_job(e) for e in TWO_RANK_PLANS.values()])))
 
 
 @pytest.fixture(scope="module")
 def four_rank_losses():
-    return dict(zip(FOUR_RANK_PLANS, run_on_ranks(4, [(m, p, {}) for m, p in FOUR_RANK_PLANS.values()])))
+    return dict(zip(FOUR_RANK_PLANS, run_on_ranks(4, [_job(e) for e in FOUR_RANK_PLANS.values()])))
 
 
 @pytest.mark.parametrize("name", list(TWO_RANK_PLANS))
 def test_two_ranks_match_single_process(name, two_rank_losses, reference):
-    assert two_rank_losses[name] == pytest.approx(reference[TWO_RANK_PLANS[name][0]], rel=TOL)
+    assert two_rank_losses[name] == pytest.approx(reference[_key(TWO_RANK_PLANS[name])], rel=TOL)
     assert two_rank_losses[name][-1] < two_rank_losses[name][0]  # it trains
 
 
 @pytest.mark.parametrize("name", list(FOUR_RANK_PLANS))
 def test_four_ranks_match_single_process(name, four_rank_losses, reference):
-    assert four_rank_losses[name] == pytest.approx(reference[FOUR_RANK_PLANS[name][0]], rel=TOL)
+    assert four_rank_losses[name] == pytest.approx(reference[_key(FOUR_RANK_PLANS[name])], rel=TOL)
 

@@ -29,6 +29,10 @@ def _load_profile(args):
 
     check_range("--seq-len", args.seq_len, 1, MAX_SEQ_LEN)
     profile = profile_model(args.model, seq_len=args.seq_len, trainable=args.trainable)
+    imbalance = getattr(args, "routing_imbalance", None)
+    if imbalance is not None:
+        check_range("--routing-imbalance", imbalance, 1.0, 1024.0)
+        profile = profile.model_copy(update={"routing_imbalance": float(imbalance)})
     for note in profile.notes:  # what the profiler could not recognize: said, not silently guessed
         print(f"autoplan: note: {note}", file=sys.stderr)
     return profile
@@ -72,14 +76,15 @@ def _search(args) -> int:
         from autoplan.cli_sweep import run_sweep
 
         profile = _load_profile(args)
-        return run_sweep(args, batch=batch, fixed=fixed, profile=profile, accept=_executable(args, profile))
+        return run_sweep(args, batch=batch, fixed=fixed, profile=profile, foreign=_foreign(args.model))
     if args.out:
         check_output(args.out, force=args.force)
     cluster = Cluster.resolve(args.cluster, gpus=args.gpus)
     profile = _load_profile(args)
     with Progress(transient=True, disable=args.json or not sys.stderr.isatty()) as bar:
         task = bar.add_task("searching", total=None)
-        result = search(profile, cluster, global_batch_size=batch, top_k=args.top, accept=_executable(args, profile),
+        result = search(profile, cluster, global_batch_size=batch, top_k=args.top, runnable_only=not args.any,
+                        foreign=_foreign(args.model),
                         stack=Stack.resolve(args.stack),
                         progress=lambda done, total: bar.update(task, completed=done, total=total), **fixed)
     verification = _verify(args, result, cluster, profile.seq_len) if args.verify else None
@@ -252,16 +257,11 @@ def _profile_dtype(cluster):
     return getattr(torch, measured) if measured in ("float32", "bfloat16", "float16") else torch.bfloat16
 
 
-def _executable(args, profile):
-    """With --executable, the predicate that keeps the search to plans the executor runs."""
-    if not args.executable:
-        return None
+def _foreign(model: str) -> bool:
+    """A Hugging Face model (laid out by autoplan.models.hf; the executor refuses more of its plans)."""
     from autoplan.models.hf import is_hf_spec
-    from autoplan.support import unsupported_reason
 
-    moe = profile.num_experts > 0
-    foreign = is_hf_spec(args.model)
-    return lambda plan: unsupported_reason(plan, moe=moe, foreign=foreign) is None
+    return is_hf_spec(model)
 
 
 def _run(args) -> int:

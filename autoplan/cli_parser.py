@@ -22,6 +22,9 @@ def _stack_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stack", help="the software the plan runs on: torch (default: eager PyTorch, autoplan's "
                                         "executor), torch-compile, megatron-te, megatron-2021, llm-foundry, or a "
                                         "stack JSON file (fusion, attention kernel, float8 linears)")
+    parser.add_argument("--routing-imbalance", type=float, metavar="X",
+                        help="MoE: tokens the busiest expert-parallel rank receives over the mean (default 1.1; "
+                             "1.0 is perfectly balanced routing)")
 
 
 def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> argparse.ArgumentParser:
@@ -50,7 +53,9 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     srch.add_argument("--fix", action="append", default=[], metavar="FIELD=VALUE",
                       help="pin a plan field, e.g. --fix tp=8 --fix zero_stage=1 (repeatable)")
     srch.add_argument("--executable", action="store_true",
-                      help="only plans autoplan's executor runs today (see README: Run a plan)")
+                      help="only plans autoplan's executor runs (the default; kept for old scripts)")
+    srch.add_argument("--any", action="store_true",
+                      help="also plans autoplan's executor does not run (marked not runnable, with the reason)")
     srch.add_argument("--out", help="write the best plan here (a plan file `estimate` and `run` accept)")
     _force_arg(srch)
     srch.add_argument("--json", action="store_true", help="print the SearchResult as JSON")

@@ -11,7 +11,7 @@ from autoplan.errors import InvalidInputError
 from autoplan.safe_io import check_output, write_text
 
 
-def run_sweep(args, *, batch: int, fixed: dict, profile, accept) -> int:
+def run_sweep(args, *, batch: int, fixed: dict, profile, foreign: bool = False) -> int:
     """Search each GPU count of the --gpus range, print the table (or JSON), write --out and the plot."""
     from rich.progress import Progress
 
@@ -32,7 +32,8 @@ def run_sweep(args, *, batch: int, fixed: dict, profile, accept) -> int:
     with Progress(transient=True, disable=args.json or not sys.stderr.isatty()) as bar:
         task = bar.add_task("GPU counts", total=None)
         result = sweep(profile, cluster, gpus=args.gpus, global_batch_size=batch, tokens=tokens,
-                       gpu_hour_price=args.gpu_hour_price, accept=accept, stack=Stack.resolve(args.stack),
+                       gpu_hour_price=args.gpu_hour_price, stack=Stack.resolve(args.stack),
+                       runnable_only=not args.any, foreign=foreign,
                        progress=lambda done, total: bar.update(task, completed=done, total=total), **fixed)
     data = result.to_dict()
     if args.out:

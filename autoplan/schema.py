@@ -143,6 +143,10 @@ class ModelProfile(_Noun):
     num_kv_heads: int = Field(0, description="Attention key/value heads.")
     num_experts: int = Field(0, description="Routed experts per MoE layer (0: dense model).")
     top_k: int = Field(0, description="Experts per token.")
+    routing_imbalance: float = Field(1.1, ge=1.0, le=1024.0, description="Tokens the busiest expert-parallel rank "
+                                     "receives over the mean (1.0: perfectly balanced routing). Default 1.1: Switch "
+                                     "Transformer trains at capacity factor 1.0-1.25 with few tokens dropped (Fedus "
+                                     "et al. 2022, Table 1); set it from a measured router.")
     attention: Literal["flash", "eager"] = Field("flash", description="How attention was traced: flash (no seq x seq saved) or eager.")
     layers: list[LayerProfile] = Field(description="Layers in forward order.")
     notes: list[str] = Field(default_factory=list, description="What the profiler could not recognize in the model, "
@@ -317,6 +321,12 @@ class Stack(_Noun):
                                                 "logits and writes their gradient in place (no fp32 copies of the logits).")
     fp8_linears: bool = Field(False, description="Linear layers run in float8 (2x the bf16 tensor-core peak on Hopper) "
                                                  "with per-tensor scaling casts around them.")
+    moe_dispatcher: Literal["all-to-all", "all-gather"] = Field(
+        "all-to-all", description="How a MoE layer moves tokens to the ranks holding their experts: all-to-all "
+                                  "(autoplan's executor, Megatron-LM's alltoall dispatcher) or all-gather (every "
+                                  "rank gathers all tokens of its ep group; Megatron-LM's allgather dispatcher).")
+    grouped_gemm: bool = Field(False, description="A rank's experts run as one grouped GEMM (Megatron-LM's "
+                                                  "GroupedGEMM, MegaBlocks) instead of one GEMM per expert.")
     sources: dict[str, str] = Field(default_factory=dict, description="Where each number comes from.")
 
     @classmethod

@@ -1,17 +1,25 @@
 """Which plans the executor runs, decided from the plan and the model's shape alone (no model built, no
-torch imported), so `autoplan search --executable` and `autoplan bench` can keep to them, `apply` refuses
-the rest in one line before it builds a mesh, and the cost model knows which plans it can hold its memory
-model to (costmodel.estimate)."""
+torch imported), so `autoplan search` and `autoplan bench` keep to them, `apply` refuses the rest in one
+line before it builds a mesh, and the cost model knows which plans it can hold its memory model to
+(costmodel.estimate).
+
+MoE: expert parallelism folds over the dp x cp x tp ranks (executor.mesh.build_expert_mesh) with any ZeRO
+stage (ZeRO 2/3: FSDP2 over the replicas for dense parameters, over the expert-data-parallel ranks for
+experts), tensor parallelism splits attention and dense layers while each tp rank routes its own sequence
+shard (parallel folding), and context parallelism shards each sequence as for dense models. Experts are
+never split by tp (expert tensor parallelism is not run)."""
 
 from __future__ import annotations
 
-MOE_TP = "tp > 1 on a MoE model is not supported by the executor yet (experts would need their gradients " \
-         "reduced over the tp ranks); use ep and dp"
-EP_LIMITS = "ep > 1 is supported by the executor with tp=1, cp=1 and zero_stage 0 or 1 so far"
+FOREIGN_MOE_TP = "tp > 1 on a Hugging Face MoE model is not supported by the executor (its router has no " \
+                 "tensor-parallel layout); use ep and dp, or autoplan's reference MoE"
 
 ZERO_BUBBLE_SELECTIVE = "the zero-bubble schedule with selective recompute is not supported: it runs each backward " \
                         "in two passes and torch's selective checkpointing allows one; use full recompute or 1f1b"
 
+ZERO_BUBBLE_ZERO3 = "the zero-bubble schedule with ZeRO-3 is not supported: FSDP reshards the parameters between its " \
+                    "input- and weight-gradient passes and the losses leave the single-process ones (moe-tiny, pp=2 " \
+                    "dp=2: 4e-3 off at step 2); use ZeRO 0-2 or another schedule"
 
 OFFLOAD_PARAMS = "offload=params runs on FSDP2's CPUOffloadPolicy over the dp*cp replicas: it needs dp*cp > 1 and " \
                  "ep=1; on one replica use offload=optimizer"
@@ -25,15 +33,20 @@ def unsupported_reason(plan, *, moe: bool, foreign: bool = False) -> str | None:
     autoplan.models.hf), or None if it can."""
     if foreign and plan.cp > 1:
         return FOREIGN_CP
-    if moe and plan.tp > 1:
-        return MOE_TP
-    if plan.ep > 1 and plan.cp > 1:
-        return f"cp={plan.cp} with ep={plan.ep}: expert parallelism runs with cp=1 only so far"
-    if plan.ep > 1 and (plan.tp > 1 or plan.zero_stage > 1):
-        return EP_LIMITS
+    if foreign and moe and plan.tp > 1:
+        return FOREIGN_MOE_TP
+    if plan.ep > 1 and (plan.dp * plan.cp * plan.tp) % plan.ep:
+        return f"ep={plan.ep} does not divide dp*cp*tp = {plan.dp * plan.cp * plan.tp}"
     if plan.offload == "params" and (plan.dp * plan.cp == 1 or plan.ep > 1):
         return OFFLOAD_PARAMS
     if plan.schedule == "zero-bubble" and plan.pp > 1 and \
             any(plan.stage_recompute(stage) == "selective" for stage in range(plan.pp)):
         return ZERO_BUBBLE_SELECTIVE
+    if plan.schedule == "zero-bubble" and plan.pp > 1 and plan.zero_stage == 3 and plan.dp * plan.cp > 1:
+        return ZERO_BUBBLE_ZERO3
     return None
+
+
+def profile_reason(plan, profile, *, foreign: bool = False) -> str | None:
+    """unsupported_reason for a model known by its ModelProfile."""
+    return unsupported_reason(plan, moe=profile.num_experts > 0, foreign=foreign)

@@ -8,8 +8,7 @@ activations, temporaries, buffers), the estimate's split as the dry run measures
 (costmodel.rank_memory.rank_peak(physical=True): the activations a backward has freed by the peak
 moment are gone, its temporaries whole; Estimate.memory_breakdown accounts as the papers do, same total). Target: total within 5%; a category within 10% of its dry-run value,
 or within 1% of the peak when it is smaller than that (a near-empty category has no meaningful ratio).
-Points the executor refuses (autoplan.support: e.g. tp > 1 on MoE, expert parallelism with tp > 1) are skipped
-with its reason.
+Points the executor refuses (autoplan.support) are skipped with its reason.
 
 Run: python -m benchmarks.memory_truth [--only SUBSTRING]   (writes benchmarks/results/memory_truth.{md,json})
 """
@@ -94,6 +93,25 @@ GRID = [
     Point("mixtral-8x7b", _p(tp=2, dp=4, ep=4, global_batch_size=16), "EP + TP"),
     Point("mixtral-8x7b", _p(dp=8, ep=8, zero_stage=1, global_batch_size=16), "EP + ZeRO-1"),
     Point("mixtral-8x7b", _p(dp=64, ep=8, zero_stage=1, global_batch_size=128), "EP + ZeRO-1, experts over 8 ranks"),
+    Point("mixtral-8x7b", _p(dp=64, ep=4, zero_stage=1, recompute="full", micro_batch_size=8, global_batch_size=512),
+          "EP + ZeRO-1, full recompute, micro-batch 8 (issue 15: estimated 61.2 GiB against 74.4)"),
+    Point("mixtral-8x7b", _p(dp=8, ep=8, zero_stage=3, global_batch_size=16), "EP + ZeRO-3 (experts over edp)"),
+    Point("mixtral-8x7b", _p(dp=16, ep=8, zero_stage=2, global_batch_size=32), "EP + ZeRO-2"),
+    Point("mixtral-8x7b", _p(pp=4, dp=2, ep=2, zero_stage=1, global_batch_size=32), "EP x PP"),
+    Point("mixtral-8x7b", _p(tp=2, dp=4, ep=8, sequence_parallel=True, zero_stage=1, global_batch_size=16),
+          "EP x TP with SP (ep folded over dp x tp)"),
+    # qwen3-30b-a3b, seq 4096: 128 fine-grained experts, top-8
+    Point("qwen3-30b-a3b", _p(dp=8, ep=8, zero_stage=1, recompute="selective", global_batch_size=16),
+          "fine-grained experts, EP + ZeRO-1, selective recompute"),
+    Point("qwen3-30b-a3b", _p(dp=16, ep=8, zero_stage=3, global_batch_size=32), "fine-grained experts, EP + ZeRO-3"),
+    Point("mixtral-8x7b", _p(dp=32, pp=8, cp=4, ep=8, zero_stage=2, schedule="zero-bubble", global_batch_size=2048),
+          "EP x CP x PP, ZeRO-2: one expert per rank over 16 edp ranks (cut by its second dim)"),
+    # deepseek-v3, seq 4096: MLA, 3 dense first layers, 1 shared + 256 routed experts, top-8
+    Point("deepseek-v3", _p(pp=8, dp=64, ep=64, zero_stage=1, global_batch_size=1024), "EP x PP, 512 GPUs"),
+    Point("deepseek-v3", _p(pp=16, dp=64, ep=32, zero_stage=1, recompute="full", global_batch_size=1024),
+          "EP x PP, full recompute, 1024 GPUs"),
+    Point("qwen3-235b-a22b", _p(tp=2, pp=8, dp=16, ep=32, sequence_parallel=True, zero_stage=1,
+                                global_batch_size=2048), "Megatron-Bridge's H100 layout (TP2 PP8 EP32), 256 GPUs"),
 ]
 
 

@@ -22,12 +22,15 @@ from autoplan.schema import Stack
 DATA = Path(__file__).parent / "data" / "published_runs_train.json"
 # runs autoplan adds from the same public sources (the H100 tables of llm-foundry's README), same format
 ADDED = Path(__file__).parent / "data" / "published_runs_added.json"
+# published MoE runs (benchmarks/published_moe.py predicts them with the values fitted to the dense runs)
+MOE = Path(__file__).parent / "data" / "published_runs_moe.json"
 
 SOURCES = {  # a short label per source title prefix (the report groups by these)
     "Narayanan et al.": "megatron-sc21",
     "Korthikanti et al.": "korthikanti-2022",
     "mosaicml/llm-foundry": "llm-foundry",
     "pytorch/torchtitan": "torchtitan",
+    "NVIDIA-NeMo/Megatron-Bridge": "megatron-bridge",
 }
 
 
@@ -50,6 +53,7 @@ class Case:
     shape: dict = field(default_factory=dict)
     assumptions: list[str] = field(default_factory=list)
     skipped: str | None = None       # why the case is not estimated (no step time, a per-layer timing, ...)
+    routing_imbalance: float | None = None  # MoE: the busiest ep rank's tokens over the mean, where the source says
     raw: dict = field(default_factory=dict)
 
 
@@ -96,6 +100,8 @@ def _stack(case: dict, source: str) -> Stack:
         return Stack.preset(name).model_copy(update={"fp8_linears": fp8, "vocab_parallel_loss": True,
                                                      "optimizer_step_bytes": 28.0,
                                                      "selective_recompute": "every-other-mm"})
+    if source == "megatron-bridge":  # Megatron-Core with Transformer Engine; experts as grouped GEMMs (its recipes)
+        return Stack.preset("megatron-te").model_copy(update={"fp8_linears": fp8, "grouped_gemm": True})
     return Stack.preset("llm-foundry").model_copy(update={"fp8_linears": fp8})
 
 
@@ -126,11 +132,19 @@ def map_case(raw: dict) -> Case:
     tp, pp, cp = _int(cfg.get("tp")), _int(cfg.get("pp")), _int(cfg.get("cp"))
     dp = gpus // (tp * pp * cp)
     seq = _int(model.get("seq_len"), 2048)
-    family = "llama" if model.get("kv_heads") else "gpt"
-    case.family = family
-    case.shape = {"layers": model["layers"], "hidden": model["hidden"], "heads": model["heads"],
-                  "kv_heads": model.get("kv_heads"), "ffn_hidden": model.get("ffn_hidden") or 4 * model["hidden"],
-                  "vocab": model.get("vocab") or 51200, "seq_len": seq}
+    if model.get("builtin"):  # a published architecture autoplan builds by name (autoplan.models.configs)
+        case.family, case.shape = "builtin", {"builtin": model["builtin"], "seq_len": seq}
+        layers = ap.models.named_config(model["builtin"])["layers"]
+    else:
+        case.family = "llama" if model.get("kv_heads") else "gpt"
+        case.shape = {"layers": model["layers"], "hidden": model["hidden"], "heads": model["heads"],
+                      "kv_heads": model.get("kv_heads"), "ffn_hidden": model.get("ffn_hidden") or 4 * model["hidden"],
+                      "vocab": model.get("vocab") or 51200, "seq_len": seq}
+        layers = model["layers"]
+    if str(cfg.get("routing", "")).startswith("force-balanced"):
+        case.routing_imbalance = 1.0
+    if "not stated" in str(cfg.get("precision", "")):
+        case.assumptions.append("BF16 (precision not stated)")
     mbs = cfg.get("micro_batch")
     gbs = cfg.get("global_batch")
     if source == "torchtitan":
@@ -154,9 +168,11 @@ def map_case(raw: dict) -> Case:
         v = int(match.group(1)) if match else 2
         if not match:
             case.assumptions.append("2 virtual stages (count not stated)")
-        v = min(v, model["layers"] // pp)  # uneven chunks are allowed (the cost model splits the remainder)
+        v = min(v, layers // pp)  # uneven chunks are allowed (the cost model splits the remainder)
         if v == 1:
             schedule = "1f1b"
+    elif pp > 1 and _int(cfg.get("vp")) > 1:  # a virtual-pipeline size (Megatron's VP column): interleaved 1F1B
+        schedule, v = "interleaved-1f1b", min(_int(cfg.get("vp")), layers // pp)
     zero = cfg.get("zero_stage")
     if source == "torchtitan":
         # torchtitan shards parameters with FSDP2 over the data-parallel and context-parallel ranks together
@@ -166,7 +182,7 @@ def map_case(raw: dict) -> Case:
     recompute = _recompute(cfg.get("recompute"))
     sp = bool(cfg.get("sp")) or (source == "torchtitan" and tp > 1)
     try:
-        case.plan = ap.Plan(dp=dp, tp=tp, pp=pp, cp=cp, zero_stage=int(zero), recompute=recompute,
+        case.plan = ap.Plan(dp=dp, tp=tp, pp=pp, cp=cp, ep=_int(cfg.get("ep")), zero_stage=int(zero), recompute=recompute,
                             sequence_parallel=sp and tp > 1, micro_batch_size=int(mbs), global_batch_size=int(gbs),
                             schedule=schedule, virtual_stages=v)
     except Exception as err:  # a source's numbers that do not make a plan: say so, do not guess
@@ -195,8 +211,20 @@ def profile_of(family: str, attention: str, dropout: float, layers: int, hidden:
     return ap.profile_model(model, name=f"{family}-{layers}x{hidden}-s{seq_len}", attention=attention)
 
 
+@lru_cache(maxsize=None)
+def profile_of_builtin(name: str, seq_len: int, routing_imbalance: float | None) -> ap.ModelProfile:
+    """A built-in published model (autoplan.models.configs) at the run's sequence length (and routing
+    imbalance, where the source states it)."""
+    profile = ap.profile_model(name, seq_len=seq_len)
+    if routing_imbalance is not None:
+        profile = profile.model_copy(update={"routing_imbalance": routing_imbalance})
+    return profile
+
+
 def profile_case(case: Case) -> ap.ModelProfile:
     s = case.shape
+    if case.family == "builtin":
+        return profile_of_builtin(s["builtin"], s["seq_len"], case.routing_imbalance)
     return profile_of(case.family, case.attention, case.dropout, s["layers"], s["hidden"], s["heads"], s["kv_heads"], s["ffn_hidden"], s["vocab"],
                       s["seq_len"])
 

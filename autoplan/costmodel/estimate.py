@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from autoplan.costmodel import bands, comm
 from autoplan.costmodel.data_parallel import dp_sync_s, optimizer_step_s
-from autoplan.costmodel.layers import (DEFAULT_STACK, ROUTING_IMBALANCE, LayerCost, digest, every_other_mm,
-                                       layer_cost, micro_batch_boundary_bytes)
+from autoplan.costmodel.layers import (DEFAULT_STACK, LayerCost, digest, every_other_mm, layer_cost,
+                                       micro_batch_boundary_bytes)
 from autoplan.costmodel.memory import PARAM_BYTES, model_state_bytes
 from autoplan.costmodel.overhead import overhead_s
 from autoplan.costmodel.pipeline import micro_batches_in_flight, pipeline_step_s
@@ -21,7 +21,7 @@ from autoplan.costmodel.rank_memory import (LayerMemory, RankMemoryInputs, backw
                                             forward_excess, host_bytes, layer_memory, offload_device_states,
                                             rank_peak, trainable_fraction)
 from autoplan.schema import Cluster, Estimate, LayerProfile, ModelProfile, Plan, Stack, check_plan
-from autoplan.support import unsupported_reason
+from autoplan.support import profile_reason, unsupported_reason
 
 
 MEMORY_MODELS = ("executor", "paper")
@@ -165,6 +165,7 @@ class Coster:
                 if tail:
                     memory.kept_head += one.kept + one.output_kept
                     memory.loss_kept += one.loss_kept + one.output_kept
+                    memory.logits_kept += one.output_kept
                 else:
                     memory.kept += one.kept
                     memory.kept_none += one.kept_none
@@ -333,7 +334,7 @@ def _assemble(profile: ModelProfile, cluster: Cluster, plan: Plan, ranks: list[R
     }
     # a plan the executor refuses has nothing to hold the memory model to: rank_memory accounts for it as the
     # papers do, as the design intends
-    refusal = unsupported_reason(plan, moe=profile.num_experts > 0) if memory == "executor" else None
+    refusal = profile_reason(plan, profile) if memory == "executor" else None
     memories = [rank_memory(rank, i, cluster, plan, memory, stack) for i, rank in enumerate(ranks)]
     totals = [sum(mem.values()) for mem in memories]
     peak = max(range(len(totals)), key=totals.__getitem__)
@@ -366,7 +367,7 @@ def _notes(profile: ModelProfile, plan: Plan) -> list[str]:
     if profile.attention == "flash":
         notes.append("attention costed as a fused causal kernel (half of its counted FLOPs run)")
     if profile.num_experts:
-        notes.append(f"busiest expert takes {ROUTING_IMBALANCE:.2f}x the mean load")
+        notes.append(f"busiest expert takes {profile.routing_imbalance:.2f}x the mean load")
     if plan.sequence_parallel and plan.tp == 1:
         notes.append("sequence_parallel has no effect with tp=1")
     if plan.offload != "none":

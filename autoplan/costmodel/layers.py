@@ -12,13 +12,12 @@ from autoplan.costmodel import comm
 from autoplan.costmodel.compute import (ATTENTION_BWD_FACTOR, CAUSAL_ATTENTION_WORK_FRACTION, GEMM_BWD_FACTOR,
                                         MEMORY_BOUND_BWD_FACTOR, attention_core_time_s, gemm_time_s,
                                         memory_bound_time_s)
+from autoplan.costmodel.experts import dispatch_s, expert_gemm_s, is_expert_gemm
 from autoplan.costmodel.memory import layer_activation_bytes, local_params
 from autoplan.schema import Cluster, GemmShape, LayerProfile, ModelProfile, Plan, Stack
 
-# Expected load of the busiest expert over the mean under top-k routing with a load-balancing loss:
-# Switch Transformer trains at capacity factor 1.0-1.25 with few dropped tokens (Fedus et al. 2022,
-# Table 1); we take the busiest expert at 1.1x the mean. The busiest EP rank sets the MoE layer's pace.
-ROUTING_IMBALANCE = 1.1
+# The busiest EP rank sets a MoE layer's pace: its load over the mean is ModelProfile.routing_imbalance, an
+# input (default 1.1, the schema says why); costmodel.experts applies it to the expert GEMMs and the dispatch.
 DEFAULT_STACK = Stack.preset("torch")  # eager PyTorch, what autoplan's executor runs
 
 
@@ -121,15 +120,14 @@ def micro_batch_boundary_bytes(profile: ModelProfile, plan: Plan) -> float:
     return profile.hidden * profile.seq_len * profile.dtype_bytes * plan.micro_batch_size / plan.cp
 
 
-def _gemm_split(g: GemmShape, *, tp: int, sp: bool, layer: LayerProfile) -> int:
-    # experts are not split by tp (expert tensor parallel = 1); with SP each tp rank routes 1/tp of the tokens
-    return tp if (sp if layer.kind == "moe" else g.tp_split != "none") else 1
+def _gemm_split(g: GemmShape, *, tp: int, layer: LayerProfile) -> int:
+    # a MoE layer's GEMMs see 1/tp of the tokens on each tp rank (parallel folding); dense ones split n or k
+    return tp if (layer.kind == "moe" or g.tp_split != "none") else 1
 
 
-def _gemm_s(g: GemmShape, *, seqs: float, tp: int, sp: bool, layer: LayerProfile, cluster: Cluster,
-            clock: float) -> float:
+def _gemm_s(g: GemmShape, *, seqs: float, tp: int, layer: LayerProfile, cluster: Cluster, clock: float) -> float:
     """Seconds of the g.count GEMMs of shape g on one rank, at the sustained clock."""
-    split = _gemm_split(g, tp=tp, sp=sp, layer=layer)
+    split = _gemm_split(g, tp=tp, layer=layer)
     return g.count * gemm_time_s(flops=2.0 * g.m_per_sequence * g.n * g.k * seqs / split, cluster=cluster) / clock
 
 
@@ -151,9 +149,17 @@ def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, 
     clock = cluster.sustained_clock_fraction
     fp8 = stack.fp8_linears and layer.kind in ("attention", "mlp")  # float8 recipes keep the head and experts in bf16
     gemm_s = row_parallel_s = row_parallel_flops = cast_bytes = 0.0
+    moe = layer.kind == "moe"
     for g in layer.gemms:
-        time_s = _gemm_s(g, seqs=seqs, tp=tp, sp=sp, layer=layer, cluster=cluster, clock=clock)
-        split = _gemm_split(g, tp=tp, sp=sp, layer=layer)
+        # experts are not split by tp (expert tensor parallel = 1): each tp rank routes its own 1/tp of the
+        # tokens (parallel folding, with SP or without); the busiest ep rank's experts set the pace
+        split = _gemm_split(g, tp=tp, layer=layer)
+        if moe and is_expert_gemm(gemm=g, num_experts=layer.num_experts):
+            gemm_s += expert_gemm_s(gemm=g, num_experts=layer.num_experts, ep=ep, tokens_split=split, seqs=seqs,
+                                    imbalance=profile.routing_imbalance, grouped=stack.grouped_gemm,
+                                    cluster=cluster) / clock
+            continue
+        time_s = _gemm_s(g, seqs=seqs, tp=tp, layer=layer, cluster=cluster, clock=clock)
         if fp8:
             time_s /= cluster.fp8_gemm_speedup
             cast_bytes += g.count * FP8_CAST_BYTES_PER_ELEMENT * (g.m_per_sequence * seqs * g.k + g.n * g.k) / split
@@ -161,13 +167,11 @@ def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, 
         if g.tp_split == "k":
             row_parallel_s += time_s
             row_parallel_flops += g.count * 2.0 * g.m_per_sequence * g.n * g.k  # per sequence, all tp ranks
-    if layer.kind == "moe":
-        gemm_s *= ROUTING_IMBALANCE
     causal = CAUSAL_ATTENTION_WORK_FRACTION if profile.attention == "flash" else 1.0
     attn_fwd_s = attention_core_time_s(flops=layer.attention_core_fwd_flops * seqs / tp, causal_fraction=causal,
                                        cluster=cluster) / (clock * stack.attention_speedup)
     sharded_fraction = layer.activation_tp_sharded_bytes / layer.activation_bytes if layer.activation_bytes else 0.0
-    mem_split = tp if sp else 1 / (sharded_fraction / tp + (1 - sharded_fraction))
+    mem_split = tp if sp or moe else 1 / (sharded_fraction / tp + (1 - sharded_fraction))
     mem_fwd_s = memory_bound_time_s(bytes_moved=(layer.memory_bound_bytes * seqs / mem_split + cast_bytes)
                                     * stack.memory_bound_traffic, cluster=cluster)
     # a fixed cost per layer call on top (dispatch, launches): 0 in presets, fitted on measured machines
@@ -187,7 +191,7 @@ def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, 
     elif layer.block is not None and recompute == "selective" and stack.selective_recompute == "every-other-mm":
         # torchtitan's op-level policy: the memory-bound ops and every second matmul of the block run again
         rerun = every_other_mm(layer, mm_offset)
-        cost.recompute_s = mem_fwd_s + sum(n / g.count * _gemm_s(g, seqs=seqs, tp=tp, sp=sp, layer=layer,
+        cost.recompute_s = mem_fwd_s + sum(n / g.count * _gemm_s(g, seqs=seqs, tp=tp, layer=layer,
                                                                   cluster=cluster, clock=clock)
                                            for g, n in rerun) / (cluster.fp8_gemm_speedup if fp8 else 1.0)
         cost.recompute_flops_per_sequence = sum(n * 2.0 * g.m_per_sequence * g.n * g.k for g, n in rerun)
@@ -202,7 +206,13 @@ def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, 
     # -- communication on the critical path
     boundary_bytes = micro_batch_boundary_bytes(profile, plan)
     tp_topo = comm.group_topology(group_size=tp, stride=1, gpus_per_node=cluster.gpus_per_node)
-    if tp > 1 and layer.tp_collectives:
+    if tp > 1 and moe:
+        # a MoE layer under tp: with SP its input is the rank's sequence shard already, no collective; without,
+        # its input is split locally and its output all-gathered (forward), its input gradient all-gathered
+        # (backward) (executor.tensor_parallel.moe_layout)
+        cost.tp_comm_s = 0.0 if sp else 2 * comm.group_all_gather_s(message_bytes=boundary_bytes, topo=tp_topo,
+                                                                     cluster=cluster)
+    elif tp > 1 and layer.tp_collectives:
         # Megatron: one all-reduce forward and one backward per row-parallel GEMM (Shoeybi et al. 2019, Fig. 4);
         # with SP an all-gather + reduce-scatter pair, the same bytes on a ring (Korthikanti et al. 2022, Sec. 4.2.2).
         one = comm.group_all_reduce_s(message_bytes=boundary_bytes, topo=tp_topo, cluster=cluster)
@@ -214,11 +224,11 @@ def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, 
         cost.tp_comm_s += 2 * comm.group_all_gather_s(message_bytes=logits_bytes, topo=tp_topo, cluster=cluster)
     if cp > 1 and layer.kind == "attention":
         cost.cp_comm_s = _ring_attention_exposed_s(layer=layer, cluster=cluster, plan=plan, attn_fwd_s=attn_fwd_s)
-    if ep > 1 and layer.kind == "moe":
-        # dispatch + combine all-to-all forward, and both again backward (Lepikhin et al. 2020, GShard, Sec. 3.2)
-        routed_bytes = boundary_bytes * layer.top_k / (tp if sp else 1) * ROUTING_IMBALANCE
+    if ep > 1 and moe:  # the token dispatcher (costmodel.experts.dispatch_s) on this rank's 1/tp of the tokens
         ep_topo = comm.group_topology(group_size=ep, stride=1, gpus_per_node=cluster.gpus_per_node)
-        cost.ep_comm_s = 4 * comm.group_all_to_all_s(message_bytes=routed_bytes, topo=ep_topo, cluster=cluster)
+        cost.ep_comm_s = dispatch_s(token_bytes=boundary_bytes / tp, top_k=layer.top_k, ep=ep,
+                                    imbalance=profile.routing_imbalance, dispatcher=stack.moe_dispatcher,
+                                    topo=ep_topo, cluster=cluster)
     # recomputation reruns the forward's collectives too: all of them under full recompute (Megatron-LM's
     # checkpointed forward repeats its all-reduces), SP's all-gathers (one half of each forward pair) under
     # selective recompute (autoplan.selective reruns them rather than keeping their gathered outputs)

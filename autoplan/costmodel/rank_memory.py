@@ -16,7 +16,8 @@ The model the dry run taught (benchmarks/results/memory_truth.md):
    training loop (or the pipeline schedule) holds the bf16 logits until backward; selective recompute
    keeps the GEMMs', fused attention's and collectives' outputs (autoplan.selective; measured by the
    profiler as selective_bytes) and the block's input;
-   expert parallelism keeps the tokens its all-to-all dispatched.
+   expert parallelism keeps the tokens its all-to-all dispatched; under tp a MoE layer keeps 1/tp of its
+   activations (each tp rank routes its own sequence shard: executor.tensor_parallel.moe_layout).
 3. The peak is a moment, not a sum of maxima: it is the largest of the candidates in `rank_peak` —
    backward through the loss and head, backward through the last block, the end of a forward, the
    optimizer step — each with the activations of the micro-batches in flight then
@@ -87,6 +88,8 @@ def executor_activation_bytes(*, layer: LayerProfile, tp: int, sequence_parallel
             total -= layer.attention_score_bytes
         if sequence_parallel:  # the gathered copy replaces the sequence shard the column GEMM would save
             total -= layer.activation_column_input_bytes
+    if layer.kind == "moe":  # each tp rank routes its own sequence shard (parallel folding), with SP or without
+        return total / tp * scale
     replicated = total - sharded
     return (replicated / (tp if sequence_parallel else 1) + sharded / tp + gathered) * scale
 
@@ -118,16 +121,20 @@ def layer_memory(*, layer: LayerProfile, tp: int, sequence_parallel: bool, cp: i
         weight_temporaries = min(weight_temporaries, layer.params * dtype_bytes)
     kept = executor_activation_bytes(recompute=recompute, recomputed_gemms=recomputed_gemms, dtype_bytes=dtype_bytes,
                                      **common)
+    kept_none = executor_activation_bytes(recompute="none", **common)
     logits_split = tp if layer.kind == "head" and vocab_parallel_loss else 1
     if logits_split > 1:  # the head's input stays whole (or the SP shard gathered), the rest is logits
         kept = (layer.activation_column_input_bytes + (layer.activation_bytes - layer.activation_column_input_bytes)
                 / logits_split) * micro_batch_size / cp
+        kept_none = kept
         scale /= logits_split
-    if layer.kind == "moe" and ep > 1 and kept:  # the all-to-all's dispatched tokens [T·k, h] stay for backward
-        kept += layer.output_bytes * layer.top_k * micro_batch_size / cp
+    if layer.kind == "moe" and ep > 1:  # the all-to-all's dispatched tokens [T·k, h] stay for backward (and a
+        dispatched = layer.output_bytes * layer.top_k * micro_batch_size / cp / tp  # recomputed forward rebuilds them)
+        # (selective recompute reruns the dispatch: qwen3-30b-a3b, ep 8, the dry run kept 6 GiB less)
+        kept, kept_none = kept + (dispatched if recompute == "none" else 0.0), kept_none + dispatched
     head = layer.kind == "head"
     return LayerMemory(
-        kept=kept, kept_none=kept if logits_split > 1 else executor_activation_bytes(recompute="none", **common),
+        kept=kept, kept_none=kept_none,
         forward_excess=layer.forward_peak_bytes * scale,
         backward_excess=layer.backward_peak_bytes * scale + weight_temporaries,
         output_kept=layer.output_bytes * micro_batch_size / cp / logits_split if head else 0.0,
@@ -210,6 +217,7 @@ class RankMemoryInputs:
     kept_none: float = 0.0           # the same without recompute
     kept_head: float = 0.0           # kept per micro-batch by the final norm, head and loss, logits included
     loss_kept: float = 0.0           # part of kept_head only the loss needs
+    logits_kept: float = 0.0         # part of kept_head that is the head's output (the logits)
     weight_grad_inputs: float = 0.0  # per micro-batch: what zero-bubble's deferred weight-gradient step waits with
     largest_tensor_params: float = 0.0  # its largest parameter tensor (the optimizer step's scratch is bounded by it)
     experts: int = 0                 # rows of the stacked expert weights on this rank (FSDP shards dim 0)
@@ -226,11 +234,12 @@ class RankMemoryInputs:
 
 def data_parallel_wrapper(plan: Plan) -> str:
     """What executor.data_parallel does with the plan over its dp x cp replicas: "none" (one replica, or
-    ep > 1: gradients averaged by hand), "ddp" (composable replicate: ZeRO 0 and 1), "ddp-by-hand" (DDP's
+    ep > 1 with ZeRO 0/1: gradients averaged by hand; with ZeRO 2/3 experts are FSDP units of their own over
+    the expert-data-parallel ranks, `_expert_shard`), "ddp" (composable replicate: ZeRO 0 and 1), "ddp-by-hand" (DDP's
     arithmetic without DDP, gradients all-reduced in place after the step: under a pipeline, or with
     tp > 1), "fsdp-gathered" (FSDP2 without resharding: ZeRO 2), "fsdp" (FSDP2 resharding after forward:
     ZeRO 3). ZeRO 1's optimizer (executor.zero_one) splits its states evenly whatever the wrapper."""
-    if plan.dp * plan.cp == 1 or plan.ep > 1:
+    if plan.dp * plan.cp == 1 or (plan.ep > 1 and plan.zero_stage <= 1):
         return "none"
     if plan.zero_stage <= 1:
         return "ddp" if plan.pp == 1 and plan.tp == 1 else "ddp-by-hand"
@@ -292,7 +301,7 @@ def optimizer_shard_params(rank: RankMemoryInputs, plan: Plan) -> float:
     if data_parallel_wrapper(plan).startswith("fsdp"):
         return fsdp_shard_params(rank, plan) * train
     if plan.zero_stage == 1:  # executor.zero_one: each tensor cut in even chunks over its replicas
-        return (rank.dense_params / (plan.dp * plan.cp) + rank.expert_params * plan.ep / (plan.dp * plan.cp)) * train
+        return (rank.dense_params / (plan.dp * plan.cp) + rank.expert_params / _edp(plan)) * train
     return (rank.dense_params + rank.expert_params) * train
 
 
@@ -306,18 +315,27 @@ def host_bytes(rank: RankMemoryInputs, plan: Plan) -> float:
                                       sharded_params=fsdp_shard_params(rank, plan), plan=plan)
 
 
+def _edp(plan: Plan) -> int:
+    """Ranks holding the same experts: dp*cp without expert parallelism, else the dp*cp*tp ranks ep folds over
+    divided by ep (executor.mesh.build_expert_mesh)."""
+    return plan.dp * plan.cp if plan.ep == 1 else plan.dp * plan.cp * plan.tp // plan.ep
+
+
 def _expert_shard(rank: RankMemoryInputs, plan: Plan) -> float:
-    """Fraction of the stacked expert weights [E, ...] FSDP leaves on rank 0: it cuts dim 0 in N = dp*cp
-    chunks of ceil(E/N) rows (torch.chunk), so with N > E, or N not dividing E, rank 0 holds more than 1/N."""
+    """Fraction of the stacked expert weights [E, ...] FSDP leaves on rank 0: it cuts dim 0 in N chunks (N =
+    the expert-data-parallel ranks, `_edp`) of ceil(E/N) rows (torch.chunk), so with N > E, or N not dividing
+    E, rank 0 holds more than 1/N."""
     if not data_parallel_wrapper(plan).startswith("fsdp"):
         return 1.0
-    n = plan.dp * plan.cp
+    n = _edp(plan)
+    if plan.ep > 1 and rank.experts % n:  # the executor cuts them by their second dim (expert_parallel.shard_experts)
+        return 1 / n
     return -(-rank.experts // n) / rank.experts if rank.experts else 1 / n
 
 
 def _expert_padding(rank: RankMemoryInputs, plan: Plan) -> float:
     """The gathered expert weights FSDP holds over their size: N chunks of ceil(E/N) rows, padded."""
-    return _expert_shard(rank, plan) * plan.dp * plan.cp if rank.experts else 1.0
+    return _expert_shard(rank, plan) * _edp(plan) if rank.experts else 1.0
 
 
 def rank_peak(rank: RankMemoryInputs, plan: Plan, stage: int, *, physical: bool = False) -> tuple[dict[str, int], str]:
@@ -375,6 +393,27 @@ def _optimizer_step(rank: RankMemoryInputs, plan: Plan) -> dict[str, float]:
     return step
 
 
+def _first_block_end(rank: RankMemoryInputs, plan: Plan, out: dict[str, float], *, made: float, activations: float,
+                     physical: bool) -> dict[str, float]:
+    """The moment of a micro-batch's backward through the rank's first block in the step's first backward (one
+    micro-batch per step: the only one): the gradients of all but that block and the embedding exist; of this
+    micro-batch's activations only the block's own remain (the rest freed), its temporaries come whole.
+    With full recompute and a single micro-batch this is the peak (mixtral-8x7b, dp 64, ep 4, ZeRO-1, micro-
+    batch 8: the dry run's 23.0 of 24.0 GiB of gradients at step 2's backward; the moment at the first block's
+    start had counted none)."""
+    whole = rank.dense_params + rank.expert_params
+    made_params = max(whole - rank.embedding_params - rank.largest_unit_params, 0.0)
+    out["grads"] = model_states(rank, plan)["grads"] * made_params / whole if whole else 0.0
+    # this micro-batch's activations, gone by its first block: all but that block's, and but the logits, which
+    # the training loop holds until its backward returns (under a pipeline the schedule lets them go)
+    freed = rank.kept - rank.last_block_kept + rank.kept_head - (rank.logits_kept if plan.pp == 1 else 0.0)
+    if physical:
+        out["activations"], out["temporaries"] = activations - freed, made
+    else:
+        out["activations"], out["temporaries"] = activations, made - freed
+    return out
+
+
 def _rank_peak(rank: RankMemoryInputs, plan: Plan, stage: int, in_flight: float, grads: bool,
                physical: bool) -> tuple[dict[str, int], str]:
     """rank_peak for one backward: `in_flight` micro-batches held, the step's gradients there or not."""
@@ -428,6 +467,10 @@ def _rank_peak(rank: RankMemoryInputs, plan: Plan, stage: int, in_flight: float,
         (made + own, freed), unit_grads + (PARAM_BYTES * (2 * unit_params + rank.root_params) if zero3 else 0.0))
     if not (plan.pp > 1 and wrapper.startswith("fsdp")):
         candidates["backward through a block"]["grads"] += tail_grads
+    if not grads and made and not (plan.pp > 1 and wrapper.startswith("fsdp")):  # the first backward's end, through the rank's first block: nearly all gradients made
+        candidates["backward through the first block"] = _first_block_end(
+            rank, plan, moment((made + own, freed), unit_grads + (PARAM_BYTES * 2 * unit_params if zero3 else 0.0)),
+            made=made + own, activations=activations, physical=physical)
     candidates["forward"] = moment((rank.forward, 0.0), PARAM_BYTES * 2 * unit_params if zero3 else 0.0,
                                    forward=True)
     if wrapper.startswith("fsdp") and plan.pp == 1:  # forward gathering the last block, the next prefetched

@@ -58,8 +58,6 @@ _FLASH_CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 def check_context_parallel(model: nn.Module, plan: Plan) -> None:
     """Refuse, in one line, a cp plan this executor cannot run."""
-    if plan.ep > 1:
-        raise InvalidPlanError(f"cp={plan.cp} with ep={plan.ep}: expert parallelism runs with cp=1 only so far")
     eager = [name for name, module in model.named_modules() if getattr(module, "impl", None) == "eager"]
     if eager:
         raise InvalidPlanError(f"cp={plan.cp} needs attention through F.scaled_dot_product_attention, but {eager[0]} "

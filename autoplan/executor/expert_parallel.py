@@ -19,6 +19,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.nn.functional import all_to_all_single
 
 from autoplan.errors import InvalidPlanError
+from autoplan.executor.mesh import folded_mesh
 from autoplan.models.hf import expert_weight_names, is_stacked_experts, make_routed
 from autoplan.support import unsupported_reason
 from autoplan.schema import Plan
@@ -103,14 +104,56 @@ def expert_parameters(model: nn.Module) -> set[int]:
             for name in _weight_names(m)}
 
 
-def average_gradients(model: nn.Module, dp_mesh: DeviceMesh, edp_mesh: DeviceMesh, dp: int) -> None:
-    """Average over the dp ranks: the sum over the dp group, or for expert weights over the ranks that
-    hold the same experts (their gradient already gathers every ep rank's tokens), divided by dp."""
+def routing_parameters(model: nn.Module) -> set[int]:
+    """ids of the other parameters of the expert-parallel modules (router, shared experts): whole on every
+    rank, each rank's gradient made from its own tokens."""
     experts = expert_parameters(model)
+    return {id(p) for m in model.modules() if isinstance(m, ExpertParallelMixin) for p in m.parameters()
+            if id(p) not in experts}
+
+
+def _local(grad: torch.Tensor) -> torch.Tensor:
+    return grad._local_tensor if hasattr(grad, "_local_tensor") else grad
+
+
+def average_gradients(model: nn.Module, replica_mesh: DeviceMesh, expert_mesh: DeviceMesh, replicas: int) -> None:
+    """Average over the `replicas` (dp x cp) ranks that split the batch: the sum over the ranks that made a
+    gradient's contributions, divided by dp*cp. Expert weights: over the ranks holding the same experts (edp;
+    each one's gradient already gathers its ep group's tokens); the router and shared experts: over every
+    folded rank (dp x cp x tp: under tp each rank routes its own sequence shard); the rest (tp-sharded
+    DTensors: their local shards) over the replicas."""
+    experts, routing = expert_parameters(model), routing_parameters(model)
+    edp, folded = expert_mesh["edp"], folded_mesh(expert_mesh)
     for param in model.parameters():
         if param.grad is None:
             continue
-        expert = id(param) in experts
-        if not expert or edp_mesh.size() > 1:
-            dist.all_reduce(param.grad, group=edp_mesh.get_group() if expert else dp_mesh.get_group())
-        param.grad.div_(dp)
+        grad = _local(param.grad)
+        group = edp if id(param) in experts else folded if id(param) in routing else replica_mesh
+        if group.size() > 1:
+            dist.all_reduce(grad, group=group.get_group())
+        grad.div_(replicas)
+
+
+def shard_experts(model: nn.Module, expert_mesh: DeviceMesh, *, reshard: bool, replicas: int) -> None:
+    """ZeRO 2/3 for the expert-parallel modules, before the blocks are sharded over the replicas: each
+    module's expert weights one FSDP2 unit over its edp ranks, its router and shared experts one over the
+    folded dp x cp x tp ranks (torchtitan's layout for experts); both reduce by summing and dividing by dp*cp
+    (`average_gradients`' arithmetic)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    def shard(module: nn.Module, mesh: DeviceMesh) -> None:
+        # stacked experts [E/ep, ...] cut by rows only when the rows divide evenly; else by their second dim
+        # (FSDP2 pads dim 0 to N·ceil(rows/N): one expert per rank over 16 edp ranks gathered 16 copies)
+        placement = lambda p: Shard(1) if p.dim() == 3 and p.shape[0] % mesh.size() else None  # noqa: E731
+        unit = fully_shard(module, mesh=mesh, reshard_after_forward=reshard, shard_placement_fn=placement)
+        if mesh.size() != replicas:  # a sum then a division (gloo has no pre-multiplied sum; NCCL does)
+            unit.set_gradient_divide_factor(replicas)
+            unit.set_force_sum_reduction_for_comms(True)
+
+    edp, folded = expert_mesh["edp"], folded_mesh(expert_mesh)
+    for module in [m for m in model.modules() if isinstance(m, ExpertParallelMixin)]:
+        for child in module.children():
+            if any(True for _ in child.parameters()):
+                shard(child, folded)
+        shard(module, edp)

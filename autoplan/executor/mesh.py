@@ -24,10 +24,22 @@ def build_mesh(plan: Plan, device_type: str) -> DeviceMesh:
 
 
 def build_expert_mesh(plan: Plan, device_type: str) -> DeviceMesh:
-    """The same ranks with dp split into (edp, ep), ep innermost: an ep group is ep consecutive dp ranks,
-    an edp group the ranks holding the same experts."""
-    return init_device_mesh(device_type, (plan.pp, plan.dp // plan.ep, plan.ep, plan.cp, plan.tp),
-                            mesh_dim_names=("pp", "edp", "ep", "cp", "tp"))
+    """The same ranks with each pipeline stage's dp x cp x tp ranks folded into (edp, ep), ep innermost
+    (Megatron-LM's MoE parallel folding): an ep group is ep consecutive ranks, an edp group the ranks holding
+    the same experts. Every one of the folded ranks routes tokens of its own (its dp replica's, its cp
+    chunk's, its tp rank's sequence shard: tensor_parallel.moe_layout)."""
+    folded = plan.dp * plan.cp * plan.tp
+    if folded % plan.ep:
+        raise InvalidPlanError(f"ep={plan.ep} does not divide dp*cp*tp = {folded}")
+    mesh = init_device_mesh(device_type, (plan.pp, folded // plan.ep, plan.ep), mesh_dim_names=("pp", "edp", "ep"))
+    folded_mesh(mesh)  # made now, with real tensors (a dry run's training step runs under fake tensors)
+    return mesh
+
+
+def folded_mesh(expert_mesh: DeviceMesh) -> DeviceMesh:
+    """The dp x cp x tp ranks of a pipeline stage as one axis "edp_ep" (the router's and shared experts'
+    gradients are summed over them), flattened once and cached by the root mesh."""
+    return expert_mesh["edp", "ep"]._flatten("edp_ep")
 
 
 def replica_mesh(mesh: DeviceMesh, plan: Plan) -> DeviceMesh:

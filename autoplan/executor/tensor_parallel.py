@@ -10,33 +10,69 @@ from __future__ import annotations
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
                                                RowwiseParallel, SequenceParallel, parallelize_module)
 
 from autoplan.errors import InvalidPlanError
 from autoplan.executor.derived_tp import (block_inputs_to_gather, derived_block_layout, gather_sequence_before,
                                          regroup_fused_qkv, retie, tied_groups)
-from autoplan.support import MOE_TP
 
 
 def block_layout(block: nn.Module, *, sequence_parallel: bool) -> dict:
-    """{relative module path: ParallelStyle} for one transformer block of the reference models."""
-    if hasattr(block.feed_forward, "num_experts"):
-        raise InvalidPlanError(MOE_TP)
-    ffn_cols = [n for n in ("w1", "w3") if hasattr(block.feed_forward, n)]
+    """{relative module path: ParallelStyle} for one transformer block of the reference models.
+
+    Attention: q/k/v (MLA: the query and key/value up-projections, by heads) column-parallel, the output
+    row-parallel; MLA's down-projections and latent norms stay whole on every tp rank (Megatron-LM's MLA).
+    A dense MLP: column then row. A MoE layer is not split by tp ("parallel folding", `moe_layout`)."""
+    mla = hasattr(block.attention, "wkv_b")
+    columns = [n for n in ("wq", "wq_b", "wkv_b") if hasattr(block.attention, n)] if mla else ["wq", "wk", "wv"]
     out = Shard(1) if sequence_parallel else Replicate()
-    layout = {f"attention.{n}": ColwiseParallel() for n in ("wq", "wk", "wv")}
+    layout = {f"attention.{n}": ColwiseParallel() for n in columns}
     layout["attention.wo"] = RowwiseParallel(output_layouts=out)
-    layout.update({f"feed_forward.{n}": ColwiseParallel() for n in ffn_cols})
-    layout["feed_forward.w2"] = RowwiseParallel(output_layouts=out)
+    moe = hasattr(block.feed_forward, "num_experts")
+    if moe:
+        layout.update(moe_layout(sequence_parallel=sequence_parallel))
+    else:
+        ffn_cols = [n for n in ("w1", "w3") if hasattr(block.feed_forward, n)]
+        layout.update({f"feed_forward.{n}": ColwiseParallel() for n in ffn_cols})
+        layout["feed_forward.w2"] = RowwiseParallel(output_layouts=out)
     if sequence_parallel:  # norms on sequence shards; gather the sequence before attention / MLP
         layout["attention_norm"] = SequenceParallel()
         layout["ffn_norm"] = SequenceParallel()
         layout["attention"] = PrepareModuleInput(input_layouts=(Shard(1), None),
-                                                 desired_input_layouts=(Replicate(), None))
-        layout["feed_forward"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+                                                 desired_input_layouts=(Replicate(), None), use_local_output=mla)
+        if not moe:
+            layout["feed_forward"] = PrepareModuleInput(input_layouts=(Shard(1),),
+                                                        desired_input_layouts=(Replicate(),))
     return layout
+
+
+def moe_layout(*, sequence_parallel: bool) -> dict:
+    """A MoE layer under tp: each tp rank routes its own sequence shard, as if the tp ranks were more
+    data-parallel ranks for the experts (Megatron-LM's MoE "parallel folding": experts over ep x edp ranks
+    folded from dp x cp x tp; executor.expert_parallel). With SP the shard is already there; without, the
+    replicated input is split (its gradient all-gathered in backward) and the output all-gathered (its
+    gradient sliced). The layer's own parameters are plain tensors on every rank; their gradients are summed
+    over the tp ranks with the data-parallel ones (expert_parallel.average_gradients, or FSDP over the
+    folded ranks)."""
+    if sequence_parallel:
+        return {"feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Shard(1),),
+                                                   use_local_output=True)}
+    return {"feed_forward": _SequenceShardedModule()}
+
+
+class _SequenceShardedModule(PrepareModuleInput):
+    """Replicated input -> this rank's sequence shard (local); local output -> all-gathered (local)."""
+
+    def __init__(self):
+        super().__init__(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),), use_local_output=True)
+        self.output = PrepareModuleOutput(output_layouts=(Shard(1),), desired_output_layouts=(Replicate(),),
+                                          use_local_output=True)
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        super()._apply(module, device_mesh)
+        return self.output._apply(module, device_mesh)
 
 
 def model_layout(model: nn.Module, *, sequence_parallel: bool, blocks=None) -> dict:
@@ -89,4 +125,18 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_par
         raise InvalidPlanError("tp > 1 needs a tensor-parallel layout: this model is not one of autoplan's "
                                "reference models; define tp_plan(model, sequence_parallel) in its model.py")
     parallelize_module(model, tp_mesh, layout)
+    for module in model.modules():
+        if isinstance(getattr(module, "shared_key", None), nn.Module):
+            module.shared_key.register_forward_hook(_sum_gradient_over(tp_mesh))
     retie(model, ties)
+
+
+def _sum_gradient_over(tp_mesh: DeviceMesh):
+    """A forward hook: the output unchanged, its gradient summed over the tp ranks in backward (Megatron's
+    copy-to-tensor-parallel-region): for a tensor every rank's heads use, such as MLA's shared RoPE key."""
+
+    def hook(module, args, output):
+        whole = DTensor.from_local(output, tp_mesh, [Replicate()], run_check=False)
+        return whole.to_local(grad_placements=[Partial()])
+
+    return hook

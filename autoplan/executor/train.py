@@ -28,8 +28,8 @@ from autoplan.executor.checkpoint_files import FolderLock, on_rank0
 from autoplan.executor.context_parallel import ContextParallel, check_context_parallel, sequence_shard
 from autoplan.executor.data import global_batch, replica_micro_batches
 from autoplan.executor.data_parallel import (all_reduce_gradients, apply_data_parallel, averages_by_hand,
-                                             build_optimizer, set_gradient_sync)
-from autoplan.executor.expert_parallel import apply_expert_parallel, average_gradients
+                                             build_optimizer, set_gradient_sync, uses_ddp)
+from autoplan.executor.expert_parallel import apply_expert_parallel, average_gradients, shard_experts
 from autoplan.executor.mesh import build_expert_mesh, build_mesh, rank_coordinates, replica_mesh
 from autoplan.executor.pipeline import build_schedule, split_model, sum_tied_gradients, tied_across_stages
 from autoplan.executor.recompute import apply_recompute
@@ -90,10 +90,13 @@ def _apply_per_stage(model: nn.Module, plan: Plan, mesh, pp_rank: int, tp_plan, 
     """TP/SP -> EP -> recompute -> DP/ZeRO on one pipeline chunk (or the whole model)."""
     if plan.tp > 1:
         apply_tensor_parallel(model, mesh["tp"], sequence_parallel=plan.sequence_parallel, user_plan=tp_plan)
-    if expert_mesh is not None:  # experts differ per rank: gradients are averaged by hand (average_gradients)
+    if expert_mesh is not None:  # experts differ per rank: ZeRO 0/1 average gradients by hand (average_gradients)
         apply_expert_parallel(model, expert_mesh["ep"], plan)
     apply_recompute(model, plan.stage_recompute(pp_rank))
-    if plan.dp * plan.cp > 1 and expert_mesh is None:  # parameters are replicated over dp and cp
+    if expert_mesh is not None and not uses_ddp(zero_stage=plan.zero_stage):  # ZeRO 2/3: experts over edp first
+        shard_experts(model, expert_mesh, reshard=plan.zero_stage == 3, replicas=plan.dp * plan.cp)
+    if (plan.dp * plan.cp > 1 and expert_mesh is None) or (expert_mesh is not None and not uses_ddp(
+            zero_stage=plan.zero_stage)):  # parameters are replicated over dp and cp
         model = apply_data_parallel(model, replica_mesh(mesh, plan), zero_stage=plan.zero_stage, tp=plan.tp,
                                     pipelined=plan.pp > 1, offload=plan.offload)
     return model
@@ -143,8 +146,8 @@ def train_step(par: Parallelized, optimizer: torch.optim.Optimizer, step: int, *
     if plan.dp * plan.cp > 1 and plan.ep == 1 and averages_by_hand(zero_stage=plan.zero_stage, tp=plan.tp,
                                                                    pipelined=par.schedule is not None):
         all_reduce_gradients(model, replica_mesh(par.mesh, plan))
-    if par.expert_mesh is not None:
-        average_gradients(model, par.mesh["dp"], par.expert_mesh["edp"], plan.dp)
+    if par.expert_mesh is not None and uses_ddp(zero_stage=plan.zero_stage):
+        average_gradients(model, replica_mesh(par.mesh, plan), par.expert_mesh, plan.dp * plan.cp)
     if par.tied:
         sum_tied_gradients(par.tied, par.tied_group)
     optimizer.step()

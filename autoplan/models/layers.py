@@ -79,19 +79,25 @@ class Attention(nn.Module):
     """Causal multi-head attention with grouped-query heads (Ainslie et al. 2023) and optional RoPE."""
 
     def __init__(self, hidden: int, heads: int, kv_heads: int | None = None, *, rope: bool = False,
-                 bias: bool = False, dropout: float = 0.0, impl: str = "sdpa", max_seq_len: int = 2048):
+                 bias: bool = False, dropout: float = 0.0, impl: str = "sdpa", max_seq_len: int = 2048,
+                 head_dim: int = 0, qk_norm: bool = False, norm_eps: float = 1e-6):
+        """head_dim: per head (0: hidden/heads; Qwen3 sets it apart, e.g. 128 with hidden 4096 and 64 heads);
+        qk_norm: an RMSNorm over each head's query and key before RoPE (Qwen3)."""
         super().__init__()
         kv_heads = kv_heads or heads
-        if hidden % heads or heads % kv_heads:
+        if (not head_dim and hidden % heads) or heads % kv_heads:
             raise ValueError(f"hidden={hidden}, heads={heads}, kv_heads={kv_heads} must divide evenly")
         if impl not in ("sdpa", "eager"):
             raise ValueError(f"attention impl must be sdpa or eager, not {impl!r}")
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, hidden // heads
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim or hidden // heads
+        if qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(self.head_dim, eps=norm_eps), RMSNorm(self.head_dim, eps=norm_eps)
         self.rope, self.dropout, self.impl = rope, dropout, impl
         self.wq = nn.Linear(hidden, heads * self.head_dim, bias=bias)
         self.wk = nn.Linear(hidden, kv_heads * self.head_dim, bias=bias)
         self.wv = nn.Linear(hidden, kv_heads * self.head_dim, bias=bias)
         self.wo = nn.Linear(heads * self.head_dim, hidden, bias=bias)
+        self.qk_norm = qk_norm
         if impl == "eager":
             mask = torch.ones(max_seq_len, max_seq_len, dtype=torch.bool).triu(1)
             self.register_buffer("causal_mask", mask, persistent=False)
@@ -101,6 +107,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(b, s, -1, self.head_dim)  # [b, s, heads/tp, d] (heads per rank under tp)
         k = self.wk(x).view(b, s, -1, self.head_dim)
         v = self.wv(x).view(b, s, -1, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rope:
             q, k = apply_rope(q, freqs), apply_rope(k, freqs)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, s, d]
@@ -146,7 +154,11 @@ class SwiGLU(nn.Module):
 
 
 class MoE(nn.Module):
-    """Top-k routed SwiGLU experts (Shazeer et al. 2017; Mixtral, Jiang et al. 2024).
+    """Top-k routed SwiGLU experts (Shazeer et al. 2017; Mixtral, Jiang et al. 2024), optionally with shared
+    experts every token runs (DeepSeekMoE, Dai et al. 2024, Sec. 3.2: one SwiGLU of shared_ffn_hidden, the
+    sum of the shared experts' widths) and sigmoid router scores (DeepSeek-V3, arXiv:2412.19437, eq. 13-15:
+    top-k of sigmoid affinities, normalised over the chosen k, times routed_scale; the auxiliary-loss-free
+    balancing bias and the node-limited group routing, which only change which experts are chosen, are left out).
 
     Expert weights are stacked [experts, ...] so expert parallelism shards dim 0. Tokens are sorted by
     expert and each expert runs on its contiguous slice. On the meta device (or with fake tensors, in a dry run) the per-expert counts are
@@ -154,12 +166,16 @@ class MoE(nn.Module):
     holds the expected cost, and the cost model adds the imbalance.
     """
 
-    def __init__(self, hidden: int, ffn_hidden: int, num_experts: int, top_k: int):
+    def __init__(self, hidden: int, ffn_hidden: int, num_experts: int, top_k: int, *, shared_ffn_hidden: int = 0,
+                 score: str = "softmax", routed_scale: float = 1.0):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k={top_k} must be between 1 and num_experts={num_experts}")
-        self.num_experts, self.top_k = num_experts, top_k
+        if score not in ("softmax", "sigmoid"):
+            raise ValueError(f"router score must be softmax or sigmoid, not {score!r}")
+        self.num_experts, self.top_k, self.score, self.routed_scale = num_experts, top_k, score, routed_scale
         self.router = nn.Linear(hidden, num_experts, bias=False)
+        self.shared = SwiGLU(hidden, shared_ffn_hidden) if shared_ffn_hidden else None
         scale = 1.0 / math.sqrt(hidden)
         self.w1 = nn.Parameter(torch.randn(num_experts, ffn_hidden, hidden) * scale)
         self.w3 = nn.Parameter(torch.randn(num_experts, ffn_hidden, hidden) * scale)
@@ -167,9 +183,10 @@ class MoE(nn.Module):
 
     def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k experts of each token and their renormalised softmax weights: ([T, k], [T, k])."""
-        probs = _at_least_fp32(self.router(tokens)).softmax(dim=-1)
+        logits = _at_least_fp32(self.router(tokens))
+        probs = logits.softmax(dim=-1) if self.score == "softmax" else logits.sigmoid()
         weights, experts = probs.topk(self.top_k, dim=-1)
-        return experts, (weights / weights.sum(-1, keepdim=True)).type_as(tokens)
+        return experts, (self.routed_scale * weights / weights.sum(-1, keepdim=True)).type_as(tokens)
 
     def expert_counts(self, flat_experts: torch.Tensor) -> list[int]:
         if flat_experts.is_meta or is_fake(flat_experts):  # no values: balanced routing, each expert's expected load
@@ -196,5 +213,5 @@ class MoE(nn.Module):
         grouped = tokens.repeat_interleave(self.top_k, dim=0)[order]  # [T*k, h] sorted by expert
         out = self.run_experts(grouped, self.expert_counts(flat))
         combined = torch.empty_like(out).index_copy(0, order, out)  # back to token order
-        combined = (combined.view(-1, self.top_k, h) * weights.unsqueeze(-1)).sum(1)
-        return combined.view(b, s, h)
+        combined = (combined.view(-1, self.top_k, h) * weights.unsqueeze(-1)).sum(1).view(b, s, h)
+        return combined + self.shared(x) if self.shared is not None else combined

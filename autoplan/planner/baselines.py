@@ -3,7 +3,8 @@
 - pure DP: every GPU a data-parallel replica (PyTorch DDP), no sharding;
 - ZeRO-3 / FSDP: every GPU a replica, parameters, gradients and optimizer states sharded;
 - Megatron: TP = the largest degree up to a node (8) that divides the heads, then the fewest pipeline
-  stages across nodes that fit, the rest DP; sequence parallelism, the distributed optimizer (ZeRO-1),
+  stages across nodes that fit, the rest DP (a MoE model: experts folded over the tp x dp ranks of a node,
+  EP up to 8, as Megatron-LM's MoE recipes do); sequence parallelism, the distributed optimizer (ZeRO-1),
   selective recomputation (full if that does not fit), 1F1B, micro-batch 1 (Narayanan et al. 2021, Sec. 3.3:
   "tensor parallelism up to the GPUs in a node, then pipeline parallelism across nodes").
 The knobs the folklore leaves open (micro-batch size, recomputation) are set to their fastest fitting value.
@@ -48,13 +49,20 @@ def _megatron(coster: Coster, gbs: int) -> tuple[Plan, Estimate] | None:
         dp = gpus // (tp * pp)
         if pp > profile.num_blocks or gbs % dp:
             continue
+        ep = _megatron_ep(profile.num_experts, dp * tp, cluster.gpus_per_node)
         for recompute in ("selective", "full"):
-            found = _fastest_fitting(coster, [Plan(dp=dp, tp=tp, pp=pp, zero_stage=1, recompute=recompute,
+            found = _fastest_fitting(coster, [Plan(dp=dp, tp=tp, pp=pp, ep=ep, zero_stage=1, recompute=recompute,
                                                    sequence_parallel=tp > 1, micro_batch_size=1,
                                                    global_batch_size=gbs, schedule="1f1b")])
             if found:
                 return found
     return None
+
+
+def _megatron_ep(experts: int, folded: int, gpus_per_node: int) -> int:
+    """Megatron-LM's MoE recipes fold expert parallelism over the tp x dp ranks of a node (parallel folding):
+    the largest ep up to a node that divides the experts and those ranks; 1 for a dense model."""
+    return max((e for e in divisors(folded) if e <= gpus_per_node and experts % e == 0), default=1) if experts else 1
 
 
 def expert_defaults(coster: Coster, global_batch_size: int) -> dict[str, tuple[Plan, Estimate] | None]:

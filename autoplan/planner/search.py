@@ -28,6 +28,7 @@ from autoplan.planner.baselines import expert_defaults
 from autoplan.planner.partition import end_layers_s, solve_partition
 from autoplan.planner.space import Constraints, Layout, layouts, micro_batch_sizes, offloads, schedules
 from autoplan.schema import MAX_GLOBAL_BATCH, Cluster, Estimate, ModelProfile, Plan, Stack
+from autoplan.support import profile_reason
 
 # An evaluated configuration whose best uniform plan is within this fraction of its lower bound is not
 # worth an ILP: uneven stages could at most close that gap.
@@ -48,6 +49,7 @@ class SearchResult:
     lower_bound_s: float                 # no plan of the space is faster than this in the cost model (proven)
     closest_infeasible: tuple[Plan, Estimate] | None = None
     global_batch_size: int = 0
+    refusals: dict[str, str] = field(default_factory=dict)  # plan.describe() -> why the executor does not run it
 
     @property
     def best(self) -> Plan:
@@ -57,8 +59,15 @@ class SearchResult:
     def best_estimate(self) -> Estimate:
         return self.ranked[0][1]
 
+    def refusal(self, plan: Plan) -> str | None:
+        """Why autoplan's executor does not run `plan` (a ranked plan of `search(..., runnable_only=False)` or
+        an expert default), or None if it runs it."""
+        return self.refusals.get(plan.describe())
+
     def to_dict(self) -> dict:
-        pair = lambda found: {"plan": found[0].model_dump(), "estimate": found[1].model_dump()} if found else None
+        pair = lambda found: {"plan": found[0].model_dump(), "estimate": found[1].model_dump(),
+                              "runnable": self.refusal(found[0]) is None,
+                              "refusal": self.refusal(found[0])} if found else None
         return {"best": self.best.model_dump(), "ranked": [pair(found) for found in self.ranked],
                 "baselines": {name: pair(found) for name, found in self.baselines.items()},
                 "global_batch_size": self.global_batch_size, "solve_time_s": self.solve_time_s,
@@ -267,13 +276,17 @@ def _rank_key(plan: Plan, est: Estimate) -> tuple:
 def search(profile: ModelProfile, cluster: Cluster, *, global_batch_size: int, top_k: int = 5,
            constraints: Constraints | None = None, progress: Callable[[int, int], None] | None = None,
            ilp_time_limit_s: float = 5.0, accept: Callable[[Plan], bool] | None = None, stack: Stack | None = None,
-           **fixed) -> SearchResult:
+           runnable_only: bool = True, foreign: bool = False, **fixed) -> SearchResult:
     """The `top_k` fastest plans of `profile` on `cluster` that fit in GPU memory.
 
     `accept(plan)` (optional) keeps only the configurations it returns True for, e.g. what an executor runs;
     it is asked once per layout, micro-batch, schedule and ZeRO stage (recompute "none"), then once per
     other recompute mode of the configurations it accepts; a mode it refuses is left out of the partition
     ILP too.
+
+    runnable_only (the default): only plans autoplan's executor runs (autoplan.support; `foreign`: the model is
+    a Hugging Face one), on top of `accept`; False ranks every plan and names the executor's refusals
+    (SearchResult.refusal), as it does for the expert defaults either way.
 
     `stack` is the software the plan will run on (autoplan.schema.Stack; None: eager PyTorch, autoplan's executor).
     `fixed` pins plan fields (e.g. tp=8, zero_stage=1). Raises InfeasiblePlanError (with the closest plan
@@ -288,6 +301,10 @@ def search(profile: ModelProfile, cluster: Cluster, *, global_batch_size: int, t
     if fixed:
         constraints = Constraints(**{**constraints.__dict__, "fixed": {**constraints.fixed, **fixed}})
     coster = Coster.of(profile, cluster, stack)
+    refusal = lambda plan: profile_reason(plan, profile, foreign=foreign)  # noqa: E731
+    if runnable_only:
+        wanted = accept
+        accept = lambda plan: refusal(plan) is None and (wanted is None or wanted(plan))  # noqa: E731
     pruned = {"memory_bound": 0, "time_bound": 0, "dominated": 0, "unrunnable": 0, "not accepted": 0}
     configs, leanest = _configs(profile, cluster, coster, global_batch_size, constraints, pruned, accept)
     configs.sort()
@@ -328,8 +345,11 @@ def search(profile: ModelProfile, cluster: Cluster, *, global_batch_size: int, t
     if progress:
         progress(len(configs), len(configs))
     ranked = top.ranked()
+    baselines = expert_defaults(coster, global_batch_size)
+    shown = [plan for plan, _ in ranked] + [found[0] for found in baselines.values() if found]
     result = SearchResult(
-        ranked=ranked, baselines=expert_defaults(coster, global_batch_size),
+        ranked=ranked, baselines=baselines, refusals={plan.describe(): reason for plan in shown
+                                                      if (reason := refusal(plan)) is not None},
         solve_time_s=time.perf_counter() - start, candidates_considered=considered, candidates_pruned=pruned,
         ilp_solves=ilp_solves, lower_bound_s=min(bounds + [ranked[0][1].step_time_s]) if ranked else 0.0,
         closest_infeasible=top.closest, global_batch_size=global_batch_size)

@@ -110,11 +110,13 @@ class SweepResult:
 def sweep(profile: ModelProfile, cluster: Cluster, *, gpus: tuple[int, int] | list[int], global_batch_size: int,
           tokens: float = 1e12, gpu_hour_price: float | None = None, constraints: Constraints | None = None,
           accept: Callable[[Plan], bool] | None = None, stack: Stack | None = None,
-          progress: Callable[[int, int], None] | None = None, **fixed) -> SweepResult:
+          progress: Callable[[int, int], None] | None = None, runnable_only: bool = True, foreign: bool = False,
+          **fixed) -> SweepResult:
     """The best plan of `profile` at each GPU count of `gpus` on `cluster`'s kind of node, all with the same
     `global_batch_size`: a (low, high) range (gpu_counts chooses the counts) or a list of counts.
     `tokens`: the training run's tokens (time to train, GPU-hours); `gpu_hour_price`: price of one GPU-hour
-    (the cost column), None for none. `constraints`, `accept`, `stack` and `fixed` as in ap.search."""
+    (the cost column), None for none. `constraints`, `accept`, `stack`, `runnable_only`, `foreign` and `fixed`
+    as in ap.search."""
     if isinstance(gpus, tuple):
         counts = gpu_counts(low=gpus[0], high=gpus[1], gpus_per_node=cluster.gpus_per_node)
     else:
@@ -129,7 +131,8 @@ def sweep(profile: ModelProfile, cluster: Cluster, *, gpus: tuple[int, int] | li
     for index, count in enumerate(counts):
         if progress:
             progress(index, len(counts))
-        rows.append(_row(profile, cluster.with_gpus(count), global_batch_size, constraints, accept, stack, fixed))
+        rows.append(_row(profile, cluster.with_gpus(count), global_batch_size, constraints, accept, stack,
+                         dict(fixed, runnable_only=runnable_only, foreign=foreign)))
     if progress:
         progress(len(counts), len(counts))
     return SweepResult(rows=rows, tokens=tokens, global_batch_size=global_batch_size, gpu_hour_price=gpu_hour_price,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autoplan.errors import InvalidInputError
-from autoplan.support import unsupported_reason
+from autoplan.support import profile_reason
 from autoplan.planner import search
 from autoplan.planner.search import MAX_TOP_K
 from autoplan.report.accuracy import mape, regret, spearman
@@ -43,9 +42,8 @@ def candidates(profile: ModelProfile, cluster: Cluster, *, global_batch_size: in
     (`every_plan`) or `sample` of them spread evenly over the predicted ranking; each plan once. The search
     keeps to plans the executor runs (the expert defaults are reported as defined, run or refused)."""
     everything = every_plan or sample > 0
-    moe = profile.num_experts > 0  # only what the executor runs: the bench's runs go through it
     result = search(profile, cluster, global_batch_size=global_batch_size, top_k=MAX_TOP_K if everything else top_k,
-                    accept=lambda plan: unsupported_reason(plan, moe=moe) is None, **fixed)
+                    accept=lambda plan: profile_reason(plan, profile) is None, **fixed)
     ranked = list(enumerate(result.ranked, 1))
     if everything and not every_plan:
         rest = ranked[top_k:]

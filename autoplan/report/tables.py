@@ -135,13 +135,19 @@ def search_report(result, *, profile: ModelProfile, cluster: Cluster) -> str:
     console.print(f"search  {result.solve_time_s:.2f} s: {result.candidates_considered:,} configurations evaluated, "
                   f"{result.ilp_solves} partition ILPs; pruned {pruned or 'none'}; proven lower bound "
                   f"{result.lower_bound_s * 1e3:,.1f} ms (best is within {result.optimality_gap * 100:.2f}%)")
-    rows = [(str(i + 1), plan, est) for i, (plan, est) in enumerate(result.ranked)]
+    refusal = getattr(result, "refusal", lambda plan: None)
+    mark = lambda label, plan: f"{label} x" if refusal(plan) else label  # noqa: E731
+    rows = [(mark(str(i + 1), plan), plan, est) for i, (plan, est) in enumerate(result.ranked)]
     console.print(plans_table(rows, title="top plans"))
     console.print("band ms: the step times that published runs predicted at this time took (80% of them, "
                   "benchmarks/results/published_runs.md); !: memory within the memory model's error of the limit")
     defaults = [(name, *found) for name, found in result.baselines.items() if found]
     if defaults:
-        console.print(plans_table(defaults, title="expert defaults (best fitting variant of each)"))
+        console.print(plans_table([(mark(name, plan), plan, est) for name, plan, est in defaults],
+                                  title="expert defaults (best fitting variant of each)"))
+    refused = {plan.describe(): refusal(plan) for _, plan, _ in rows + defaults if refusal(plan)}
+    for described, reason in refused.items():
+        console.print(f"x not runnable by autoplan's executor: {described}: {reason}")
     missing = [name for name, found in result.baselines.items() if not found]
     if missing:
         console.print(f"no fitting plan for: {', '.join(missing)}")

@@ -104,17 +104,19 @@ def test_micro_batches_at_the_first_and_later_backwards(schedule, pp, stage, m, 
 
 @pytest.mark.parametrize("plan, experts, refused", [
     (dict(dp=8, ep=8), 8, False),
-    (dict(dp=4, ep=8, tp=2), 8, True),             # ep with tp > 1
+    (dict(dp=4, ep=8, tp=2), 8, False),            # ep folded over dp x tp (parallel folding)
     (dict(dp=8, ep=8, zero_stage=1), 8, False),    # ep with ZeRO-1 (executor.zero_one)
-    (dict(dp=8, ep=8, zero_stage=2), 8, True),     # ep with FSDP
-    (dict(dp=4, tp=2), 8, True),                   # tp on a MoE model
+    (dict(dp=8, ep=8, zero_stage=2), 8, False),    # ep with FSDP (experts over the edp ranks)
+    (dict(dp=4, tp=2), 8, False),                  # tp on a MoE model: experts not split, tokens by tp rank
     (dict(dp=4, tp=2), 0, False),                  # tp on a dense one
+    (dict(dp=2, ep=4), 8, True),                   # ep does not divide dp*cp*tp
     (dict(pp=2, schedule="zero-bubble", recompute="selective"), 0, True),  # two backward passes under SAC
     (dict(pp=2, schedule="zero-bubble", recompute="full"), 0, False),
+    (dict(pp=2, dp=2, schedule="zero-bubble", zero_stage=3), 0, True),   # FSDP reshards between its two passes
+    (dict(pp=2, dp=2, schedule="zero-bubble", zero_stage=2), 8, False),
 ])
 def test_plans_the_executor_refuses_are_named(plan, experts, refused):
-    """Oracle: executor.expert_parallel.apply_expert_parallel and executor.tensor_parallel.block_layout refuse
-    these; the estimate then accounts for memory as the papers do (and says so in its notes)."""
+    """Oracle: what executor.apply refuses (tests/executor/test_expert_parallel.py runs the MoE ones it takes); the estimate then accounts for memory as the papers do (and says so in its notes)."""
     assert (unsupported_reason(_plan(**plan), moe=experts > 0) is not None) == refused
 
 

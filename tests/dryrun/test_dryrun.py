@@ -3,6 +3,7 @@ byte counted. Small cases (2 to 8 fake ranks) against exact per-parameter arithm
 the plan's full micro-batch count, and the cost model."""
 
 import resource
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,10 +133,10 @@ def test_a_large_dry_run_allocates_no_real_memory():
 
 
 def test_executor_refusals_stay_refusals():
-    """A plan the executor refuses (expert parallelism with FSDP) is refused by the dry run, with the
-    executor's own error."""
-    with pytest.raises(InvalidPlanError, match="ep > 1"):
-        ap.dryrun("moe-tiny", ap.Plan(dp=2, ep=2, zero_stage=2, global_batch_size=4))
+    """A plan the executor refuses (context parallelism on a Hugging Face model) is refused by the dry run, with
+    the executor's own error."""
+    with pytest.raises(InvalidPlanError, match="RoPE table"):
+        ap.dryrun(str(Path(__file__).parent.parent / "hf_configs" / "llama.json"), ap.Plan(cp=2, global_batch_size=4))
 
 
 def test_zero_bubble_with_selective_recompute_is_refused():
@@ -167,12 +168,13 @@ def test_verify_drops_the_plans_that_do_not_fit():
 
 
 def test_verify_drops_plans_the_executor_refuses():
-    """A ranked plan the executor does not run (expert parallelism with ZeRO-3) cannot be verified: it is
+    """A ranked plan the executor does not run (zero-bubble with selective recompute) cannot be verified: it is
     dropped with the executor's reason, and a runnable one is kept."""
-    refused, runnable = ap.Plan(dp=2, ep=2, zero_stage=3, global_batch_size=4), ap.Plan(dp=2, ep=2, global_batch_size=4)
+    refused = ap.Plan(pp=2, schedule="zero-bubble", recompute="selective", global_batch_size=4)
+    runnable = ap.Plan(dp=2, ep=2, zero_stage=3, global_batch_size=4)
     cluster = ap.Cluster.preset("dgx-h100", gpus=2)
-    profile = ap.profile_model("moe-tiny")
+    profile = ap.profile_model("deepseek-tiny")
     ranked = [(plan, ap.estimate(profile, cluster, plan)) for plan in (refused, runnable)]
-    kept, dropped = ap.verify_plans(ranked, "moe-tiny", cluster)
+    kept, dropped = ap.verify_plans(ranked, "deepseek-tiny", cluster)
     assert [plan for plan, _, _ in kept] == [runnable]
-    assert dropped[0][0] == refused and "ep > 1" in dropped[0][2]
+    assert dropped[0][0] == refused and "zero-bubble" in dropped[0][2]

@@ -4,13 +4,17 @@ sequence, so without the ring (attention over all ranks' keys and values) or wit
 the very first loss would already differ; the ring merges attention blocks by log-sum-exp in another order
 than one kernel, so float32 sums differ slightly (measured: below 1e-6 relative)."""
 
+from pathlib import Path
+
 import pytest
 
 import autoplan as ap
 from autoplan.errors import InvalidPlanError
 from autoplan.executor import apply
 from autoplan.schema import Plan
-from dist_worker import run_on_ranks, run_plan
+from dist_worker import build, run_on_ranks, run_plan
+
+HF_LLAMA = Path(__file__).parent.parent / "hf_configs" / "llama.json"
 
 GBS, MBS = 8, 2
 TOL = 1e-4
@@ -60,11 +64,11 @@ def test_cp2_with_dp_tp_pp_matches_single_process(name, four_rank_losses, refere
 
 
 @pytest.mark.parametrize("model, plan, message", [
-    ("moe-tiny", Plan(cp=2, ep=2, global_batch_size=GBS), "cp=2 with ep=2: expert parallelism runs with cp=1 only"),
+    (str(HF_LLAMA), Plan(cp=2, global_batch_size=GBS), "cp > 1 needs the reference models' RoPE table"),
 ])
 def test_unsupported_combinations_are_refused_in_one_line(model, plan, message):
     with pytest.raises(InvalidPlanError, match=message) as err:
-        apply(ap.models.build_named(model), plan)
+        apply(build(model), plan)
     assert "\n" not in str(err.value)
 
 

@@ -44,35 +44,40 @@ def test_two_launches_side_by_side(tmp_path):
 
 def test_run_refuses_what_the_executor_cannot_do_yet(tmp_path, capsys):
     plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"cp": 2, "ep": 2, "global_batch_size": 4}))
+    plan.write_text(json.dumps({"pp": 2, "schedule": "zero-bubble", "recompute": "selective", "global_batch_size": 4}))
     assert main(["run", "moe-tiny", "--plan", str(plan)]) == 2
     err = capsys.readouterr().err
-    assert "expert parallelism runs with cp=1 only" in err and err.count("\n") == 1
+    assert "zero-bubble schedule with selective recompute is not supported" in err and err.count("\n") == 1
 
 
-def test_moe_with_tp_and_ep_refused_before_any_mesh(tmp_path, capsys):
-    """Oracle: autoplan.support says tp > 1 on a MoE model is not run; the refusal comes in one line before
-    a mesh is built (it once surfaced as an internal ZeroDivisionError from the expert mesh)."""
+def test_moe_with_ep_not_dividing_the_folded_ranks_refused_before_any_mesh(tmp_path, capsys):
+    """Oracle: ep must divide dp*cp*tp (the ranks it folds over); the refusal comes in one line before a mesh
+    is built (a bad expert mesh once surfaced as an internal ZeroDivisionError)."""
     plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"tp": 2, "ep": 2, "zero_stage": 2, "sequence_parallel": True, "global_batch_size": 4}))
+    plan.write_text(json.dumps({"tp": 2, "ep": 4, "zero_stage": 2, "sequence_parallel": True, "global_batch_size": 4}))
     assert main(["run", "moe-tiny", "--plan", str(plan)]) == 2
     err = capsys.readouterr().err
-    assert "tp > 1 on a MoE model is not supported" in err and err.count("\n") == 1
+    assert "ep=4 does not divide" in err and err.count("\n") == 1
 
 
-def test_search_executable_keeps_to_plans_the_executor_runs(capsys):
-    """Oracle: autoplan.support.unsupported_reason is None for every ranked plan of `search --executable`;
-    without the flag the top plans of moe-tiny on 2 GPUs include one it refuses (ep with ZeRO > 0)."""
+def test_search_keeps_to_plans_the_executor_runs_unless_asked(capsys):
+    """Oracle: autoplan.support.unsupported_reason is None for every ranked plan of `search` (and of the old
+    `--executable`); with `--any` the top plans of deepseek-tiny on 2 GPUs include ones it refuses (zero-bubble
+    with selective recompute), each marked not runnable with the executor's reason."""
     from autoplan.support import unsupported_reason
     from autoplan.schema import Plan
 
     def ranked(*extra):
-        assert main(["search", "moe-tiny", "--gpus", "2", "--global-batch", "16", "--top", "80", "--json",
+        assert main(["search", "deepseek-tiny", "--gpus", "2", "--global-batch", "16", "--top", "300", "--json",
                      *extra]) == 0
-        return [Plan.model_validate(row["plan"]) for row in json.loads(capsys.readouterr().out)["ranked"]]
+        return [(Plan.model_validate(row["plan"]), row) for row in json.loads(capsys.readouterr().out)["ranked"]]
 
-    assert all(unsupported_reason(plan, moe=True) is None for plan in ranked("--executable"))
-    assert any(unsupported_reason(plan, moe=True) is not None for plan in ranked())
+    refused = lambda plan: unsupported_reason(plan, moe=True)  # noqa: E731
+    for extra in ((), ("--executable",)):
+        assert all(refused(plan) is None and row["runnable"] for plan, row in ranked(*extra))
+    rows = ranked("--any")
+    assert any(refused(plan) for plan, _ in rows)
+    assert all(row["runnable"] == (refused(plan) is None) and row["refusal"] == refused(plan) for plan, row in rows)
 
 
 def test_bf16_parameters_train_with_fp32_master_weights():

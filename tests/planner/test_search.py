@@ -227,3 +227,20 @@ def test_accept_is_asked_about_each_recompute_mode():
     assert all(unsupported_reason(plan, moe=False) is None for plan, _ in result.ranked)
     assert any(plan.schedule == "zero-bubble" for plan, _ in result.ranked)
     assert any(plan.recompute == "selective" for plan, _ in result.ranked)
+
+
+def test_search_returns_runnable_plans_by_default_and_labels_the_rest():
+    """Oracle: autoplan.support. By default every ranked plan is one the executor runs; runnable_only=False
+    also ranks refused ones (zero-bubble with selective recompute) and names the reason, in the result and in the report."""
+    from autoplan.report import search_report
+    from autoplan.support import profile_reason
+
+    profile = ap.profile_model("deepseek-tiny")
+    cluster = ap.Cluster.preset("dgx-h100", gpus=2)
+    runnable = ap.search(profile, cluster, global_batch_size=16, top_k=300)
+    assert all(profile_reason(plan, profile) is None for plan, _ in runnable.ranked)
+    every = ap.search(profile, cluster, global_batch_size=16, top_k=300, runnable_only=False)
+    refused = [plan for plan, _ in every.ranked if profile_reason(plan, profile)]
+    assert refused and all(every.refusal(plan) == profile_reason(plan, profile) for plan, _ in every.ranked)
+    text = search_report(every, profile=profile, cluster=cluster)
+    assert f"not runnable by autoplan's executor: {refused[0].describe()}" in text

@@ -1,0 +1,102 @@
+"""The MoE layer's costs (costmodel.experts): expert GEMMs under EP, one by one or grouped; the token
+dispatcher (all-to-all or all-gather) at a routing imbalance that is an input."""
+
+import pytest
+
+import autoplan as ap
+from autoplan.costmodel import comm
+from autoplan.costmodel.experts import dispatch_s, expert_gemm_s, is_expert_gemm
+from autoplan.schema import EfficiencyPoint, GemmShape, Link
+
+GB = 1e9
+
+
+def _cluster(**update):
+    """dgx-h100 with round numbers: 1e15 FLOP/s peak, NVLink 100 GB/s and 1 us, GEMM efficiency 0.2 at 1e9
+    FLOPs rising to 0.8 at 1e12 (log-linear)."""
+    cluster = ap.Cluster.preset("dgx-h100", gpus=8)
+    return cluster.model_copy(update={"peak_flops_per_s": 1e15,
+                                      "intra_node": Link(bandwidth_bytes_per_s=100 * GB, latency_s=1e-6),
+                                      "gemm_efficiency": [EfficiencyPoint(flops=1e9, efficiency=0.2),
+                                                          EfficiencyPoint(flops=1e12, efficiency=0.8)], **update})
+
+
+def test_all_to_all_dispatch_worked_example():
+    """4 all-to-alls of M = T·h bytes · k · imbalance on 8 ranks of a node:
+    T·h = 4096 x 4096 x 2 B = 33,554,432 B; k = 2, imbalance 1.25 -> M = 83,886,080 B;
+    one = 7·1e-6 + 7/8 · 83,886,080 / 1e11 = 7.40e-4 s; four: 2.9620e-3 s."""
+    cluster = _cluster()
+    topo = comm.group_topology(group_size=8, stride=1, gpus_per_node=8)
+    token_bytes = 4096 * 4096 * 2
+    got = dispatch_s(token_bytes=token_bytes, top_k=2, ep=8, imbalance=1.25, dispatcher="all-to-all", topo=topo,
+                     cluster=cluster)
+    assert got == pytest.approx(4 * (7e-6 + 7 / 8 * token_bytes * 2 * 1.25 / 1e11))
+    balanced = dispatch_s(token_bytes=token_bytes, top_k=2, ep=8, imbalance=1.0, dispatcher="all-to-all", topo=topo,
+                          cluster=cluster)
+    assert got - 4 * 7e-6 == pytest.approx(1.25 * (balanced - 4 * 7e-6))  # the bytes term scales with imbalance
+
+
+def test_all_gather_dispatch_worked_example():
+    """2 x (all-gather + reduce-scatter) of ep·T·h bytes, no imbalance on the link:
+    8 x 33,554,432 B = 268,435,456 B; each = 7e-6 + 7/8 · 268,435,456 / 1e11 = 2.3558e-3 s; four: 9.4230e-3 s."""
+    cluster = _cluster()
+    topo = comm.group_topology(group_size=8, stride=1, gpus_per_node=8)
+    token_bytes = 4096 * 4096 * 2
+    got = dispatch_s(token_bytes=token_bytes, top_k=8, ep=8, imbalance=3.0, dispatcher="all-gather", topo=topo,
+                     cluster=cluster)
+    assert got == pytest.approx(4 * (7e-6 + 7 / 8 * 8 * token_bytes / 1e11))
+
+
+def test_dispatch_limit_cases():
+    """ep = 1: nothing to send; an unknown dispatcher is an error."""
+    topo = comm.group_topology(group_size=1, stride=1, gpus_per_node=8)
+    assert dispatch_s(token_bytes=1e9, top_k=2, ep=1, imbalance=1.1, dispatcher="all-to-all", topo=topo,
+                      cluster=_cluster()) == 0.0
+    with pytest.raises(ValueError, match="dispatcher"):
+        dispatch_s(token_bytes=1e9, top_k=2, ep=2, imbalance=1.1, dispatcher="ring", topo=topo, cluster=_cluster())
+
+
+def test_expert_gemms_grouped_and_one_by_one_worked_example():
+    """128 experts, GEMMs of m = 4096·8/128 = 256 rows per sequence, n = 768, k = 2048, on ep = 8 ranks, 1
+    sequence, no tp: 16 local experts, each on 256 x 8 = 2048 rows: 2·2048·768·2048 = 6.4425e9 FLOPs.
+    Efficiency at 6.44e9: 0.2 + 0.6·log10(6.44)/3 = 0.3618 -> one GEMM 1.7806e-5 s, 16 of them 2.849e-4 s.
+    Grouped: one GEMM of 1.0308e11 FLOPs, efficiency 0.2 + 0.6·log10(103.08)/3 = 0.6026 -> 1.7106e-4 s.
+    Both times the imbalance 1.1."""
+    cluster = _cluster()
+    gemm = GemmShape(m_per_sequence=256, n=768, k=2048, count=128, tp_split="none")
+    assert is_expert_gemm(gemm=gemm, num_experts=128)
+    kw = dict(gemm=gemm, num_experts=128, ep=8, tokens_split=1, seqs=1, imbalance=1.1, cluster=cluster)
+    flops = 2 * 2048 * 768 * 2048
+    eff = lambda f: 0.2 + 0.6 * (__import__("math").log10(f) - 9) / 3  # noqa: E731
+    assert expert_gemm_s(grouped=False, **kw) == pytest.approx(1.1 * 16 * flops / (1e15 * eff(flops)))
+    assert expert_gemm_s(grouped=True, **kw) == pytest.approx(1.1 * 16 * flops / (1e15 * eff(16 * flops)))
+    assert expert_gemm_s(grouped=True, **kw) < expert_gemm_s(grouped=False, **kw)
+
+
+def test_router_and_shared_gemms_are_not_expert_gemms():
+    """A GEMM recorded fewer times than there are experts (the router's, a shared expert's) is not one."""
+    assert not is_expert_gemm(gemm=GemmShape(m_per_sequence=4096, n=128, k=2048, count=1, tp_split="none"),
+                              num_experts=128)
+
+
+def test_routing_imbalance_is_an_input_of_the_estimate(moe_tiny_profile):
+    """Oracle: the layer formulas above. Doubling the imbalance slows the MoE layers (expert GEMMs and the
+    all-to-all) and nothing else; the estimate says the imbalance it used."""
+    cluster = ap.Cluster.preset("dgx-h100", gpus=8)
+    plan = ap.Plan(dp=8, ep=4, global_batch_size=64)
+    base = ap.estimate(moe_tiny_profile, cluster, plan)
+    skewed = ap.estimate(moe_tiny_profile.model_copy(update={"routing_imbalance": 2.2}), cluster, plan)
+    assert skewed.time_breakdown["ep_comm"] > base.time_breakdown["ep_comm"]
+    assert skewed.time_breakdown["compute"] > base.time_breakdown["compute"]
+    assert skewed.time_breakdown["tp_comm"] == base.time_breakdown["tp_comm"]
+    assert any("2.20x" in note for note in skewed.notes)
+
+
+def test_grouped_gemm_stack_speeds_up_fine_grained_experts():
+    """Oracle: expert_gemm_s; 128 experts of qwen3-30b-a3b, ep 8: a stack with grouped GEMMs computes faster."""
+    profile = ap.profile_model("qwen3-30b-a3b")
+    cluster = ap.Cluster.preset("dgx-h100", gpus=64)
+    plan = ap.Plan(dp=64, ep=8, zero_stage=1, global_batch_size=512)
+    grouped = ap.Stack.preset("torch").model_copy(update={"grouped_gemm": True})
+    one_by_one = ap.estimate(profile, cluster, plan).time_breakdown["compute"]
+    assert ap.estimate(profile, cluster, plan, stack=grouped).time_breakdown["compute"] < one_by_one

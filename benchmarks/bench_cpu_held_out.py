@@ -30,7 +30,7 @@ CLUSTER = RESULTS / "cpu_cluster_bench.json"
 FITTED = RESULTS / "cpu_cluster_bench_fitted_on_gpt-tiny.json"
 TINY_RUNS = RESULTS / "bench_gpt_tiny_cpu_profile_only" / "results.json"
 MODELS = {"gpt-bench": "bench_gpt_bench_cpu", "moe-bench": "bench_moe_bench_cpu"}
-TARGETS = {"step_time_mape": 0.15, "spearman": 0.9, "regret": 0.05}
+TARGETS = {"step_time_mape": 0.15, "spearman": 0.9, "regret": 0.95}  # regret: the pick's / the best's throughput
 
 
 def _autoplan(*args: str) -> None:
@@ -61,7 +61,7 @@ def noise_floor(model: str, plan: dict, *, repeats: int, steps: int) -> list[flo
 def _verdict(key: str, value: float | None) -> str:
     if value is None:
         return "-"
-    met = value >= TARGETS[key] if key == "spearman" else value <= TARGETS[key]
+    met = value <= TARGETS[key] if key == "step_time_mape" else value >= TARGETS[key]
     return f"{value:.3f} ({'met' if met else 'missed'})"
 
 
@@ -70,7 +70,7 @@ def report(noise: dict) -> str:
              f"Run {datetime.now(timezone.utc):%Y-%m-%d} by `python -m benchmarks.bench_cpu_held_out`. Cluster: "
              "`autoplan profile gpt-bench` on this machine, per-call overheads fitted on gpt-tiny's runs only "
              f"(`{FITTED.name}`); no run of the bench models was used to fit anything. Targets: step-time MAPE "
-             "<= 15%, Spearman >= 0.9, regret (the pick vs the best measured) <= 5%.", "",
+             "<= 15%, Spearman >= 0.9, regret (the pick's measured throughput / the best's) >= 0.95.", "",
              "| model | plans | ran | step-time MAPE | Spearman | regret | memory MAPE |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for model, name in MODELS.items():

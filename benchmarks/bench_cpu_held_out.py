@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -65,7 +66,7 @@ def _verdict(key: str, value: float | None) -> str:
     return f"{value:.3f} ({'met' if met else 'missed'})"
 
 
-def report(noise: dict) -> str:
+def report(noise: dict, load: dict | None = None) -> str:
     lines = ["# Held-out CPU bench: gpt-bench and moe-bench on 2 gloo ranks", "",
              f"Run {datetime.now(timezone.utc):%Y-%m-%d} by `python -m benchmarks.bench_cpu_held_out`. Cluster: "
              "`autoplan profile gpt-bench` on this machine, per-call overheads fitted on gpt-tiny's runs only "
@@ -84,6 +85,9 @@ def report(noise: dict) -> str:
         lines += ["", f"Noise floor: gpt-bench's fastest measured plan ({noise['plan_text']}) in {len(times)} more "
                       f"jobs: {', '.join(f'{t * 1e3:.0f} ms' for t in times)} (spread {spread:.1%}; the bench's own "
                       f"run measured {noise['bench_s'] * 1e3:.0f} ms)."]
+    if load:
+        lines += ["", f"Machine load (1-minute load average, 2 cores): {load['before']:.1f} when the bench started, "
+                      f"{load['after']:.1f} when it ended; above 2 other work shared the cores and the times carry it."]
     lines += ["", "Per-plan tables and plots: `bench_gpt_bench_cpu/report.md`, `bench_moe_bench_cpu/report.md`."]
     return "\n".join(lines) + "\n"
 
@@ -96,6 +100,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="noise floor: runs of the fastest plan")
     parser.add_argument("--reuse", action="store_true", help="keep the profile and the bench results there are")
     args = parser.parse_args()
+    load = {"before": os.getloadavg()[0]}
     if not (args.reuse and CLUSTER.exists()):
         _torchrun("profile", "gpt-bench", "--out", str(CLUSTER), "--force")
     _autoplan("calibrate", str(TINY_RUNS), "--cluster", str(CLUSTER), "--model", "gpt-tiny", "--out", str(FITTED),
@@ -116,9 +121,10 @@ def main() -> None:
 
         noise = {"plan": best["plan"], "plan_text": Plan(**best["plan"]).describe(), "times_s": times,
                  "bench_s": best["measured_step_time_s"], "spread": max(times) / min(times) - 1}
-    text = report(noise)
+    load["after"] = os.getloadavg()[0]
+    text = report(noise, load)
     (RESULTS / "bench_cpu_held_out.md").write_text(text)
-    (RESULTS / "bench_cpu_held_out.json").write_text(json.dumps({"noise": noise, "accuracy": {
+    (RESULTS / "bench_cpu_held_out.json").write_text(json.dumps({"noise": noise, "load": load, "accuracy": {
         model: json.loads((RESULTS / name / "results.json").read_text())["accuracy"] for model, name in MODELS.items()}},
         indent=1))
     print(text)

@@ -83,13 +83,21 @@ def memory_model(case: Case) -> str:
     return "executor" if case.stack.name.startswith("torch") else "paper"
 
 
+def active_params(profile: ap.ModelProfile) -> float:
+    """Parameters a token runs through: all of a dense model's; a MoE's routed experts count top_k/E."""
+    if not profile.num_experts:
+        return profile.total_params
+    experts = sum(layer.expert_params for layer in profile.layers)
+    return profile.total_params - experts * (1 - profile.top_k / profile.num_experts)
+
+
 def evaluate(items: list[Case], params: dict[str, float]) -> list[Row]:
     rows = []
     for case in items:
         profile = profile_case(case)
         est = ap.estimate(profile, fitted_cluster(case, params), case.plan, stack=case.stack, memory=memory_model(case))
         tokens = case.plan.global_batch_size * profile.seq_len
-        baseline = 6 * profile.total_params * tokens / (case.plan.gpus * case.cluster.peak_flops_per_s * BASELINE_MFU)
+        baseline = 6 * active_params(profile) * tokens / (case.plan.gpus * case.cluster.peak_flops_per_s * BASELINE_MFU)
         rows.append(Row(case, est.step_time_s, baseline, est.memory_per_gpu_bytes / 2**30, est.fits))
     return rows
 

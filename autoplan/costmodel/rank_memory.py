@@ -117,7 +117,8 @@ def layer_memory(*, layer: LayerProfile, tp: int, sequence_parallel: bool, cp: i
     scale = _split(layer, tp=tp, sequence_parallel=sequence_parallel) * micro_batch_size / cp
     weights = 1.0 if layer.kind == "embedding" else 1 / ep if layer.kind == "moe" else 1 / tp
     weight_temporaries = layer.backward_peak_weight_bytes * weights
-    if layer.kind == "embedding" and tp > 1:  # DTensor makes the whole-table gradient once, in bf16
+    if layer.kind == "embedding":  # the whole-table gradient comes once, in the parameters' dtype (the traced
+        # decomposition accumulates in fp32: twice that, which the dry run of deepseek-v3's first stage did not hold)
         weight_temporaries = min(weight_temporaries, layer.params * dtype_bytes)
     kept = executor_activation_bytes(recompute=recompute, recomputed_gemms=recomputed_gemms, dtype_bytes=dtype_bytes,
                                      **common)

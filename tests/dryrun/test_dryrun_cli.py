@@ -38,9 +38,9 @@ def test_dryrun_bad_input_is_one_line(plan_file, run_cli, argv, message):
 
 def test_dryrun_of_a_plan_the_executor_refuses_is_one_line(tmp_path, run_cli):
     path = tmp_path / "plan.json"
-    path.write_text(json.dumps({"dp": 2, "ep": 2, "zero_stage": 2, "global_batch_size": 4}))
+    path.write_text(json.dumps({"pp": 2, "dp": 2, "zero_stage": 3, "schedule": "zero-bubble", "global_batch_size": 8}))
     code, out, err = run_cli(["dryrun", "moe-tiny", "--plan", str(path)])
-    assert code == 2 and "ep > 1" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "zero-bubble schedule with ZeRO-3" in err and len(err.strip().splitlines()) == 1
 
 
 def test_search_verify_dry_runs_the_ranked_plans(run_cli):

@@ -27,6 +27,8 @@ PLANS = {
     "mixtral dp2": (MIXTRAL, Plan(dp=2, global_batch_size=GBS, micro_batch_size=MBS)),
     # transformers' experts sharded over the ep ranks (routed through autoplan's dispatch and combine)
     "mixtral dp2 ep2": (MIXTRAL, Plan(dp=2, ep=2, global_batch_size=GBS, micro_batch_size=MBS)),
+    # ... and with ZeRO-3: the stacked experts an FSDP unit over the ranks holding them
+    "mixtral dp2 ep2 zero3": (MIXTRAL, Plan(dp=2, ep=2, zero_stage=3, global_batch_size=GBS, micro_batch_size=MBS)),
     "qwen-moe dp2 ep2 zero1": (QWEN_MOE, Plan(dp=2, ep=2, zero_stage=1, global_batch_size=GBS, micro_batch_size=MBS)),
 }
 
@@ -51,8 +53,7 @@ def test_two_ranks_match_single_process(name, two_rank_losses, reference):
 
 
 @pytest.mark.parametrize("path, plan, words", [
-    (MIXTRAL, Plan(dp=2, ep=2, zero_stage=3, global_batch_size=GBS, micro_batch_size=MBS), "ep > 1"),
-    (MIXTRAL, Plan(tp=2, global_batch_size=GBS, micro_batch_size=MBS), "tp > 1 on a MoE"),
+    (MIXTRAL, Plan(tp=2, global_batch_size=GBS, micro_batch_size=MBS), "tp > 1 on a Hugging Face MoE"),
     (LLAMA, Plan(cp=2, global_batch_size=GBS, micro_batch_size=MBS), "cp > 1"),
 ])
 def test_what_the_executor_cannot_do_is_refused_in_one_line(path, plan, words):

@@ -102,8 +102,13 @@ def _publish(root: Path, tmp: Path, final: Path, meta: dict, keep: int) -> None:
     if final.exists() or final.is_symlink():
         raise InvalidInputError(f"checkpoint {final} appeared while {tmp} was written; left both as they are")
     tmp.rename(final)
+    for leftover in sorted(root.glob("step_*.pruned")):  # a pruning a kill interrupted
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover)
     for _, path in scan(root)[0][:-keep]:  # complete checkpoints only; nothing else is deleted
-        shutil.rmtree(path)
+        doomed = path.with_name(path.name + ".pruned")
+        path.rename(doomed)  # atomic: a kill during the deletion leaves no half-deleted step_<N> behind
+        shutil.rmtree(doomed)
 
 
 def latest_checkpoint(directory) -> Path | None:

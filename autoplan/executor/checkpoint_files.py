@@ -41,7 +41,7 @@ META_FILE = "meta.json"
 LOCK_FILE = ".autoplan.lock"
 META_KEYS = {"step", "plan", "model", "world_size", "seed", "lr", "files", "format_version"}
 _STEP_DIR = re.compile(r"step_(0|[1-9][0-9]*)")
-_TMP_DIR = re.compile(r"step_(0|[1-9][0-9]*)\.tmp")
+_TMP_DIR = re.compile(r"step_(0|[1-9][0-9]*)\.(tmp|pruned)")  # a save, or a pruning, in progress
 _HASH_CHUNK_BYTES = 2**24
 
 

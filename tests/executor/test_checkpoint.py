@@ -181,6 +181,21 @@ def test_only_the_last_k_are_kept_and_nothing_else_deleted(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "step_0", "step_3", "step_4", "step_9.tmp"]
 
 
+def test_a_pruning_cut_short_leaves_no_half_checkpoint(tmp_path):
+    """Oracle: a pruning renames step_<N> to step_<N>.pruned before deleting it, so a kill during the deletion
+    (seen under load: a step_<N> without its meta.json, refused by the resume) leaves no broken step_<N>; the
+    leftover is neither a checkpoint nor a stray, and the next save removes it."""
+    from autoplan.executor.checkpoint import latest_checkpoint, stray_entries
+
+    par, optimizer = _fresh(SINGLE)
+    save_checkpoint(tmp_path, par=par, optimizer=optimizer, step=1, model_name=MODEL, keep=2)
+    (tmp_path / "step_0.pruned").mkdir()  # what a kill in the middle of pruning step_0 leaves
+    (tmp_path / "step_0.pruned" / "shard").write_text("half deleted")
+    assert latest_checkpoint(tmp_path) == tmp_path / "step_1" and stray_entries(tmp_path) == []
+    save_checkpoint(tmp_path, par=par, optimizer=optimizer, step=2, model_name=MODEL, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_1", "step_2"]
+
+
 def test_a_checkpoint_is_never_overwritten(saved):
     """Oracle: the contract: a second save of step 1 is refused on the spot and step_1 keeps its bytes."""
     before = _listing(saved.parent)

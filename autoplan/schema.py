@@ -117,6 +117,9 @@ class LayerProfile(_Noun):
                                                            "batch (weight-gradient temporaries), per layer, not per sequence.")
     output_bytes: int = Field(description="Bytes of the layer's output per sequence (what crosses the layer boundary).")
     memory_bound_bytes: float = Field(0.0, description="Bytes read+written by non-GEMM ops in forward per sequence (costed at HBM bandwidth).")
+    streaming_bytes: float = Field(0.0, ge=0, description="The part of memory_bound_bytes moved by streaming ops (copies, "
+                                                         "indexing, add/mul: costmodel.compute.STREAMING_OPS), priced at "
+                                                         "Cluster.streaming_efficiency.")
     gemms: list[GemmShape] = Field(default_factory=list, description="The forward GEMMs (attention core excluded).")
     tp_collectives: int = Field(0, description="Collectives of the [b, s, h] activation per forward under tensor parallelism "
                                                "(one per row-parallel GEMM; one for embedding, head and MoE dispatch).")
@@ -203,6 +206,17 @@ class Cluster(_Noun):
     gemm_efficiency: list[EfficiencyPoint] = Field(min_length=1, description="Achieved fraction of peak against GEMM size; interpolated in log FLOPs.")
     attention_efficiency: float = Field(gt=0, le=1, description="Achieved fraction of peak in the attention core (flash attention fwd+bwd).")
     memory_bound_efficiency: float = Field(gt=0, le=1, description="Achieved fraction of HBM bandwidth in elementwise/normalisation kernels.")
+    streaming_efficiency: float | None = Field(None, gt=0, le=1, description="Achieved fraction of memory bandwidth in "
+                                                                          "memory-bound ops that copy, index or do one "
+                                                                          "add/mul per element (costmodel.compute."
+                                                                          "STREAMING_OPS); measured by `autoplan profile` "
+                                                                          "(an add). None: memory_bound_efficiency.")
+    optimizer_efficiency: float | None = Field(None, gt=0, le=8, description="Bandwidth the optimizer step reaches, as a "
+                                                                         "fraction of memory_bandwidth_bytes_per_s for the stack's "
+                                                                         "optimizer_step_bytes per parameter; measured by `autoplan "
+                                                                         "profile` on the executor's AdamW (above 1 where a CPU's "
+                                                                         "cache holds a chunk between its passes). None: "
+                                                                         "memory_bound_efficiency.")
     sustained_clock_fraction: float = Field(1.0, gt=0, le=1, description="Tensor-core throughput a training step sustains, as a fraction of "
                                                                          "what the isolated-kernel measurements behind gemm_efficiency and "
                                                                          "attention_efficiency reached (clocks under the power limit with every "
@@ -327,6 +341,12 @@ class Stack(_Noun):
                                   "rank gathers all tokens of its ep group; Megatron-LM's allgather dispatcher).")
     grouped_gemm: bool = Field(False, description="A rank's experts run as one grouped GEMM (Megatron-LM's "
                                                   "GroupedGEMM, MegaBlocks) instead of one GEMM per expert.")
+    dp_sync: Literal["overlapped", "autoplan"] = Field(
+        "overlapped", description="How ZeRO 0/1 synchronise over the replicas: 'overlapped' (Megatron-LM's bucketed "
+                                  "gradient reduction beside backward and parameter all-gather beside the next "
+                                  "forward); 'autoplan' (its executor: DDP's buckets beside backward only without "
+                                  "tp and pp, else one reduction after backward; ZeRO-1's bucketed all-gather "
+                                  "inside the optimizer step).")
     sources: dict[str, str] = Field(default_factory=dict, description="Where each number comes from.")
 
     @classmethod

@@ -53,3 +53,35 @@ def attention_core_time_s(*, flops: float, causal_fraction: float, cluster: Clus
 def memory_bound_time_s(*, bytes_moved: float, cluster: Cluster) -> float:
     """bytes / (HBM bandwidth · achieved fraction): roofline of a bandwidth-bound kernel (Williams et al. 2009)."""
     return bytes_moved / (cluster.memory_bandwidth_bytes_per_s * cluster.memory_bound_efficiency)
+
+
+# Memory-bound ops that move data or do one arithmetic op per element (copies, layout changes, indexing, add/mul):
+# bandwidth-bound everywhere. The rest (activations, normalisations, softmax, reductions) is bandwidth-bound
+# on a GPU too, but a CPU core computes their transcendentals slower than memory streams (gelu and layer_norm
+# at ~3.5 GB/s where a copy runs at ~17 GB/s on this project's VM). Names as aten's, without the overload.
+STREAMING_OPS = frozenset({
+    "copy_", "_to_copy", "clone", "contiguous", "_unsafe_view", "view_copy", "add", "add_", "sub", "sub_", "mul",
+    "mul_", "div", "div_", "neg", "cat", "stack", "index", "index_select", "index_copy", "index_copy_", "index_add",
+    "index_add_", "index_put", "index_put_", "gather", "scatter", "scatter_", "scatter_add", "scatter_add_",
+    "embedding", "embedding_dense_backward", "fill_", "zero_", "zeros", "zeros_like", "ones_like", "full",
+    "new_zeros", "where", "masked_fill", "masked_fill_", "repeat", "repeat_interleave", "slice_backward",
+    "select_backward", "constant_pad_nd", "roll", "flip", "empty_like"})
+
+
+def is_streaming_op(op: str) -> bool:
+    """Whether an op named as str(aten op) ("aten.mul.Tensor") is a streaming one (STREAMING_OPS)."""
+    parts = op.split(".")
+    return len(parts) >= 2 and parts[1] in STREAMING_OPS
+
+
+def streaming_time_s(*, bytes_moved: float, cluster: Cluster) -> float:
+    """bytes / (bandwidth · Cluster.streaming_efficiency where measured, else memory_bound_efficiency)."""
+    efficiency = cluster.streaming_efficiency or cluster.memory_bound_efficiency
+    return bytes_moved / (cluster.memory_bandwidth_bytes_per_s * efficiency)
+
+
+def optimizer_time_s(*, bytes_moved: float, cluster: Cluster) -> float:
+    """bytes / (HBM bandwidth · the optimizer step's achieved fraction, Cluster.optimizer_efficiency where
+    measured, else the element-wise kernels' memory_bound_efficiency)."""
+    efficiency = cluster.optimizer_efficiency or cluster.memory_bound_efficiency
+    return bytes_moved / (cluster.memory_bandwidth_bytes_per_s * efficiency)

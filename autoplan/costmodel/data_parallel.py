@@ -3,12 +3,13 @@ what of it the step sees (costmodel.estimate assembles them with the pipeline)."
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from autoplan.costmodel import comm
-from autoplan.costmodel.compute import memory_bound_time_s
+from autoplan.costmodel.compute import optimizer_time_s
 from autoplan.costmodel.layers import DEFAULT_STACK
-from autoplan.costmodel.memory import GRAD_BYTES, PARAM_BYTES
+from autoplan.costmodel.memory import GRAD_BYTES, PARAM_BYTES, ZERO1_GATHER_BUCKET_ELEMENTS
 from autoplan.costmodel.offload import fsdp_offload_copies_s, offloaded_step_s
 from autoplan.schema import Cluster, Plan, Stack
 
@@ -31,6 +32,8 @@ def dp_sync_s(rank: RankCost, cluster: Cluster, plan: Plan, stack: Stack | None 
     at hundreds of ranks is (n-1)·α (comm.group_all_gather_s). Under a pipeline, one gather and one
     reduce-scatter per step. Dense parameters sync over dp*cp
     (stride tp); experts over the expert-data-parallel ranks dp*cp*tp/ep (stride ep).
+    A stack with dp_sync "autoplan" (the executor's) overlaps ZeRO 0/1's reduction with backward only
+    without tp and pp, and exposes ZeRO-1's all-gathers, one per bucket, inside the optimizer step.
     """
     stack = stack or DEFAULT_STACK
     train = _trainable(rank)  # frozen parameters send no gradients (nor, under ZeRO 1/2, updated weights)
@@ -41,7 +44,7 @@ def dp_sync_s(rank: RankCost, cluster: Cluster, plan: Plan, stack: Stack | None 
     # FSDP reshards gradients after every micro-batch's backward (autoplan's executor: no no_sync for
     # ZeRO-2), each reduce-scatter beside that micro-batch's backward; under a pipeline once per step
     reduces = m if plan.zero_stage == 2 and plan.pp == 1 else 1
-    reduce_s = gather_s = 0.0
+    reduce_s = gather_s = bucket_gathers_s = 0.0
     for params, size, stride in groups:
         if size <= 1 or params <= 0:
             continue
@@ -58,6 +61,9 @@ def dp_sync_s(rank: RankCost, cluster: Cluster, plan: Plan, stack: Stack | None 
             reduce_s += units * reduces * comm.group_reduce_scatter_s(message_bytes=grads, topo=topo, cluster=cluster)
         if plan.zero_stage >= 1 and weights > 0:
             gather_s += units * comm.group_all_gather_s(message_bytes=weights, topo=topo, cluster=cluster)
+            buckets = max(1, math.ceil(weights / PARAM_BYTES / ZERO1_GATHER_BUCKET_ELEMENTS))
+            bucket_gathers_s += buckets * comm.group_all_gather_s(message_bytes=weights / buckets, topo=topo,
+                                                                  cluster=cluster)
     fwd_s, bwd_s = rank.layers.fwd_compute_s, rank.layers.bwd_compute_s + rank.layers.recompute_s
     if plan.offload == "params":  # FSDP2's CPUOffloadPolicy: the shard up before each gather, down after each reduce
         shard = rank.layers.dense_params / (plan.dp * plan.cp) + rank.layers.expert_params / (plan.dp * plan.cp)
@@ -74,6 +80,13 @@ def dp_sync_s(rank: RankCost, cluster: Cluster, plan: Plan, stack: Stack | None 
         per_micro = 2 * gather_s + reduce_s
         edges = (gather_s + reduce_s) / units  # the first gather and the last reduce-scatter
         return m * (overlapped_s(comm_s=per_micro, compute_s=fwd_s + bwd_s, cluster=cluster) + edges), m * per_micro
+    if stack.dp_sync == "autoplan" and plan.zero_stage <= 1:
+        # autoplan's executor: DDP's buckets reduce beside backward only without tp and pp (else one all-reduce
+        # after the last backward, executor.data_parallel.averages_by_hand); ZeRO-1 gathers its updated chunks
+        # inside the optimizer step, one all-gather per bucket of ZERO1_GATHER_BUCKET_ELEMENTS (executor.zero_one)
+        hidden = plan.tp == 1 and plan.pp == 1
+        reduce_exposed = overlapped_s(comm_s=reduce_s, compute_s=bwd_s, cluster=cluster) if hidden else reduce_s
+        return reduce_exposed + bucket_gathers_s, reduce_s + bucket_gathers_s
     exposed = (overlapped_s(comm_s=reduce_s, compute_s=reduces * bwd_s, cluster=cluster)
                + overlapped_s(comm_s=gather_s, compute_s=fwd_s, cluster=cluster))
     return exposed, reduce_s + gather_s
@@ -99,7 +112,7 @@ def optimizer_step_s(rank: RankCost, cluster: Cluster, plan: Plan, stack: Stack 
     shard = (dense + expert) * _trainable(rank)  # frozen parameters are not stepped
     if plan.offload != "none":  # on the CPU, with the host-link copies (costmodel.offload)
         return offloaded_step_s(shard_params=shard, plan=plan, cluster=cluster)
-    return memory_bound_time_s(bytes_moved=shard * bytes_per_param, cluster=cluster)
+    return optimizer_time_s(bytes_moved=shard * bytes_per_param, cluster=cluster)
 
 
 def _trainable(rank: RankCost) -> float:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from autoplan.costmodel import comm
 from autoplan.costmodel.compute import (ATTENTION_BWD_FACTOR, CAUSAL_ATTENTION_WORK_FRACTION, GEMM_BWD_FACTOR,
                                         MEMORY_BOUND_BWD_FACTOR, attention_core_time_s, gemm_time_s,
-                                        memory_bound_time_s)
+                                        memory_bound_time_s, streaming_time_s)
 from autoplan.costmodel.experts import dispatch_s, expert_gemm_s, is_expert_gemm
 from autoplan.costmodel.memory import layer_activation_bytes, local_params
 from autoplan.schema import Cluster, GemmShape, LayerProfile, ModelProfile, Plan, Stack
@@ -172,8 +172,11 @@ def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, 
                                        cluster=cluster) / (clock * stack.attention_speedup)
     sharded_fraction = layer.activation_tp_sharded_bytes / layer.activation_bytes if layer.activation_bytes else 0.0
     mem_split = tp if sp or moe else 1 / (sharded_fraction / tp + (1 - sharded_fraction))
-    mem_fwd_s = memory_bound_time_s(bytes_moved=(layer.memory_bound_bytes * seqs / mem_split + cast_bytes)
-                                    * stack.memory_bound_traffic, cluster=cluster)
+    streaming = min(layer.streaming_bytes, layer.memory_bound_bytes)  # copies, indexing, add/mul: at their own rate
+    mem_fwd_s = (memory_bound_time_s(bytes_moved=((layer.memory_bound_bytes - streaming) * seqs / mem_split + cast_bytes)
+                                     * stack.memory_bound_traffic, cluster=cluster)
+                 + streaming_time_s(bytes_moved=streaming * seqs / mem_split * stack.memory_bound_traffic,
+                                    cluster=cluster))
     # a fixed cost per layer call on top (dispatch, launches): 0 in presets, fitted on measured machines
     cost.fwd_compute_s = gemm_s + attn_fwd_s + mem_fwd_s + cluster.layer_overhead_fwd_s
     cost.bwd_compute_s = (GEMM_BWD_FACTOR * gemm_s + ATTENTION_BWD_FACTOR * attn_fwd_s

@@ -13,6 +13,9 @@ OPTIMIZER_BYTES = 12
 # Adam's step reads and writes, per parameter of its shard: fp32 master (4 + 4), momentum (4 + 4),
 # variance (4 + 4), reads the bf16 gradient (2) and writes the bf16 parameter (2) = 28 bytes.
 ADAM_STEP_BYTES = 28
+# ZeRO-1 (executor.zero_one): the updated chunks of tensors smaller than this are all-gathered together, one
+# collective per bucket of at most this many elements (and at most the largest tensor's)
+ZERO1_GATHER_BUCKET_ELEMENTS = 2**22
 
 
 def model_state_bytes(*, params: float, zero_stage: int, shard_degree: int) -> tuple[float, float, float]:

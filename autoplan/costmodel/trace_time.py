@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from autoplan.costmodel import comm
 from autoplan.costmodel.compute import CAUSAL_ATTENTION_WORK_FRACTION, attention_core_time_s, gemm_time_s, \
-    memory_bound_time_s
+    is_streaming_op, memory_bound_time_s, optimizer_time_s, streaming_time_s
 from autoplan.costmodel.pipeline import pipeline_step_s
 from autoplan.schema import Cluster, Plan
 
@@ -80,7 +80,8 @@ class TraceEvent:
 def op_time_s(event: TraceEvent, cluster: Cluster) -> float:
     """Seconds one op takes on its stream, by the estimate's formulas: gemm_time_s(flops) for a GEMM,
     attention_core_time_s(flops, causal fraction) for a fused attention, memory_bound_time_s(bytes) for
-    the rest (GEMM and attention at the cluster's sustained clock); a collective by costmodel.comm on its group's placement (a broadcast priced as an
+    the rest (streaming_time_s for copies,
+    indexing and add/mul; optimizer_time_s inside the optimizer step) (GEMM and attention at the cluster's sustained clock); a collective by costmodel.comm on its group's placement (a broadcast priced as an
     all-gather of the same bytes, the ring's M/B; a send or receive alpha + M/B on its link)."""
     clock = cluster.sustained_clock_fraction  # tensor-core work at the sustained clock, as the estimate prices it
     if event.kind == "gemm":
@@ -88,6 +89,10 @@ def op_time_s(event: TraceEvent, cluster: Cluster) -> float:
     if event.kind == "attention":
         causal = CAUSAL_ATTENTION_WORK_FRACTION if event.causal else 1.0
         return attention_core_time_s(flops=event.flops, causal_fraction=causal, cluster=cluster) / clock
+    if event.kind == "memory" and event.phase == "optimizer":
+        return optimizer_time_s(bytes_moved=event.bytes_moved, cluster=cluster)
+    if event.kind == "memory" and is_streaming_op(event.op):
+        return streaming_time_s(bytes_moved=event.bytes_moved, cluster=cluster)
     if event.kind == "memory":
         return memory_bound_time_s(bytes_moved=event.bytes_moved, cluster=cluster)
     if not event.is_collective or event.group_size <= 1:

@@ -7,7 +7,11 @@ weights (with low-precision parameters) and both moments of chunk r only, 12 byt
 paper's division. A step, after the gradients have been averaged over the group (DDP, or by hand):
 
 1. each rank updates its chunk of every parameter from its chunk of the (full) gradient;
-2. the updated chunks are all-gathered back into every rank's parameter (one all-gather per tensor).
+2. the updated chunks are all-gathered back into every rank's parameter: tensors smaller than a bucket
+   (GATHER_BUCKET_ELEMENTS, at most the group's largest tensor) go together, one all-gather per bucket, as
+   Megatron-LM's distributed optimizer gathers its buckets; a larger tensor gathers alone, in place. The
+   gathers run inside the optimizer step (not overlapped with the next forward: costmodel.data_parallel
+   prices them so for the "torch" stack).
 
 This replaces torch's ZeroRedundancyOptimizer, which hands whole tensors to ranks: with dp = 64 on
 llama3-8b its rank 0 kept the 525M-element embedding's states, 4x the even share (the dry run measured it;
@@ -21,6 +25,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from autoplan.costmodel.memory import ZERO1_GATHER_BUCKET_ELEMENTS as GATHER_BUCKET_ELEMENTS
 from autoplan.executor.precision import HOST, MasterWeightAdamW, _local, adamw_update, local_grad
 
 # torch 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single
@@ -97,22 +102,66 @@ class ZeroOneAdamW(MasterWeightAdamW):
                     else:
                         mine[key] = new
 
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Update this rank's chunk of every parameter, then gather every rank's chunks, bucket by bucket."""
+        self._updated: list[torch.Tensor] = []
+        loss = super().step(closure)
+        for process_group, params in self._by_group(self._updated):
+            for bucket in _buckets(params, [self.chunk(p)[2] for p in params], size=dist.get_world_size(process_group)):
+                self._gather(bucket, process_group)
+        self._updated = []
+        return loss
+
     def _after_update(self, param: torch.Tensor) -> None:
-        """Every rank's updated chunk into every rank's copy of `param` (the replicas step the same parameters)."""
-        process_group = self._groups[id(param)]
+        self._updated.append(param)
+
+    def _by_group(self, params: list[torch.Tensor]) -> list[tuple[dist.ProcessGroup, list[torch.Tensor]]]:
+        """params by (process group of 2+ ranks, dtype, device), in order."""
+        groups: dict[tuple, tuple[dist.ProcessGroup, list[torch.Tensor]]] = {}
+        for param in params:
+            process_group, local = self._groups[id(param)], _local(param)
+            if dist.get_world_size(process_group) > 1:
+                key = (id(process_group), local.dtype, local.device)
+                groups.setdefault(key, (process_group, []))[1].append(param)
+        return list(groups.values())
+
+    def _gather(self, bucket: list[torch.Tensor], process_group: dist.ProcessGroup) -> None:
+        """Every rank's updated chunks of `bucket`'s tensors into every rank's copies: one all-gather."""
         size = dist.get_world_size(process_group)
-        if size == 1:
+        flats = [_local(p).view(-1) for p in bucket]
+        chunks = [self.chunk(p) for p in bucket]
+        if len(bucket) == 1 and flats[0].numel() == size * chunks[0][2]:  # one tensor cut evenly: in place
+            start, stop, length = chunks[0]
+            _all_gather(flats[0], flats[0][start:stop].clone(), group=process_group)
             return
-        start, stop, length = self.chunk(param)
-        flat = _local(param).view(-1)
-        piece = flat.new_zeros(length)
-        piece[:stop - start] = flat[start:stop]
-        if flat.numel() == size * length:
-            _all_gather(flat, piece, group=process_group)
-        else:  # the last chunks are short: gather into a padded buffer
-            whole = flat.new_empty(size * length)
-            _all_gather(whole, piece, group=process_group)
-            flat.copy_(whole[:flat.numel()])
+        total = sum(length for _, _, length in chunks)
+        piece = flats[0].new_zeros(total)
+        offset = 0
+        for flat, (start, stop, length) in zip(flats, chunks):
+            piece[offset:offset + stop - start] = flat[start:stop]
+            offset += length
+        whole = flats[0].new_empty(size * total)
+        _all_gather(whole, piece, group=process_group)
+        rows, offset = whole.view(size, total), 0
+        for flat, (_, _, length) in zip(flats, chunks):
+            flat.copy_(rows[:, offset:offset + length].reshape(-1)[:flat.numel()])
+            offset += length
+
+
+def _buckets(params: list[torch.Tensor], lengths: list[int], *, size: int) -> list[list[torch.Tensor]]:
+    """Consecutive params whose gathered chunks (size x chunk length) fill at most a bucket of
+    min(GATHER_BUCKET_ELEMENTS, the largest tensor's) elements; a larger tensor makes a bucket alone."""
+    capacity = min(GATHER_BUCKET_ELEMENTS, max(size * length for length in lengths))
+    buckets: list[list[torch.Tensor]] = []
+    filled = capacity
+    for param, length in zip(params, lengths):
+        if filled + size * length > capacity:
+            buckets.append([])
+            filled = 0
+        buckets[-1].append(param)
+        filled += size * length
+    return buckets
 
 
 def _chunk(numel: int, group: dist.ProcessGroup) -> tuple[int, int, int]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from autoplan.errors import InvalidInputError
-from autoplan.schema import Cluster, EfficiencyPoint, Link
+from autoplan.schema import Cluster, EfficiencyPoint, Link, Stack
 
 # (substring of torch.cuda.get_device_name, dense bf16 FLOP/s, source); most specific first.
 PEAK_FLOPS_PER_S = (
@@ -218,6 +218,18 @@ def _memory(measurements: dict, *, base: Cluster | None, where: str) -> tuple[fl
     return bandwidth, efficiency, sources
 
 
+def _streaming(measurements: dict, *, bandwidth: float, where: str) -> tuple[float | None, str]:
+    """Cluster.streaming_efficiency: the add's bytes moved per second over the copy bandwidth (same buffer)."""
+    rows = measurements.get("bandwidth") or []
+    copies = [p for p in rows if p["op"] == "copy"]
+    size = max(p["bytes"] for p in copies) if copies else None
+    adds = [p["achieved_bytes_per_s"] for p in rows if p["op"] == "add" and p["bytes"] == size]
+    if not adds:
+        return None, "not measured: memory_bound_efficiency prices streaming ops"
+    return min(1.0, max(MIN_EFFICIENCY, float(np.median(adds)) / bandwidth)), (
+        f"{where}; an add's bytes moved per second (read 2, write 1 buffers) over the copy bandwidth, same buffer")
+
+
 def _attention(measurements: dict, *, peak: float, base: Cluster | None, where: str) -> tuple[float, str]:
     rows = measurements.get("attention") or []
     if rows:
@@ -230,6 +242,20 @@ def _attention(measurements: dict, *, peak: float, base: Cluster | None, where: 
     if base is not None:
         return base.attention_efficiency, f"not measured: from {base.name}"
     return DEFAULT_ATTENTION_EFFICIENCY, "not measured: default (FlashAttention-2 class, as the dgx presets)"
+
+
+def _optimizer(measurements: dict, *, bandwidth: float, where: str) -> tuple[float | None, str]:
+    """Cluster.optimizer_efficiency: the executor's stack's optimizer bytes per parameter (Stack "torch") over
+    the measured seconds per parameter and the copy bandwidth; None where the step was not measured."""
+    rows = measurements.get("optimizer") or []
+    if not rows:
+        return None, "not measured: memory_bound_efficiency prices the optimizer step"
+    row = rows[0]
+    step_bytes = Stack.preset("torch").optimizer_step_bytes
+    efficiency = step_bytes * row["params"] / (row["median_s"] * bandwidth)
+    return min(8.0, max(MIN_EFFICIENCY, efficiency)), (
+        f"{where}; the executor's {row['optimizer']} step over {row['params']} {row['dtype']} parameters: "
+        f"{step_bytes:g} bytes per parameter (Stack 'torch') / (time x copy bandwidth)")
 
 
 def _reserve(device: dict) -> tuple[int, str]:
@@ -258,6 +284,8 @@ def calibrated_cluster(*, name: str, measurements: dict, gpus_per_node: int, num
     intra, inter, link_sources = _links(measurements, base=base, bandwidth_bytes_per_s=bandwidth, where=where)
     attention, sources["attention_efficiency"] = _attention(measurements, peak=peak, base=base, where=where)
     reserve, sources["memory_reserve_bytes"] = _reserve(device)
+    optimizer, sources["optimizer_efficiency"] = _optimizer(measurements, bandwidth=bandwidth, where=where)
+    streaming, sources["streaming_efficiency"] = _streaming(measurements, bandwidth=bandwidth, where=where)
     memory = memory_bytes or device.get("memory_bytes") or (base.memory_bytes if base else None)
     if not memory:
         raise InvalidInputError("memory_bytes: not measured and not given")
@@ -279,7 +307,8 @@ def calibrated_cluster(*, name: str, measurements: dict, gpus_per_node: int, num
     cluster = Cluster(name=name, gpu=device.get("name", "unknown"), num_gpus=num_gpus, gpus_per_node=gpus_per_node,
                       peak_flops_per_s=peak, memory_bytes=int(memory), memory_bandwidth_bytes_per_s=bandwidth,
                       memory_reserve_bytes=reserve, intra_node=intra, inter_node=inter, gemm_efficiency=curve,
-                      attention_efficiency=attention, memory_bound_efficiency=memory_bound, sources=sources,
+                      attention_efficiency=attention, memory_bound_efficiency=memory_bound,
+                      optimizer_efficiency=optimizer, streaming_efficiency=streaming, sources=sources,
                       measurements=measurements)
     host = measurements.get("host_blocks") or {}
     if all(isinstance(host.get(mode), (int, float)) for mode in ("none", "selective", "full")):

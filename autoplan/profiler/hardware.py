@@ -8,6 +8,7 @@ VM, so fp32 is what a CPU job trains in). What is measured:
 - memory bandwidth: copy and add of a buffer larger than the last-level cache, plus gelu and layer_norm
   (the elementwise/normalisation kernels the cost model prices at "memory-bound efficiency");
 - attention: F.scaled_dot_product_attention, causal, forward + backward;
+- the optimizer step the executor runs (AdamW) over a few million parameters;
 - collectives (under a process group): all_reduce, all_gather, reduce_scatter, all_to_all and a send/recv
   ping-pong, on the world group and, across several nodes, on intra-node and cross-node groups;
 
@@ -89,6 +90,29 @@ def measure_memory_bandwidth(*, dtype: torch.dtype, sizes_bytes: Sequence[int], 
             progress(f"memory {op} {buffer_bytes / 2**20:.0f} MiB")
         del x, y, z, rows
     return entries
+
+
+def measure_optimizer(*, dtype: torch.dtype, numel: int, repeats: int, device: torch.device | str,
+                      progress: Progress = no_progress) -> list[dict]:
+    """Seconds of one optimizer step of the executor (executor.data_parallel.build_optimizer: AdamW, with fp32
+    master weights for low-precision parameters) over `numel` parameters of `dtype` in 8 tensors, gradients set.
+    The cost model prices the step as bytes per parameter over the memory bandwidth; this is what it reaches."""
+    from torch import nn
+
+    from autoplan.executor.data_parallel import build_optimizer
+
+    device = torch.device(device)
+    params = nn.ParameterList(nn.Parameter(torch.randn(numel // 8, dtype=dtype, device=device)) for _ in range(8))
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer = build_optimizer(params, zero_stage=0, dp_mesh=None, lr=1e-4, weight_decay=0.1,
+                                master_weights=dtype in (torch.bfloat16, torch.float16))
+    samples, inner = time_s(optimizer.step, device=device, repeats=repeats)
+    progress(f"optimizer step {numel / 1e6:.0f}M parameters")
+    entry = {"params": 8 * (numel // 8), "dtype": str(dtype).removeprefix("torch."), "inner": inner,
+             "optimizer": type(optimizer).__name__, **stats(samples)}
+    del optimizer, params
+    return [entry]
 
 
 def measure_attention(*, dtype: torch.dtype, shapes: Sequence[tuple[int, int, int, int]], repeats: int,

@@ -19,9 +19,14 @@ import torch.distributed as dist
 from autoplan.profiler.blocks import measure_layers
 from autoplan.profiler.calibrate import calibrated_cluster, default_base
 from autoplan.profiler.hardware import (COLLECTIVE_OPS, comm_groups, gemm_shapes, measure_attention, measure_collectives,
-                                        measure_gemm_curve, measure_memory_bandwidth)
+                                        measure_gemm_curve, measure_memory_bandwidth, measure_optimizer)
 from autoplan.profiler.timing import Progress, distributed, no_progress
 from autoplan.schema import Cluster, Link
+
+
+# parameters of the timed optimizer step: fp32 states well beyond a last-level cache (CPU: 4M, 64 MiB of
+# states; GPU: 64M, 1 GiB of bf16 parameters and 3 GiB of fp32 states)
+OPTIMIZER_PARAMS = {"cpu": 2**22, "cuda": 2**26}
 
 
 @dataclass(frozen=True)
@@ -120,7 +125,7 @@ def measure_all(settings: ProfileSettings, *, device: torch.device, model: str |
     notes, rank = [], dist.get_rank() if distributed() else 0
     rss_bytes = resident_bytes()
     groups = comm_groups() if distributed() else []
-    total = (len(settings.gemm_shapes) + 4 * len(settings.memory_sizes_bytes) + len(settings.attention_shapes)
+    total = (len(settings.gemm_shapes) + 4 * len(settings.memory_sizes_bytes) + len(settings.attention_shapes) + 1
              + sum(len(COLLECTIVE_OPS) for _ in groups) * len(settings.collective_sizes_bytes)
              + (len(settings.layer_micro_batch_sizes) if model else 0))
     common = dict(dtype=settings.dtype, repeats=settings.repeats, device=device)
@@ -128,6 +133,7 @@ def measure_all(settings: ProfileSettings, *, device: torch.device, model: str |
         gemm = measure_gemm_curve(sizes=settings.gemm_shapes, progress=progress, **common)
         bandwidth = measure_memory_bandwidth(sizes_bytes=settings.memory_sizes_bytes, progress=progress, **common)
         attention = measure_attention(shapes=settings.attention_shapes, progress=progress, **common)
+        optimizer = measure_optimizer(numel=OPTIMIZER_PARAMS[device.type], progress=progress, **common)
         collectives = []
         if groups:
             collectives = measure_collectives(sizes=settings.collective_sizes_bytes, repeats=settings.repeats,
@@ -144,7 +150,8 @@ def measure_all(settings: ProfileSettings, *, device: torch.device, model: str |
             "torch": torch.__version__, "device": info, "dtype": str(settings.dtype).removeprefix("torch."),
             "repeats": settings.repeats, "world_size": dist.get_world_size() if distributed() else 1,
             "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", "1")), "gemm": gemm, "bandwidth": bandwidth,
-            "attention": attention, "collectives": collectives, "layers": layers, "host_blocks": host, "notes": notes}
+            "attention": attention, "optimizer": optimizer, "collectives": collectives, "layers": layers,
+            "host_blocks": host, "notes": notes}
 
 
 class _progress_bar:

@@ -27,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
+from autoplan.costmodel.compute import is_streaming_op
 from autoplan.kernels import gpu_kernels
 from autoplan.selective import GEMM_OPS, kept_by_selective
 
@@ -86,6 +87,7 @@ class TraceResult:
     backward_peak_bytes: int = 0             # most live bytes in backward beyond the saved ones at its start
     backward_peak_weight_bytes: int = 0      # the part of it that does not grow with the batch (weight gradients)
     memory_bound_bytes: float = 0.0
+    streaming_bytes: float = 0.0             # the part of it moved by streaming ops (costmodel.compute.STREAMING_OPS)
     gemms: list[GemmRecord] = field(default_factory=list)
     linear_splits: dict[str, str] = field(default_factory=dict)  # Linear name -> n/k/none
 
@@ -170,7 +172,10 @@ class _Tracer(TorchDispatchMode):
             b, heads, s_q, d = q.shape
             self.result.attention_core_fwd_flops += 2.0 * b * heads * s_q * key.shape[-2] * (d + value.shape[-1])
         elif not func.is_view:
-            self.result.memory_bound_bytes += sum(t.numel() * t.element_size() for t in inputs + outputs)
+            moved = sum(t.numel() * t.element_size() for t in inputs + outputs)
+            self.result.memory_bound_bytes += moved
+            if is_streaming_op(str(func)):
+                self.result.streaming_bytes += moved
 
 
 class LiveBytes:

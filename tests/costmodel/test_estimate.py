@@ -140,3 +140,27 @@ def test_memory_does_not_fit_is_reported():
     est = _est(ap.profile_model("llama3-70b"), global_batch_size=1)
     assert not est.fits
     assert est.memory_per_gpu_bytes > 16 * 70e9
+
+
+def test_streaming_bytes_and_the_optimizer_at_their_measured_rates():
+    """Oracle: by hand from the layer's bytes. Measuring streaming_efficiency and optimizer_efficiency on a cluster
+    changes a MoE layer's forward by exactly its streaming bytes' time at the two rates, and the optimizer step by
+    the ratio of the efficiencies; unmeasured (the presets) nothing moves."""
+    from autoplan.costmodel.layers import layer_cost
+
+    profile = ap.profile_model("moe-tiny")
+    layer = next(layer for layer in profile.layers if layer.kind == "moe")
+    base = ap.Cluster.preset("dgx-h100", gpus=8).model_copy(update={"memory_bound_efficiency": 0.2})
+    measured = base.model_copy(update={"streaming_efficiency": 1.0, "optimizer_efficiency": 0.8})
+    plan = ap.Plan(dp=8, micro_batch_size=2, global_batch_size=16)
+
+    def forward(cluster):
+        return layer_cost(layer=layer, profile=profile, cluster=cluster, plan=plan, recompute="none",
+                          block_first=False).fwd_compute_s
+
+    streaming_bytes = layer.streaming_bytes * plan.micro_batch_size
+    expected = streaming_bytes / base.memory_bandwidth_bytes_per_s * (1 / 0.2 - 1 / 1.0)
+    assert forward(base) - forward(measured) == pytest.approx(expected, rel=1e-9)
+    step = {c.name + str(c.optimizer_efficiency): ap.estimate(profile, c, plan).time_breakdown["optimizer"]
+            for c in (base, measured)}
+    assert step["dgx-h100None"] / step["dgx-h1000.8"] == pytest.approx(0.8 / 0.2)

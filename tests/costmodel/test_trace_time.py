@@ -111,3 +111,22 @@ def test_pipeline_stages_go_through_the_pipeline_formula():
     assert step_s == pytest.approx(expected.total_s)
     assert breakdown["pp_bubble"] == pytest.approx(expected.bubble_s)
     assert sum(breakdown.values()) == pytest.approx(step_s)
+
+
+def test_streaming_and_optimizer_ops_at_their_measured_rates():
+    """Oracle: bytes / (bandwidth x efficiency) by hand. An add (a streaming op) at streaming_efficiency, a gelu at
+    memory_bound_efficiency, an op inside the optimizer step at optimizer_efficiency; unmeasured (None), all three
+    fall back to memory_bound_efficiency (the presets)."""
+    measured = CLUSTER.model_copy(update={"streaming_efficiency": 0.9, "optimizer_efficiency": 1.5,
+                                          "memory_bound_efficiency": 0.2})
+    bandwidth = measured.memory_bandwidth_bytes_per_s
+
+    def memory(op, phase="forward"):
+        return TraceEvent(index=0, kind="memory", op=op, phase=phase, bytes_moved=3e9)
+
+    assert op_time_s(memory("aten.add.Tensor"), measured) == pytest.approx(3e9 / (bandwidth * 0.9))
+    assert op_time_s(memory("aten.index_copy.default"), measured) == pytest.approx(3e9 / (bandwidth * 0.9))
+    assert op_time_s(memory("aten.gelu.default"), measured) == pytest.approx(3e9 / (bandwidth * 0.2))
+    assert op_time_s(memory("aten.addcdiv_.default", "optimizer"), measured) == pytest.approx(3e9 / (bandwidth * 1.5))
+    for op in ("aten.add.Tensor", "aten.gelu.default"):
+        assert op_time_s(memory(op), CLUSTER) == memory_bound_time_s(bytes_moved=3e9, cluster=CLUSTER)

@@ -44,3 +44,13 @@ def test_states_are_split_evenly(ranks):
         sizes = [ranks[rank][str(torch.float32)][1][index] for rank in range(WORLD)]
         assert sum(sizes) == n
         assert max(sizes) == -(-n // WORLD)
+
+
+def test_buckets_hold_at_most_the_largest_tensor_and_keep_order():
+    """Oracle: by hand. Chunk lengths (3 ranks) 2, 2, 10, 1, 1: capacity min(2^22, 3 x 10) = 30 elements; the first
+    two (12) fill a bucket until the 30-element tensor, which makes its own; the last two share one."""
+    from autoplan.executor.zero_one import _buckets
+
+    names = ["a", "b", "big", "c", "d"]
+    assert _buckets(names, [2, 2, 10, 1, 1], size=3) == [["a", "b"], ["big"], ["c", "d"]]
+    assert _buckets(["x"], [5], size=2) == [["x"]]

@@ -296,3 +296,31 @@ def test_overheads_fitted_from_measured_runs_recover_the_truth():
     with_overheads = ap.estimate(profile, fit.cluster, plans[0], check=False)
     assert with_overheads.time_breakdown["overhead"] == pytest.approx(
         sum(s * call_counts(profile, plans[0])[n] for n, s in truth.items()))
+
+
+def test_optimizer_and_streaming_efficiencies_from_their_measurements():
+    """Oracle: the definitions by hand. The executor's AdamW over 2^20 parameters in 1 ms on a 3 TB/s copy:
+    98 bytes (Stack 'torch') x 2^20 / (1e-3 s x 3e12 B/s); an add at 2.7 TB/s: 0.9. Without those rows both are
+    None (the optimizer and streaming ops then price at memory_bound_efficiency) and the sources say so."""
+    measurements = synthetic_measurements()
+    measurements["bandwidth"].append({"op": "add", "bytes": 2**30, "achieved_bytes_per_s": 2.7e12})
+    measurements["optimizer"] = [{"params": 2**20, "median_s": 1e-3, "optimizer": "MasterWeightAdamW",
+                                  "dtype": "bfloat16"}]
+    cluster = calibrate.calibrated_cluster(name="synthetic", measurements=measurements, gpus_per_node=8, num_gpus=8)
+    assert cluster.optimizer_efficiency == pytest.approx(98 * 2**20 / (1e-3 * 3.0e12))
+    assert cluster.streaming_efficiency == pytest.approx(0.9)
+    assert "MasterWeightAdamW" in cluster.sources["optimizer_efficiency"]
+    bare = calibrate.calibrated_cluster(name="synthetic", measurements=synthetic_measurements(), gpus_per_node=8,
+                                        num_gpus=8)
+    assert bare.optimizer_efficiency is None and bare.streaming_efficiency is None
+    assert bare.sources["optimizer_efficiency"].startswith("not measured")
+
+
+def test_measure_optimizer_times_the_executors_adamw():
+    """The row names the optimizer the executor builds for the dtype (plain AdamW for fp32, master weights for
+    bf16) and its parameter count; the time is positive."""
+    fp32 = hardware.measure_optimizer(dtype=torch.float32, numel=2**16, repeats=2, device="cpu")[0]
+    bf16 = hardware.measure_optimizer(dtype=torch.bfloat16, numel=2**16, repeats=2, device="cpu")[0]
+    assert (fp32["optimizer"], bf16["optimizer"]) == ("AdamW", "MasterWeightAdamW")
+    assert fp32["params"] == bf16["params"] == 2**16
+    assert fp32["median_s"] > 0 and bf16["median_s"] > 0

@@ -349,3 +349,22 @@ def test_named_config_profile_matches_named_config():
     profile = ap.profile_model("moe-tiny", seq_len=32)
     assert profile.seq_len == 32
     assert profile.num_blocks == config["layers"] and profile.hidden == config["hidden"]
+
+
+def test_streaming_bytes_are_the_copies_indexing_and_add_mul_of_a_layer():
+    """Oracle: a layer of only streaming ops (x * 2 + x, cat) and one of only a gelu, traced by hand: all of the
+    first's memory-bound bytes are streaming, none of the second's. moe-tiny's MoE layer (routing: index, index_copy,
+    mul by the gate) has streaming bytes, at most its memory-bound bytes."""
+    from autoplan.profiler.trace import trace_layer
+
+    class Streaming(torch.nn.Module):
+        def forward(self, x):
+            return torch.cat([x * 2 + x, x], dim=-1)
+
+    x = torch.randn(2, 8, 16)
+    streaming = trace_layer(Streaming(), (x,), {})
+    gelu = trace_layer(torch.nn.GELU(), (x,), {})
+    assert streaming.memory_bound_bytes > 0 and streaming.streaming_bytes == streaming.memory_bound_bytes
+    assert gelu.memory_bound_bytes > 0 and gelu.streaming_bytes == 0
+    moe = next(layer for layer in ap.profile_model("moe-tiny").layers if layer.kind == "moe")
+    assert 0 < moe.streaming_bytes <= moe.memory_bound_bytes

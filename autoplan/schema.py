@@ -117,6 +117,10 @@ class LayerProfile(_Noun):
                                                            "batch (weight-gradient temporaries), per layer, not per sequence.")
     output_bytes: int = Field(description="Bytes of the layer's output per sequence (what crosses the layer boundary).")
     memory_bound_bytes: float = Field(0.0, description="Bytes read+written by non-GEMM ops in forward per sequence (costed at HBM bandwidth).")
+    memory_bound_tp_sharded_bytes: float | None = Field(None, ge=0, description="The part of memory_bound_bytes on tensors "
+                                                                             "tp splits without SP (between a column- and "
+                                                                             "a row-parallel GEMM); None (older profiles): "
+                                                                             "the activations' sharded share.")
     streaming_bytes: float = Field(0.0, ge=0, description="The part of memory_bound_bytes moved by streaming ops (copies, "
                                                          "indexing, add/mul: costmodel.compute.STREAMING_OPS), priced at "
                                                          "Cluster.streaming_efficiency.")

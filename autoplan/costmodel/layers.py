@@ -170,8 +170,13 @@ def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, 
     causal = CAUSAL_ATTENTION_WORK_FRACTION if profile.attention == "flash" else 1.0
     attn_fwd_s = attention_core_time_s(flops=layer.attention_core_fwd_flops * seqs / tp, causal_fraction=causal,
                                        cluster=cluster) / (clock * stack.attention_speedup)
-    sharded_fraction = layer.activation_tp_sharded_bytes / layer.activation_bytes if layer.activation_bytes else 0.0
-    mem_split = tp if sp or moe else 1 / (sharded_fraction / tp + (1 - sharded_fraction))
+    if layer.memory_bound_tp_sharded_bytes is not None:  # the traced ops' own share on tp-split tensors
+        sharded_fraction = (layer.memory_bound_tp_sharded_bytes / layer.memory_bound_bytes
+                            if layer.memory_bound_bytes else 0.0)
+    else:
+        sharded_fraction = layer.activation_tp_sharded_bytes / layer.activation_bytes if layer.activation_bytes else 0.0
+    # SP shards a block's remaining ops (norms, residuals) by sequence; the head's loss and the embedding stay whole
+    mem_split = tp if (sp and layer.block is not None) or moe else 1 / (sharded_fraction / tp + (1 - sharded_fraction))
     streaming = min(layer.streaming_bytes, layer.memory_bound_bytes)  # copies, indexing, add/mul: at their own rate
     mem_fwd_s = (memory_bound_time_s(bytes_moved=((layer.memory_bound_bytes - streaming) * seqs / mem_split + cast_bytes)
                                      * stack.memory_bound_traffic, cluster=cluster)

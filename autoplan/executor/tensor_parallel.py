@@ -37,14 +37,16 @@ def block_layout(block: nn.Module, *, sequence_parallel: bool) -> dict:
         ffn_cols = [n for n in ("w1", "w3") if hasattr(block.feed_forward, n)]
         layout.update({f"feed_forward.{n}": ColwiseParallel() for n in ffn_cols})
         layout["feed_forward.w2"] = RowwiseParallel(output_layouts=out)
-    if sequence_parallel:  # norms on sequence shards; gather the sequence before attention / MLP
+    if sequence_parallel:  # norms on sequence shards
         layout["attention_norm"] = SequenceParallel()
         layout["ffn_norm"] = SequenceParallel()
-        layout["attention"] = PrepareModuleInput(input_layouts=(Shard(1), None),
-                                                 desired_input_layouts=(Replicate(), None), use_local_output=mla)
-        if not moe:
-            layout["feed_forward"] = PrepareModuleInput(input_layouts=(Shard(1),),
-                                                        desired_input_layouts=(Replicate(),))
+    # the attention's and the MLP's input made one replicated DTensor (with SP: the sequence gathered), which the
+    # column-parallel Linears share: their input gradients add up as partial sums and are reduced once per module
+    # in backward (Megatron's one all-reduce per f/g pair), not once per Linear (q, k and v: three)
+    layout["attention"] = PrepareModuleInput(input_layouts=(out, None), desired_input_layouts=(Replicate(), None),
+                                             use_local_output=mla)
+    if not moe:
+        layout["feed_forward"] = PrepareModuleInput(input_layouts=(out,), desired_input_layouts=(Replicate(),))
     return layout
 
 

@@ -88,6 +88,7 @@ class TraceResult:
     backward_peak_weight_bytes: int = 0      # the part of it that does not grow with the batch (weight gradients)
     memory_bound_bytes: float = 0.0
     streaming_bytes: float = 0.0             # the part of it moved by streaming ops (costmodel.compute.STREAMING_OPS)
+    memory_bound_tp_sharded_bytes: float = 0.0  # the part of it on tensors tp splits
     gemms: list[GemmRecord] = field(default_factory=list)
     linear_splits: dict[str, str] = field(default_factory=dict)  # Linear name -> n/k/none
 
@@ -128,7 +129,7 @@ class _Tracer(TorchDispatchMode):
                 if storage_id(t) not in self.frozen:
                     self.live.add(t)
         if self.forward and self.counting:
-            self._record(func, args, inputs, outputs)
+            self._record(func, args, inputs, outputs, sharded)
             if not func.is_view and kept_by_selective(func, args):
                 self._count_selective(outputs)
         return out
@@ -155,7 +156,7 @@ class _Tracer(TorchDispatchMode):
             self.selective_seen[sid] = (seen[0], seen[1], sharded)
             self.result.selective_tp_sharded_bytes += seen[1] if sharded else -seen[1]
 
-    def _record(self, func, args, inputs, outputs) -> None:
+    def _record(self, func, args, inputs, outputs, sharded: bool = False) -> None:
         if func in GEMM_OPS:
             a, b = (args[1], args[2]) if func in (aten.addmm.default, aten.baddbmm.default) else (args[0], args[1])
             batch = a.shape[0] if a.dim() == 3 else 1
@@ -176,6 +177,8 @@ class _Tracer(TorchDispatchMode):
             self.result.memory_bound_bytes += moved
             if is_streaming_op(str(func)):
                 self.result.streaming_bytes += moved
+            if sharded:  # on tensors tp splits (between a column- and a row-parallel GEMM)
+                self.result.memory_bound_tp_sharded_bytes += moved
 
 
 class LiveBytes:

@@ -17,6 +17,11 @@ FOREIGN_MOE_TP = "tp > 1 on a Hugging Face MoE model is not supported by the exe
 ZERO_BUBBLE_SELECTIVE = "the zero-bubble schedule with selective recompute is not supported: it runs each backward " \
                         "in two passes and torch's selective checkpointing allows one; use full recompute or 1f1b"
 
+ZERO_BUBBLE_FULL = "the zero-bubble schedule with full recompute is not supported: torch's split backward rebuilds " \
+                   "each checkpointed block for its input- and weight-gradient passes and holds the rebuilt " \
+                   "activations between them (llama3-8b pp=4: 8.6x the recompute of one forward per micro-batch, " \
+                   "middle stages 24-34% over the memory model); use 1f1b or interleaved-1f1b with full recompute"
+
 ZERO_BUBBLE_ZERO3 = "the zero-bubble schedule with ZeRO-3 is not supported: FSDP reshards the parameters between its " \
                     "input- and weight-gradient passes and the losses leave the single-process ones (moe-tiny, pp=2 " \
                     "dp=2: 4e-3 off at step 2); use ZeRO 0-2 or another schedule"
@@ -42,6 +47,9 @@ def unsupported_reason(plan, *, moe: bool, foreign: bool = False) -> str | None:
     if plan.schedule == "zero-bubble" and plan.pp > 1 and \
             any(plan.stage_recompute(stage) == "selective" for stage in range(plan.pp)):
         return ZERO_BUBBLE_SELECTIVE
+    if plan.schedule == "zero-bubble" and plan.pp > 1 and \
+            any(plan.stage_recompute(stage) == "full" for stage in range(plan.pp)):
+        return ZERO_BUBBLE_FULL
     if plan.schedule == "zero-bubble" and plan.pp > 1 and plan.zero_stage == 3 and plan.dp * plan.cp > 1:
         return ZERO_BUBBLE_ZERO3
     return None

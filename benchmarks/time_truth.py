@@ -38,7 +38,7 @@ EXTRA = [
     Point("llama3-8b", _p(cp=2, dp=4, zero_stage=1, global_batch_size=16), "CP (ring attention) + ZeRO-1"),
     Point("llama3-8b", _p(cp=4, tp=2, zero_stage=1, sequence_parallel=True, global_batch_size=2), "CP + TP"),
     Point("llama3-8b", _p(pp=4, dp=2, schedule="zero-bubble", recompute="full", global_batch_size=32),
-          "PP zero-bubble, full recompute"),
+          "PP zero-bubble, full recompute (refused since: support.ZERO_BUBBLE_FULL)"),
     Point("llama3-8b", _p(pp=2, dp=4, schedule="zero-bubble", zero_stage=1, global_batch_size=32),
           "PP zero-bubble + ZeRO-1"),
     Point("mixtral-8x7b", _p(dp=16, ep=8, global_batch_size=32), "EP over two nodes of data-parallel ranks"),

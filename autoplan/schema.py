@@ -154,6 +154,10 @@ class ModelProfile(_Noun):
                                      "receives over the mean (1.0: perfectly balanced routing). Default 1.1: Switch "
                                      "Transformer trains at capacity factor 1.0-1.25 with few tokens dropped (Fedus "
                                      "et al. 2022, Table 1); set it from a measured router.")
+    routing_groups: int = Field(1, ge=1, le=65536, description="Groups the routed experts form for group-limited "
+                                "routing (DeepSeek-V3's n_group: 8); 1: no groups.")
+    routing_group_top_k: int = Field(0, ge=0, le=65536, description="Groups a token's experts may come from (DeepSeek-V3's "
+                                     "topk_group: 4, which with one group per node limits a token to 4 nodes); 0: any.")
     attention: Literal["flash", "eager"] = Field("flash", description="How attention was traced: flash (no seq x seq saved) or eager.")
     layers: list[LayerProfile] = Field(description="Layers in forward order.")
     notes: list[str] = Field(default_factory=list, description="What the profiler could not recognize in the model, "
@@ -323,11 +327,16 @@ class Stack(_Noun):
     zero3_collectives_per_block: int = Field(1, ge=1, le=64, description="All-gathers (and reduce-scatters) a ZeRO-3 step issues per "
                                                                           "transformer block and pass: 1 where a block is one FSDP unit; "
                                                                           "more where parameters are gathered module by module.")
-    selective_recompute: Literal["autoplan", "attention-core", "every-other-mm"] = Field(
+    selective_recompute: Literal["autoplan", "attention-core", "every-other-mm", "modules"] = Field(
         "autoplan", description="What plan.recompute='selective' reruns: autoplan's rule (autoplan.selective: element-wise "
                                 "ops, SP's all-gathers, eager attention scores); Korthikanti et al.'s (the attention "
-                                "core only), as Megatron-LM does; or torchtitan's op-level policy (autoplan's, but the "
-                                "block's 2nd, 4th, ... matmul in forward order is recomputed, not kept).")
+                                "core only), as Megatron-LM does; torchtitan's op-level policy (autoplan's, but the "
+                                "block's 2nd, 4th, ... matmul in forward order is recomputed, not kept); or the modules "
+                                "of `recompute_modules` (Megatron-LM's recompute_modules).")
+    recompute_modules: list[Literal["core_attn", "mla_up_proj", "mlp"]] = Field(
+        default_factory=lambda: ["core_attn"], description="With selective_recompute 'modules': Megatron-LM's modules "
+        "recomputed (core_attn: the attention core; mla_up_proj: MLA's query/key/value up-projections; mlp: a dense "
+        "MLP whole). Megatron-LM's moe_act, layernorm, moe and shared_experts are not modelled.")
     optimizer_step_bytes: float = Field(28.0, gt=0, le=1000, description="HBM bytes the optimizer step moves per parameter of "
                                                                         "the rank's shard: 28 for a fused AdamW with fp32 "
                                                                         "states (read/write parameter, gradient, two moments); "
@@ -339,10 +348,29 @@ class Stack(_Noun):
                                                 "logits and writes their gradient in place (no fp32 copies of the logits).")
     fp8_linears: bool = Field(False, description="Linear layers run in float8 (2x the bf16 tensor-core peak on Hopper) "
                                                  "with per-tensor scaling casts around them.")
-    moe_dispatcher: Literal["all-to-all", "all-gather"] = Field(
+    fp8_experts: bool = Field(False, description="With fp8_linears, a MoE layer's experts (routed and shared) run in float8 "
+                                                 "too (TransformerEngine's grouped linears under Megatron-LM's fp8 recipes); "
+                                                 "false: experts in bf16 (torchao's Float8Linear converts nn.Linear only).")
+    moe_dispatcher: Literal["all-to-all", "all-gather", "node-dedup"] = Field(
         "all-to-all", description="How a MoE layer moves tokens to the ranks holding their experts: all-to-all "
-                                  "(autoplan's executor, Megatron-LM's alltoall dispatcher) or all-gather (every "
-                                  "rank gathers all tokens of its ep group; Megatron-LM's allgather dispatcher).")
+                                  "(autoplan's executor, Megatron-LM's alltoall dispatcher: one copy per chosen "
+                                  "expert), all-gather (every rank gathers all tokens of its ep group; Megatron-LM's "
+                                  "allgather dispatcher) or node-dedup (DeepEP / HybridEP behind Megatron-LM's flex "
+                                  "dispatcher: a token crosses to each node holding its experts once, then fans out "
+                                  "over NVLink).")
+    moe_capacity_factor: float | None = Field(None, gt=0, le=1024, description="Token drop: an expert takes at most this "
+                                              "multiple of its balanced share T·k/E and drops the rest (Megatron-LM's "
+                                              "moe_expert_capacity_factor, GShard's capacity). None: dropless (autoplan's "
+                                              "executor).")
+    moe_pad_to_capacity: bool = Field(False, description="With a capacity factor, every expert receives and computes exactly "
+                                                         "its capacity, padded (Megatron-LM's moe_pad_expert_input_to_capacity).")
+    fused_moe_activations: bool = Field(False, description="A MoE layer keeps what a fused MoE path keeps for backward "
+                                                           "(Megatron-Core's grouped experts with fused permutation: "
+                                                           "costmodel.experts.fused_moe_kept_bytes_per_token) instead of the "
+                                                           "traced eager module's tensors; in the papers' memory accounting.")
+    moe_a2a_overlap: bool = Field(False, description="The dispatcher's communication of one micro-batch runs beside the "
+                                                     "compute of another (Megatron-LM's overlap_moe_expert_parallel_comm "
+                                                     "with delay_wgrad_compute); false: on the critical path.")
     grouped_gemm: bool = Field(False, description="A rank's experts run as one grouped GEMM (Megatron-LM's "
                                                   "GroupedGEMM, MegaBlocks) instead of one GEMM per expert.")
     dp_sync: Literal["overlapped", "autoplan"] = Field(

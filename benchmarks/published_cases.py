@@ -54,6 +54,7 @@ class Case:
     assumptions: list[str] = field(default_factory=list)
     skipped: str | None = None       # why the case is not estimated (no step time, a per-layer timing, ...)
     routing_imbalance: float | None = None  # MoE: the busiest ep rank's tokens over the mean, where the source says
+    routing_groups: tuple[int, int] = (1, 0)  # MoE: group-limited routing (groups, groups per token), where it is set
     raw: dict = field(default_factory=dict)
 
 
@@ -88,7 +89,7 @@ CLUSTER_OF_GPU = {"a100-80gb": "dgx-a100-80gb", "a100-40gb": "dgx-a100-40gb", "h
 def _stack(case: dict, source: str) -> Stack:
     cfg = case["config"]
     precision = str(cfg.get("precision") or "")
-    fp8 = "float8" in precision or "fp8" in precision
+    fp8 = not precision.startswith("not stated") and ("float8" in precision or "fp8" in precision)
     if source in ("megatron-sc21", "korthikanti-2022"):
         return Stack.preset("megatron-2021")
     if source == "torchtitan":
@@ -100,8 +101,16 @@ def _stack(case: dict, source: str) -> Stack:
         return Stack.preset(name).model_copy(update={"fp8_linears": fp8, "vocab_parallel_loss": True,
                                                      "optimizer_step_bytes": 28.0,
                                                      "selective_recompute": "every-other-mm"})
-    if source == "megatron-bridge":  # Megatron-Core with Transformer Engine; experts as grouped GEMMs (its recipes)
-        return Stack.preset("megatron-te").model_copy(update={"fp8_linears": fp8, "grouped_gemm": True})
+    if source == "megatron-bridge":
+        # Megatron-Core with Transformer Engine: experts as TE grouped GEMMs, in float8 with the fp8 recipes; what
+        # the run's recipe sets beyond the table's columns (its `recipe` block, carried into config): the
+        # dispatcher, token drop, the dispatcher's overlap and the modules selective recompute reruns
+        modules = cfg.get("recompute_modules")
+        return Stack.preset("megatron-te").model_copy(update={
+            "fp8_linears": fp8, "fp8_experts": fp8, "grouped_gemm": True, "fused_moe_activations": True,
+            "moe_dispatcher": cfg.get("dispatcher", "all-to-all"), "moe_a2a_overlap": bool(cfg.get("moe_a2a_overlap")),
+            "moe_capacity_factor": cfg.get("capacity_factor"), "moe_pad_to_capacity": bool(cfg.get("pad_to_capacity")),
+            **({"selective_recompute": "modules", "recompute_modules": list(modules)} if modules else {})})
     return Stack.preset("llm-foundry").model_copy(update={"fp8_linears": fp8})
 
 
@@ -143,6 +152,8 @@ def map_case(raw: dict) -> Case:
         layers = model["layers"]
     if str(cfg.get("routing", "")).startswith("force-balanced"):
         case.routing_imbalance = 1.0
+    if cfg.get("routing_groups"):
+        case.routing_groups = (int(cfg["routing_groups"]), int(cfg.get("routing_group_top_k") or 0))
     if "not stated" in str(cfg.get("precision", "")):
         case.assumptions.append("BF16 (precision not stated)")
     mbs = cfg.get("micro_batch")
@@ -184,7 +195,7 @@ def map_case(raw: dict) -> Case:
     try:
         case.plan = ap.Plan(dp=dp, tp=tp, pp=pp, cp=cp, ep=_int(cfg.get("ep")), zero_stage=int(zero), recompute=recompute,
                             sequence_parallel=sp and tp > 1, micro_batch_size=int(mbs), global_batch_size=int(gbs),
-                            schedule=schedule, virtual_stages=v)
+                            schedule=schedule, virtual_stages=v, layers_per_stage=cfg.get("layers_per_chunk"))
     except Exception as err:  # a source's numbers that do not make a plan: say so, do not guess
         case.skipped = f"configuration does not make a plan: {err}"
         return case
@@ -212,19 +223,25 @@ def profile_of(family: str, attention: str, dropout: float, layers: int, hidden:
 
 
 @lru_cache(maxsize=None)
-def profile_of_builtin(name: str, seq_len: int, routing_imbalance: float | None) -> ap.ModelProfile:
+def _builtin_profile(name: str, seq_len: int) -> ap.ModelProfile:
+    return ap.profile_model(name, seq_len=seq_len)
+
+
+@lru_cache(maxsize=None)
+def profile_of_builtin(name: str, seq_len: int, routing_imbalance: float | None,
+                       routing_groups: tuple[int, int] = (1, 0)) -> ap.ModelProfile:
     """A built-in published model (autoplan.models.configs) at the run's sequence length (and routing
-    imbalance, where the source states it)."""
-    profile = ap.profile_model(name, seq_len=seq_len)
+    imbalance and group-limited routing, where the source states them)."""
+    update = {"routing_groups": routing_groups[0], "routing_group_top_k": routing_groups[1]}
     if routing_imbalance is not None:
-        profile = profile.model_copy(update={"routing_imbalance": routing_imbalance})
-    return profile
+        update["routing_imbalance"] = routing_imbalance
+    return _builtin_profile(name, seq_len).model_copy(update=update)
 
 
 def profile_case(case: Case) -> ap.ModelProfile:
     s = case.shape
     if case.family == "builtin":
-        return profile_of_builtin(s["builtin"], s["seq_len"], case.routing_imbalance)
+        return profile_of_builtin(s["builtin"], s["seq_len"], case.routing_imbalance, case.routing_groups)
     return profile_of(case.family, case.attention, case.dropout, s["layers"], s["hidden"], s["heads"], s["kv_heads"], s["ffn_hidden"], s["vocab"],
                       s["seq_len"])
 

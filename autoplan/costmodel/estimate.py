@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from autoplan.costmodel import bands, comm
-from autoplan.costmodel.data_parallel import dp_sync_s, optimizer_step_s
+from autoplan.costmodel.data_parallel import dp_sync_s, optimizer_step_s, overlapped_s
 from autoplan.costmodel.layers import (DEFAULT_STACK, LayerCost, digest, every_other_mm, layer_cost,
                                        micro_batch_boundary_bytes)
 from autoplan.costmodel.memory import PARAM_BYTES, model_state_bytes
@@ -86,6 +86,14 @@ class Coster:
                 total.add(one)
                 if layer.kind == "head":
                     logits += one.activation_bytes
+            if self.stack.moe_a2a_overlap and total.ep_comm_s:
+                # the dispatcher of one micro-batch runs beside the other's attention and expert compute
+                # (Megatron-LM's overlap_moe_expert_parallel_comm: forward of one and backward of another
+                # interleaved layer by layer): what the block's compute cannot hide is exposed, the rest slows
+                # it as any overlapped collective does (data_parallel.overlapped_s). Ignores the pipeline's
+                # warm-up and cool-down micro-batches, which have no partner to overlap with.
+                total.ep_comm_s = overlapped_s(comm_s=total.ep_comm_s, compute_s=total.fwd_compute_s
+                                               + total.bwd_compute_s, cluster=self.cluster)
             # the host issues kernels ahead of the device: a block costs max(device, host) (profiler.host); the
             # host's time is that of autoplan's executor (eager PyTorch), measured, not another stack's
             host_s = self.cluster.host_block_s.get(recompute, 0.0) if self.stack.name == DEFAULT_STACK.name else 0.0

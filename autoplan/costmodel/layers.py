@@ -12,12 +12,14 @@ from autoplan.costmodel import comm
 from autoplan.costmodel.compute import (ATTENTION_BWD_FACTOR, CAUSAL_ATTENTION_WORK_FRACTION, GEMM_BWD_FACTOR,
                                         MEMORY_BOUND_BWD_FACTOR, attention_core_time_s, gemm_time_s,
                                         memory_bound_time_s, streaming_time_s)
-from autoplan.costmodel.experts import dispatch_s, expert_gemm_s, is_expert_gemm
+from autoplan.costmodel.experts import (dispatch_s, expert_gemm_s, expert_load, fused_moe_kept_bytes_per_token,
+                                        is_expert_gemm, reachable_nodes)
 from autoplan.costmodel.memory import layer_activation_bytes, local_params
 from autoplan.schema import Cluster, GemmShape, LayerProfile, ModelProfile, Plan, Stack
 
 # The busiest EP rank sets a MoE layer's pace: its load over the mean is ModelProfile.routing_imbalance, an
-# input (default 1.1, the schema says why); costmodel.experts applies it to the expert GEMMs and the dispatch.
+# input (default 1.1, the schema says why), capped by the stack's capacity factor where it drops tokens
+# (costmodel.experts.expert_load); costmodel.experts applies it to the expert GEMMs and the dispatch.
 DEFAULT_STACK = Stack.preset("torch")  # eager PyTorch, what autoplan's executor runs
 
 
@@ -114,6 +116,26 @@ def every_other_mm(layer: LayerProfile, mm_offset: int) -> list[tuple[GemmShape,
     return recomputed
 
 
+def recomputed_modules(layer: LayerProfile, modules: tuple[str, ...] | list[str], hidden: int
+                       ) -> tuple[bool, list[GemmShape]]:
+    """What Megatron-LM's selective recompute with `recompute_modules` reruns of `layer`: (the whole layer,
+    or the GEMMs it reruns). Megatron-Bridge docs/training/activation-recomputation.md lists the modules:
+      mlp:         a dense MLP whole ('no effect on pure-MoE layers'): it keeps only its input
+      mla_up_proj: MLA's 'expanded Q/KV projections and RoPE': the GEMMs of an attention layer that read a
+                   latent narrower than the hidden size and do not write it (q_b, kv_b; not the output
+                   projection), whose outputs (the query, key and value heads, split by tp) are not kept
+      core_attn:   the attention core; a fused kernel already recomputes it inside its backward (the
+                   seq x seq scores of an eager one are dropped, as Korthikanti et al.'s selective does)
+    Ignores RoPE's element-wise work on the recomputed heads."""
+    if layer.block is None:
+        return False, []
+    if "mlp" in modules and layer.kind == "mlp":
+        return True, []
+    if "mla_up_proj" in modules and layer.kind == "attention":
+        return False, [g for g in layer.gemms if g.k < hidden and g.n != hidden]
+    return False, []
+
+
 def micro_batch_boundary_bytes(profile: ModelProfile, plan: Plan) -> float:
     """Bytes of one micro-batch's [b, s, h] activation on one rank (its 1/cp share of the sequence): what
     crosses a block or stage boundary, and what a tensor-parallel collective moves."""
@@ -147,20 +169,28 @@ def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, 
     cost = LayerCost()
     # -- compute: GEMMs (TP splits n or k), fused attention core, memory-bound ops
     clock = cluster.sustained_clock_fraction
-    fp8 = stack.fp8_linears and layer.kind in ("attention", "mlp")  # float8 recipes keep the head and experts in bf16
-    gemm_s = row_parallel_s = row_parallel_flops = cast_bytes = 0.0
+    # float8 recipes keep the head in bf16, and the experts unless the stack's grouped linears run in float8
+    # (Stack.fp8_experts); a router stays in bf16 or fp32 either way
     moe = layer.kind == "moe"
+    fp8 = stack.fp8_linears and (layer.kind in ("attention", "mlp") or (moe and stack.fp8_experts))
+    gemm_s = row_parallel_s = row_parallel_flops = cast_bytes = 0.0
+    load = expert_load(imbalance=profile.routing_imbalance, capacity_factor=stack.moe_capacity_factor,
+                       pad_to_capacity=stack.moe_pad_to_capacity) if moe else 1.0
     for g in layer.gemms:
         # experts are not split by tp (expert tensor parallel = 1): each tp rank routes its own 1/tp of the
         # tokens (parallel folding, with SP or without); the busiest ep rank's experts set the pace
         split = _gemm_split(g, tp=tp, layer=layer)
         if moe and is_expert_gemm(gemm=g, num_experts=layer.num_experts):
-            gemm_s += expert_gemm_s(gemm=g, num_experts=layer.num_experts, ep=ep, tokens_split=split, seqs=seqs,
-                                    imbalance=profile.routing_imbalance, grouped=stack.grouped_gemm,
-                                    cluster=cluster) / clock
+            time_s = expert_gemm_s(gemm=g, num_experts=layer.num_experts, ep=ep, tokens_split=split, seqs=seqs,
+                                   imbalance=load, grouped=stack.grouped_gemm, cluster=cluster) / clock
+            if fp8:  # the rank's expert inputs (all its tokens' rows) and its local experts' weights are cast
+                time_s /= cluster.fp8_gemm_speedup
+                cast_bytes += FP8_CAST_BYTES_PER_ELEMENT * (load * g.count * g.m_per_sequence * seqs * g.k / split
+                                                            + g.count / ep * g.n * g.k)
+            gemm_s += time_s
             continue
         time_s = _gemm_s(g, seqs=seqs, tp=tp, layer=layer, cluster=cluster, clock=clock)
-        if fp8:
+        if fp8 and not (moe and g.n == layer.num_experts):  # a MoE layer's router GEMM is not float8
             time_s /= cluster.fp8_gemm_speedup
             cast_bytes += g.count * FP8_CAST_BYTES_PER_ELEMENT * (g.m_per_sequence * seqs * g.k + g.n * g.k) / split
         gemm_s += time_s
@@ -196,6 +226,15 @@ def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, 
             score_s = memory_bound_time_s(bytes_moved=2 * layer.attention_score_bytes * seqs / tp, cluster=cluster)
             cost.recompute_s = attn_fwd_s + score_s
             cost.recompute_flops_per_sequence = layer.attention_core_fwd_flops
+    elif layer.block is not None and recompute == "selective" and stack.selective_recompute == "modules":
+        whole, rerun = recomputed_modules(layer, stack.recompute_modules, profile.hidden)
+        if whole:
+            cost.recompute_s, cost.recompute_flops_per_sequence = cost.fwd_compute_s, layer.fwd_flops
+        elif rerun:
+            fp8_factor = cluster.fp8_gemm_speedup if fp8 else 1.0
+            cost.recompute_s = sum(_gemm_s(g, seqs=seqs, tp=tp, layer=layer, cluster=cluster, clock=clock)
+                                   for g in rerun) / fp8_factor
+            cost.recompute_flops_per_sequence = sum(g.count * 2.0 * g.m_per_sequence * g.n * g.k for g in rerun)
     elif layer.block is not None and recompute == "selective" and stack.selective_recompute == "every-other-mm":
         # torchtitan's op-level policy: the memory-bound ops and every second matmul of the block run again
         rerun = every_other_mm(layer, mm_offset)
@@ -234,9 +273,11 @@ def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, 
         cost.cp_comm_s = _ring_attention_exposed_s(layer=layer, cluster=cluster, plan=plan, attn_fwd_s=attn_fwd_s)
     if ep > 1 and moe:  # the token dispatcher (costmodel.experts.dispatch_s) on this rank's 1/tp of the tokens
         ep_topo = comm.group_topology(group_size=ep, stride=1, gpus_per_node=cluster.gpus_per_node)
-        cost.ep_comm_s = dispatch_s(token_bytes=boundary_bytes / tp, top_k=layer.top_k, ep=ep,
-                                    imbalance=profile.routing_imbalance, dispatcher=stack.moe_dispatcher,
-                                    topo=ep_topo, cluster=cluster)
+        reach = reachable_nodes(nodes=ep_topo.nodes, groups=profile.routing_groups,
+                                group_top_k=profile.routing_group_top_k)
+        cost.ep_comm_s = dispatch_s(token_bytes=boundary_bytes / tp, top_k=layer.top_k, ep=ep, imbalance=load,
+                                    dispatcher=stack.moe_dispatcher, topo=ep_topo, cluster=cluster,
+                                    reachable_nodes=reach)
     # recomputation reruns the forward's collectives too: all of them under full recompute (Megatron-LM's
     # checkpointed forward repeats its all-reduces), SP's all-gathers (one half of each forward pair) under
     # selective recompute (autoplan.selective reruns them rather than keeping their gathered outputs)
@@ -248,12 +289,34 @@ def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, 
     cost.activation_bytes = layer_activation_bytes(layer=layer, tp=tp, sequence_parallel=sp, cp=cp,
                                                    recompute=recompute, micro_batch_size=mbs,
                                                    block_first=block_first)
+    if moe and stack.fused_moe_activations and not (recompute == "full" and layer.block is not None):
+        # a fused MoE path keeps far less than the traced eager module: its own accounting, on the rank's 1/tp of
+        # the tokens (parallel folding), at the balanced load
+        per_token = fused_moe_kept_bytes_per_token(layer=layer, hidden=profile.hidden, fp8=fp8)
+        cost.activation_bytes = per_token * profile.seq_len * seqs / tp
+    if layer.block is not None and recompute == "selective" and stack.selective_recompute == "modules":
+        cost.activation_bytes = _module_recompute_kept_bytes(layer=layer, profile=profile, stack=stack, tp=tp, sp=sp,
+                                                             seqs=seqs, kept=cost.activation_bytes)
     cost.working_bytes = layer_activation_bytes(layer=layer, tp=tp, sequence_parallel=sp, cp=cp, recompute="none",
                                                 micro_batch_size=mbs, block_first=block_first)
     cost.dense_params, cost.expert_params = local_params(layer=layer, tp=tp, ep=ep)
     if layer.frozen_params and layer.params:  # frozen tensors split as the layer's others do (a uniform share)
         cost.frozen_params = (cost.dense_params + cost.expert_params) * layer.frozen_params / layer.params
     return cost
+
+
+def _module_recompute_kept_bytes(*, layer: LayerProfile, profile: ModelProfile, stack: Stack, tp: int, sp: bool,
+                                 seqs: float, kept: float) -> float:
+    """Bytes `layer` keeps for backward under Megatron-LM's per-module recompute (`recomputed_modules`): a
+    whole recomputed layer its input ([b, s, h], /tp with SP); otherwise what Korthikanti et al.'s
+    selective keeps (`kept`, scores dropped) less the recomputed GEMMs' outputs (m x n each, split by tp)."""
+    whole, rerun = recomputed_modules(layer, stack.recompute_modules, profile.hidden)
+    if whole:
+        return profile.hidden * profile.seq_len * profile.dtype_bytes * seqs / (tp if sp else 1)
+    if "core_attn" not in stack.recompute_modules:  # an eager attention's scores are kept after all
+        kept += layer.attention_score_bytes * seqs / tp
+    dropped = sum(g.count * g.m_per_sequence * g.n for g in rerun) * profile.dtype_bytes * seqs / tp
+    return max(0.0, kept - dropped)
 
 
 def _ring_attention_exposed_s(*, layer: LayerProfile, cluster: Cluster, plan: Plan, attn_fwd_s: float) -> float:

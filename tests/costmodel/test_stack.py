@@ -230,3 +230,67 @@ def test_zero3_gathered_unit_follows_the_stacks_gathering(llama_profile):
     assert largest == 2816 * 1024
     assert by_block.memory_breakdown["buffers"] == 2 * 2 * block_params
     assert by_module.memory_breakdown["buffers"] == 2 * 2 * largest
+
+
+@pytest.fixture(scope="module")
+def deepseek_tiny_profile():
+    return ap.profile_model("deepseek-tiny")
+
+
+def _megatron(**update):
+    return Stack.preset("megatron-te").model_copy(update={"selective_recompute": "modules", **update})
+
+
+def test_mla_up_proj_recompute_reruns_the_up_projections_and_keeps_less(deepseek_tiny_profile):
+    """Oracle: Megatron-LM's recompute_modules (Megatron-Bridge docs/training/activation-recomputation.md):
+    mla_up_proj reruns MLA's up-projections from the latents (q_b: k = q_lora_rank 32 < hidden 64, n = 4 heads x
+    24 = 96; kv_b: k = kv_lora_rank 16, n = 4 x (16 + 16) = 128) and does not keep their outputs: per sequence
+    of 64 tokens (96 + 128) x 64 x 2 B = 28,672 B less, times the micro-batch of 2."""
+    profile = deepseek_tiny_profile
+    attention = next(layer for layer in profile.layers if layer.kind == "attention")
+    up = [g for g in attention.gemms if g.k < profile.hidden and g.n != profile.hidden]
+    assert sorted((g.n, g.k) for g in up) == [(96, 32), (128, 16)]
+    plan = _plan(recompute="selective")
+    cluster = ap.Cluster.preset("dgx-h100", gpus=1)
+    kw = dict(layer=attention, profile=profile, cluster=cluster, plan=plan, block_first=True)
+    core = layer_cost(recompute="selective", stack=_megatron(recompute_modules=["core_attn"]), **kw)
+    mla = layer_cost(recompute="selective", stack=_megatron(recompute_modules=["mla_up_proj"]), **kw)
+    assert core.activation_bytes - mla.activation_bytes == pytest.approx(28_672 * 2)
+    assert core.recompute_s == 0.0 and mla.recompute_s > 0.0
+    assert mla.recompute_flops_per_sequence == pytest.approx(sum(2.0 * g.count * g.m_per_sequence * g.n * g.k
+                                                                 for g in up))
+
+
+def test_mlp_recompute_reruns_a_dense_mlp_whole_and_not_the_experts(deepseek_tiny_profile):
+    """Oracle: the same docs: 'mlp' reruns a dense MLP whole (it keeps its [b, s, h] input) and has no effect on
+    MoE layers."""
+    profile = deepseek_tiny_profile
+    plan = _plan(recompute="selective")
+    cluster = ap.Cluster.preset("dgx-h100", gpus=1)
+    stack = _megatron(recompute_modules=["mlp"])
+    mlp = next(layer for layer in profile.layers if layer.kind == "mlp" and layer.block is not None)
+    cost = layer_cost(layer=mlp, profile=profile, cluster=cluster, plan=plan, recompute="selective", stack=stack,
+                      block_first=False)
+    assert cost.recompute_s == pytest.approx(cost.fwd_compute_s)
+    assert cost.activation_bytes == pytest.approx(profile.hidden * profile.seq_len * 2 * plan.micro_batch_size)
+    moe = next(layer for layer in profile.layers if layer.kind == "moe")
+    moe_cost = layer_cost(layer=moe, profile=profile, cluster=cluster, plan=plan, recompute="selective", stack=stack,
+                          block_first=False)
+    assert moe_cost.recompute_s == 0.0
+
+
+def test_fp8_experts_speed_the_expert_gemms():
+    """Oracle: fp8_linears' rule applied to the experts where the stack's grouped linears run in float8:
+    qwen3-30b-a3b's MoE layer (128 experts, ep 8, grouped) computes faster; a stack without fp8_experts
+    leaves it as in bf16."""
+    profile = ap.profile_model("qwen3-30b-a3b")
+    moe = next(layer for layer in profile.layers if layer.kind == "moe")
+    cluster = ap.Cluster.preset("dgx-h100", gpus=8)
+    kw = dict(layer=moe, profile=profile, cluster=cluster, plan=ap.Plan(dp=8, ep=8, global_batch_size=8),
+              recompute="none", block_first=False)
+    te = Stack.preset("megatron-te").model_copy(update={"grouped_gemm": True})
+    bf16 = layer_cost(stack=te, **kw)
+    fp8_dense_only = layer_cost(stack=te.model_copy(update={"fp8_linears": True}), **kw)
+    fp8 = layer_cost(stack=te.model_copy(update={"fp8_linears": True, "fp8_experts": True}), **kw)
+    assert fp8_dense_only.fwd_compute_s == pytest.approx(bf16.fwd_compute_s)
+    assert fp8.fwd_compute_s < bf16.fwd_compute_s

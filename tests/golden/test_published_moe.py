@@ -1,6 +1,6 @@
 """The published MoE runs (benchmarks/data/published_runs_moe.json) as the cost model reads them. Oracle: the
-source table's own numbers (its GPUs, parallel sizes, batch, tokens/s/GPU) and its statement that routing is
-force-balanced."""
+source table's own numbers (its GPUs, parallel sizes, batch, tokens/s/GPU), its statement that dropless routing
+is force-balanced, and the settings each run's recipe records (token drop, the dispatcher's overlap, recompute)."""
 
 import pytest
 
@@ -21,7 +21,13 @@ def test_moe_runs_map_to_their_published_configuration(case):
     # the step time the table implies: GBS x sequence / (tokens/s/GPU x GPUs)
     tokens = cfg["global_batch"] * raw["model"]["seq_len"]
     assert case.published_step_s == pytest.approx(tokens / (out["tokens_per_s_per_gpu"] * hw["num_gpus"]), rel=1e-4)
-    assert case.stack.grouped_gemm and case.routing_imbalance == 1.0
+    assert case.stack.grouped_gemm
+    if cfg["token_dispatch"] == "tokendrop":  # the 25.09 recipes' apply_moe_token_drop: capacity 1.0, padded
+        assert (case.stack.moe_capacity_factor, case.stack.moe_pad_to_capacity) == (1.0, True)
+    else:  # dropless rows: the table's note, force-balanced
+        assert case.stack.moe_capacity_factor is None and case.routing_imbalance == 1.0
+    assert case.stack.moe_a2a_overlap == raw["recipe"]["sets"]["overlap_moe_expert_parallel_comm"]
+    assert case.plan.recompute == ("selective" if raw["recipe"]["sets"]["recompute_granularity"] else "none")
 
 
 def test_moe_run_profile_is_the_builtin_model_force_balanced():

@@ -112,6 +112,18 @@ GRID = [
           "EP x PP, full recompute, 1024 GPUs"),
     Point("qwen3-235b-a22b", _p(tp=2, pp=8, dp=16, ep=32, sequence_parallel=True, zero_stage=1,
                                 global_batch_size=2048), "Megatron-Bridge's H100 layout (TP2 PP8 EP32), 256 GPUs"),
+    # expert tensor parallelism (etp: each expert's width split, Megatron-Core's expert_tensor_parallel_size)
+    Point("mixtral-8x7b", _p(dp=16, ep=8, etp=2, zero_stage=1, global_batch_size=32),
+          "EP x ETP: every expert over 2 ranks beyond ep = the 8 experts"),
+    Point("mixtral-8x7b", _p(tp=2, dp=4, ep=4, etp=2, sequence_parallel=True, zero_stage=1, global_batch_size=16),
+          "ETP = TP with SP (Megatron-LM's expert layout before folding)"),
+    Point("mixtral-8x7b", _p(dp=8, etp=2, zero_stage=3, global_batch_size=16), "ETP alone (ep=1), ZeRO-3"),
+    Point("mixtral-8x7b", _p(dp=32, ep=8, etp=4, zero_stage=2, recompute="full", micro_batch_size=2,
+                             global_batch_size=128), "EP x ETP 4, ZeRO-2, full recompute, micro-batch 2"),
+    Point("qwen3-30b-a3b", _p(dp=16, ep=8, etp=2, zero_stage=3, global_batch_size=32),
+          "fine-grained experts (width 768) over EP x ETP, ZeRO-3"),
+    Point("qwen3-30b-a3b", _p(tp=2, dp=4, ep=4, etp=2, sequence_parallel=True, zero_stage=1, recompute="selective",
+                              global_batch_size=16), "fine-grained experts, ETP = TP with SP, selective recompute"),
 ]
 
 

@@ -1,11 +1,12 @@
-"""The MoE layer's costs (costmodel.experts): expert GEMMs under EP, one by one or grouped; the token
-dispatcher (all-to-all or all-gather) at a routing imbalance that is an input."""
+"""The MoE layer's costs (costmodel.experts): expert GEMMs under EP (and expert TP), one by one or grouped; the
+token dispatcher (all-to-all or all-gather) at a routing imbalance that is an input; expert tensor parallelism's
+gather and reduce-scatter."""
 
 import pytest
 
 import autoplan as ap
 from autoplan.costmodel import comm
-from autoplan.costmodel.experts import dispatch_s, expert_gemm_s, is_expert_gemm
+from autoplan.costmodel.experts import dispatch_s, expert_gemm_s, expert_tp_s, is_expert_gemm
 from autoplan.schema import EfficiencyPoint, GemmShape, Link
 
 GB = 1e9
@@ -100,3 +101,29 @@ def test_grouped_gemm_stack_speeds_up_fine_grained_experts():
     grouped = ap.Stack.preset("torch").model_copy(update={"grouped_gemm": True})
     one_by_one = ap.estimate(profile, cluster, plan).time_breakdown["compute"]
     assert ap.estimate(profile, cluster, plan, stack=grouped).time_breakdown["compute"] < one_by_one
+
+
+def test_expert_tp_worked_example():
+    """2 x (all-gather + reduce-scatter) of M = etp · T·h · k · imbalance on the etp = 2 ranks of a node:
+    T·h = 33,554,432 B, k = 2, imbalance 1.25 (ep = 4 > 1) -> M = 2 · 83,886,080 = 167,772,160 B;
+    each = 1·1e-6 + 1/2 · 167,772,160 / 1e11 = 8.3987e-4 s; four: 3.3595e-3 s. Without ep the rows a rank
+    gathers are exactly its peers' T·k: no imbalance."""
+    cluster = _cluster()
+    topo = comm.group_topology(group_size=2, stride=1, gpus_per_node=8)
+    token_bytes = 4096 * 4096 * 2
+    got = expert_tp_s(token_bytes=token_bytes, top_k=2, ep=4, etp=2, imbalance=1.25, topo=topo, cluster=cluster)
+    assert got == pytest.approx(4 * (1e-6 + 1 / 2 * 2 * token_bytes * 2 * 1.25 / 1e11))
+    alone = expert_tp_s(token_bytes=token_bytes, top_k=2, ep=1, etp=2, imbalance=1.25, topo=topo, cluster=cluster)
+    assert alone == pytest.approx(4 * (1e-6 + 1 / 2 * 2 * token_bytes * 2 / 1e11))
+
+
+def test_expert_tp_limit_case_and_gemm_width():
+    """Limit case: etp = 1 moves nothing. Expert GEMMs under etp: etp x the rows at 1/etp of the width, the
+    same FLOPs on a rank (the same time at a FLOP-sized efficiency), and etp = 1 is the plain EP cost."""
+    cluster = _cluster()
+    topo = comm.group_topology(group_size=1, stride=1, gpus_per_node=8)
+    assert expert_tp_s(token_bytes=1e9, top_k=2, ep=8, etp=1, imbalance=1.1, topo=topo, cluster=cluster) == 0.0
+    gemm = GemmShape(m_per_sequence=256, n=768, k=2048, count=128, tp_split="none")
+    kw = dict(gemm=gemm, num_experts=128, ep=8, tokens_split=1, seqs=1, imbalance=1.1, cluster=cluster, grouped=False)
+    assert expert_gemm_s(etp=1, **kw) == expert_gemm_s(**kw)
+    assert expert_gemm_s(etp=4, **kw) == pytest.approx(expert_gemm_s(**kw))

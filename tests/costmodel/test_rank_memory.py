@@ -110,6 +110,10 @@ def test_micro_batches_at_the_first_and_later_backwards(schedule, pp, stage, m, 
     (dict(dp=4, tp=2), 8, False),                  # tp on a MoE model: experts not split, tokens by tp rank
     (dict(dp=4, tp=2), 0, False),                  # tp on a dense one
     (dict(dp=2, ep=4), 8, True),                   # ep does not divide dp*cp*tp
+    (dict(dp=4, ep=2, etp=2), 8, False),           # expert TP folded with ep over the dp ranks
+    (dict(dp=2, tp=2, etp=2, zero_stage=3), 8, False),
+    (dict(dp=2, etp=2), 0, True),                  # etp on a dense model
+    (dict(dp=2, etp=2, zero_stage=3, offload="params"), 8, True),  # FSDP2's offload policy needs whole experts
     (dict(pp=2, schedule="zero-bubble", recompute="selective"), 0, True),  # two backward passes under SAC
     (dict(pp=2, schedule="zero-bubble", recompute="full"), 0, False),
     (dict(pp=2, dp=2, schedule="zero-bubble", zero_stage=3), 0, True),   # FSDP reshards between its two passes

@@ -10,13 +10,15 @@ moment are gone, its temporaries whole; Estimate.memory_breakdown accounts as th
 or within 1% of the peak when it is smaller than that (a near-empty category has no meaningful ratio).
 Points the executor refuses (autoplan.support) are skipped with its reason.
 
-Run: python -m benchmarks.memory_truth [--only SUBSTRING]   (writes benchmarks/results/memory_truth.{md,json})
+Run: python -m benchmarks.memory_truth [--only SUBSTRING [--save-as NAME]]   (writes
+benchmarks/results/memory_truth.{md,json}; a partial run only with --save-as, to memory_truth_NAME.{md,json})
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,7 +187,8 @@ def markdown(rows: list[dict], summary: dict) -> str:
              "(`rank_peak(physical=True)`). Errors are estimate / dry run - 1. Target: total within 5%; each "
              "category within 10%, or within 1% of the peak when smaller than that.", "",
              f"**{summary['within']} of {summary['run']} points within target**; {summary['skipped']} skipped "
-             f"(the executor refuses them). Dry run of llama3-70b on 1024 GPUs: {summary['timed_s']:.1f} s.", "",
+             f"(the executor refuses them)." + (f" Dry run of llama3-70b on 1024 GPUs: {summary['timed_s']:.1f} s."
+                                                 if not math.isnan(summary["timed_s"]) else ""), "",
              "| model | plan | GPUs | stage | dry GiB | est GiB | total | params | grads | optim | activ | temp | "
              "buffers | within | dry run s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for row in rows:
@@ -237,6 +240,7 @@ def summarise(rows: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="run the points whose model or plan contains this text")
+    parser.add_argument("--save-as", help="with --only: write the part's results as memory_truth_NAME.{md,json}")
     args = parser.parse_args()
     points = [p for p in GRID if not args.only or args.only in f"{p.model} {ap.Plan(**p.plan).describe()}"]
     profiles: dict = {}
@@ -253,12 +257,17 @@ def main() -> None:
                   f"{'ok' if s['within'] else 'OFF'}  [{row['dryrun_s']:.1f} s]", flush=True)
     summary = summarise(rows)
     print(f"{summary['within']} of {summary['run']} points within target; {summary['skipped']} skipped")
-    if args.only:
+    if args.only and not args.save_as:
         return  # a partial run does not overwrite the committed results
+    name = f"memory_truth_{args.save_as}" if args.only else "memory_truth"
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "memory_truth.json").write_text(json.dumps({"summary": summary, "points": rows}, indent=2) + "\n")
-    (RESULTS / "memory_truth.md").write_text(markdown(rows, summary))
-    print(f"wrote {RESULTS / 'memory_truth.md'}")
+    (RESULTS / f"{name}.json").write_text(json.dumps({"summary": summary, "points": rows}, indent=2) + "\n")
+    text = markdown(rows, summary)
+    if args.only:
+        text = text.replace("`python -m benchmarks.memory_truth`", f"`python -m benchmarks.memory_truth --only "
+                                                                   f"'{args.only}' --save-as {args.save_as}`", 1)
+    (RESULTS / f"{name}.md").write_text(text)
+    print(f"wrote {RESULTS / (name + '.md')}")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,12 @@ from autoplan.schema import LayerProfile, Plan
 # copy of the gradient chunk, its denominator and one more fp32 chunk are alive at once: 3 x 4 B per element.
 OPTIMIZER_CHUNK_ELEMENTS = 2**22
 OPTIMIZER_SCRATCH_BYTES_PER_ELEMENT = 3 * 4
+# Under expert tensor parallelism a MoE layer's backward holds h-wide gradients of etp x its [T·k, h] rows
+# where the single process held one: of the experts' partial output, of their rows, the index backward's zeros
+# and of the rows before the gather: 4 (mixtral-8x7b, 2 blocks, full recompute, ep 1-8 x etp 2-4: the dry
+# run's temporaries within 10% with 4 where none had been -26%); they do not overlap the stacked weights'
+# gradient temporaries (max of the two).
+ETP_GRADIENT_COPIES = 4
 
 
 @dataclass(frozen=True)
@@ -143,10 +149,11 @@ def layer_memory(*, layer: LayerProfile, tp: int, sequence_parallel: bool, cp: i
         gathered = (etp - 1) * rows
         kept, kept_none = kept + (gathered if recompute != "full" else 0.0), kept_none + gathered
     head = layer.kind == "head"
+    etp_gradients = ETP_GRADIENT_COPIES * (etp - 1) * rows if layer.kind == "moe" else 0.0
     return LayerMemory(
         kept=kept, kept_none=kept_none,
         forward_excess=layer.forward_peak_bytes * scale,
-        backward_excess=layer.backward_peak_bytes * scale + weight_temporaries,
+        backward_excess=layer.backward_peak_bytes * scale + max(weight_temporaries, etp_gradients),
         output_kept=layer.output_bytes * micro_batch_size / cp / logits_split if head else 0.0,
         loss_kept=((layer.activation_bytes - layer.activation_column_input_bytes) * micro_batch_size / cp / logits_split
                    if head else 0.0),
@@ -473,8 +480,16 @@ def _rank_peak(rank: RankMemoryInputs, plan: Plan, stage: int, in_flight: float,
         candidates["backward through the loss"] = moment(rank.head_backward, 0.0)
     made, freed = rank.block_backward
     own = rank.weight_grad_inputs if waiting else 0.0
-    candidates["backward through a block"] = moment(
-        (made + own, freed), unit_grads + (PARAM_BYTES * (2 * unit_params + rank.root_params) if zero3 else 0.0))
+    block_gathered = unit_grads + (PARAM_BYTES * (2 * unit_params + rank.root_params) if zero3 else 0.0)
+    if zero3 and plan.pp == 1 and plan.expert_sharded:
+        # experts in FSDP units of their own (expert_parallel.shard_experts): one block's experts gathered, not
+        # two, their gradients reduced as they come; the dense parts of two blocks gathered with their unsharded
+        # gradients (mixtral-8x7b ZeRO-3, dp 8: ep 8 and ep 1 etp 2 dry runs within 1%; two blocks' experts
+        # and their gradients had over-counted them by 43% and 116%)
+        dense_unit = rank.largest_unit_params - rank.largest_unit_expert_params
+        block_gathered = PARAM_BYTES * (rank.largest_unit_expert_params * pad + rank.root_params) + \
+            (PARAM_BYTES + GRAD_BYTES) * 2 * dense_unit
+    candidates["backward through a block"] = moment((made + own, freed), block_gathered)
     if not (plan.pp > 1 and wrapper.startswith("fsdp")):
         candidates["backward through a block"]["grads"] += tail_grads
     if not grads and made and not (plan.pp > 1 and wrapper.startswith("fsdp")):  # the first backward's end, through the rank's first block: nearly all gradients made

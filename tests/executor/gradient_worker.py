@@ -6,10 +6,7 @@ compares each of its parameters' gradients with the single-process one: whole fo
 full tensor of tensor-parallel DTensors, and for expert weights the rank's slice (experts [r·E/ep, ...) of its
 ep rank, width [j·F/etp, ...) of its etp rank: executor.expert_parallel)."""
 
-import os
-
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
@@ -17,7 +14,7 @@ from autoplan.executor import apply
 from autoplan.executor.expert_parallel import WIDTH_DIM, expert_parameters
 from autoplan.executor.train import Parallelized, train_step
 from autoplan.schema import Plan
-from dist_worker import build, free_port
+from dist_worker import build, free_port, gloo_rank
 
 
 class GradientRecorder:
@@ -74,13 +71,8 @@ def gradient_errors(model_name: str, plan: Plan) -> dict[str, float]:
 
 
 def _worker(rank: int, world: int, port: int, jobs: list, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_rank(rank, world, port):
         out.put((rank, [gradient_errors(name, Plan.model_validate_json(plan)) for name, plan in jobs]))
-    finally:
-        dist.destroy_process_group()
 
 
 def gradient_errors_on_ranks(world: int, jobs: list[tuple[str, Plan]]) -> list[dict[str, float]]:

@@ -213,7 +213,7 @@ def default_batch(gpus: int) -> int:
     return batch
 
 
-FIXABLE = ("dp", "tp", "pp", "cp", "ep", "zero_stage", "recompute", "sequence_parallel", "micro_batch_size",
+FIXABLE = ("dp", "tp", "pp", "cp", "ep", "etp", "zero_stage", "recompute", "sequence_parallel", "micro_batch_size",
            "schedule", "virtual_stages", "offload")
 
 

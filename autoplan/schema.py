@@ -176,6 +176,15 @@ class ModelProfile(_Noun):
         """Model FLOPs of one training step per sequence (forward + backward, no recompute)."""
         return sum(layer.fwd_flops + layer.bwd_flops for layer in self.layers)
 
+    @property
+    def expert_ffn_hidden(self) -> int:
+        """A routed expert's width F (what expert tensor parallelism splits): the output features of the
+        experts' up-projections (GEMMs recorded a multiple of num_experts times, reducing over hidden); 0
+        when the profile has none."""
+        return next((g.n for layer in self.layers if layer.kind == "moe" for g in layer.gemms
+                     if self.num_experts and g.count % self.num_experts == 0 and g.count >= self.num_experts
+                     and g.k == self.hidden), 0)
+
 
 # ----------------------------------------------------------------------------------------- where
 class Link(_Noun):
@@ -419,6 +428,9 @@ class Plan(_Noun):
     pp: int = Field(1, ge=1, le=MAX_GPUS, description="Pipeline stages.")
     cp: int = Field(1, ge=1, le=MAX_GPUS, description="Context-parallel degree (sequence split across ranks, ring attention).")
     ep: int = Field(1, ge=1, le=MAX_GPUS, description="Expert-parallel degree for MoE layers (folded over dp*cp*tp ranks).")
+    etp: int = Field(1, ge=1, le=MAX_GPUS, description="Expert tensor-parallel degree: each routed expert's FFN split over "
+                                                       "etp ranks (column/row), folded with ep over dp*cp*tp ranks "
+                                                       "(Megatron-Core's expert_tensor_parallel_size). 1: experts whole.")
     zero_stage: int = Field(0, ge=0, le=3, description="ZeRO stage: 0 none, 1 optimizer, 2 +gradients, 3 +parameters (FSDP).")
     recompute: Recompute = Field("none", description="Activation recomputation: none, selective (attention core) or full.")
     sequence_parallel: bool = Field(False, description="Megatron sequence parallelism on the tp group (no effect when tp=1).")
@@ -451,6 +463,8 @@ class Plan(_Noun):
             raise ValueError(f"recompute_per_stage has {len(self.recompute_per_stage)} entries but pp = {self.pp}")
         if self.offload == "params" and self.zero_stage != 3:
             raise ValueError(f"offload=params needs zero_stage 3 (FSDP2's CPUOffloadPolicy), not {self.zero_stage}")
+        if self.etp > 1 and (self.dp * self.cp * self.tp) % (self.ep * self.etp):
+            raise ValueError(f"ep*etp = {self.ep}*{self.etp} does not divide dp*cp*tp = {self.dp * self.cp * self.tp}")
         return self
 
     @property
@@ -459,8 +473,14 @@ class Plan(_Noun):
 
     @property
     def expert_data_parallel(self) -> int:
-        """Ranks holding the same experts: the dp x cp x tp ranks of a stage, ep of them splitting the experts."""
-        return self.dp * self.cp * self.tp // self.ep
+        """Ranks holding the same expert shards: the dp x cp x tp ranks of a stage, ep x etp of them splitting
+        the experts (ep by experts, etp each expert's width)."""
+        return self.dp * self.cp * self.tp // (self.ep * self.etp)
+
+    @property
+    def expert_sharded(self) -> bool:
+        """Experts are split over ranks (ep or etp > 1): the executor builds the expert mesh for them."""
+        return self.ep * self.etp > 1
 
     @property
     def chunks_per_rank(self) -> int:
@@ -475,7 +495,7 @@ class Plan(_Noun):
 
     def describe(self) -> str:
         parts = [f"dp={self.dp}", f"tp={self.tp}", f"pp={self.pp}", f"cp={self.cp}", f"ep={self.ep}",
-                 f"zero={self.zero_stage}", f"recompute={self.recompute}",
+                 *([f"etp={self.etp}"] if self.etp > 1 else []), f"zero={self.zero_stage}", f"recompute={self.recompute}",
                  f"sp={'on' if self.sequence_parallel and self.tp > 1 else 'off'}",
                  f"mbs={self.micro_batch_size}", f"gbs={self.global_batch_size}", f"schedule={self.schedule}"]
         if self.virtual_stages > 1:
@@ -510,6 +530,12 @@ def check_plan(profile: ModelProfile, cluster: Cluster, plan: Plan) -> None:
             raise InvalidPlanError(f"ep={plan.ep} does not divide {profile.num_experts} experts")
         if (plan.dp * plan.cp * plan.tp) % plan.ep:
             raise InvalidPlanError(f"ep={plan.ep} does not divide dp*cp*tp = {plan.dp * plan.cp * plan.tp}")
+    if plan.etp > 1:
+        if not profile.num_experts:
+            raise InvalidPlanError(f"etp={plan.etp} but the model has no experts")
+        width = profile.expert_ffn_hidden
+        if width and width % plan.etp:
+            raise InvalidPlanError(f"etp={plan.etp} does not divide the experts' width {width}")
 
 
 class PlanFile(_Noun):

@@ -10,13 +10,15 @@ moment are gone, its temporaries whole; Estimate.memory_breakdown accounts as th
 or within 1% of the peak when it is smaller than that (a near-empty category has no meaningful ratio).
 Points the executor refuses (autoplan.support) are skipped with its reason.
 
-Run: python -m benchmarks.memory_truth [--only SUBSTRING]   (writes benchmarks/results/memory_truth.{md,json})
+Run: python -m benchmarks.memory_truth [--only SUBSTRING [--save-as NAME]]   (writes
+benchmarks/results/memory_truth.{md,json}; a partial run only with --save-as, to memory_truth_NAME.{md,json})
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +114,18 @@ GRID = [
           "EP x PP, full recompute, 1024 GPUs"),
     Point("qwen3-235b-a22b", _p(tp=2, pp=8, dp=16, ep=32, sequence_parallel=True, zero_stage=1,
                                 global_batch_size=2048), "Megatron-Bridge's H100 layout (TP2 PP8 EP32), 256 GPUs"),
+    # expert tensor parallelism (etp: each expert's width split, Megatron-Core's expert_tensor_parallel_size)
+    Point("mixtral-8x7b", _p(dp=16, ep=8, etp=2, zero_stage=1, global_batch_size=32),
+          "EP x ETP: every expert over 2 ranks beyond ep = the 8 experts"),
+    Point("mixtral-8x7b", _p(tp=2, dp=4, ep=4, etp=2, sequence_parallel=True, zero_stage=1, global_batch_size=16),
+          "ETP = TP with SP (Megatron-LM's expert layout before folding)"),
+    Point("mixtral-8x7b", _p(dp=8, etp=2, zero_stage=3, global_batch_size=16), "ETP alone (ep=1), ZeRO-3"),
+    Point("mixtral-8x7b", _p(dp=32, ep=8, etp=4, zero_stage=2, recompute="full", micro_batch_size=2,
+                             global_batch_size=128), "EP x ETP 4, ZeRO-2, full recompute, micro-batch 2"),
+    Point("qwen3-30b-a3b", _p(dp=16, ep=8, etp=2, zero_stage=3, global_batch_size=32),
+          "fine-grained experts (width 768) over EP x ETP, ZeRO-3"),
+    Point("qwen3-30b-a3b", _p(tp=2, dp=4, ep=4, etp=2, sequence_parallel=True, zero_stage=1, recompute="selective",
+                              global_batch_size=16), "fine-grained experts, ETP = TP with SP, selective recompute"),
 ]
 
 
@@ -173,7 +187,8 @@ def markdown(rows: list[dict], summary: dict) -> str:
              "(`rank_peak(physical=True)`). Errors are estimate / dry run - 1. Target: total within 5%; each "
              "category within 10%, or within 1% of the peak when smaller than that.", "",
              f"**{summary['within']} of {summary['run']} points within target**; {summary['skipped']} skipped "
-             f"(the executor refuses them). Dry run of llama3-70b on 1024 GPUs: {summary['timed_s']:.1f} s.", "",
+             f"(the executor refuses them)." + (f" Dry run of llama3-70b on 1024 GPUs: {summary['timed_s']:.1f} s."
+                                                 if not math.isnan(summary["timed_s"]) else ""), "",
              "| model | plan | GPUs | stage | dry GiB | est GiB | total | params | grads | optim | activ | temp | "
              "buffers | within | dry run s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for row in rows:
@@ -225,6 +240,7 @@ def summarise(rows: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="run the points whose model or plan contains this text")
+    parser.add_argument("--save-as", help="with --only: write the part's results as memory_truth_NAME.{md,json}")
     args = parser.parse_args()
     points = [p for p in GRID if not args.only or args.only in f"{p.model} {ap.Plan(**p.plan).describe()}"]
     profiles: dict = {}
@@ -241,12 +257,17 @@ def main() -> None:
                   f"{'ok' if s['within'] else 'OFF'}  [{row['dryrun_s']:.1f} s]", flush=True)
     summary = summarise(rows)
     print(f"{summary['within']} of {summary['run']} points within target; {summary['skipped']} skipped")
-    if args.only:
+    if args.only and not args.save_as:
         return  # a partial run does not overwrite the committed results
+    name = f"memory_truth_{args.save_as}" if args.only else "memory_truth"
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "memory_truth.json").write_text(json.dumps({"summary": summary, "points": rows}, indent=2) + "\n")
-    (RESULTS / "memory_truth.md").write_text(markdown(rows, summary))
-    print(f"wrote {RESULTS / 'memory_truth.md'}")
+    (RESULTS / f"{name}.json").write_text(json.dumps({"summary": summary, "points": rows}, indent=2) + "\n")
+    text = markdown(rows, summary)
+    if args.only:
+        text = text.replace("`python -m benchmarks.memory_truth`", f"`python -m benchmarks.memory_truth --only "
+                                                                   f"'{args.only}' --save-as {args.save_as}`", 1)
+    (RESULTS / f"{name}.md").write_text(text)
+    print(f"wrote {RESULTS / (name + '.md')}")
 
 
 if __name__ == "__main__":

@@ -193,6 +193,35 @@ def test_check_plan_ep_must_divide_dp_cp_tp(moe_profile):
 
 
 # ----------------------------------------------------------------------------------------- parse_plan
+def test_expert_tensor_parallel_field(moe_profile):
+    """Oracle: Megatron-Core's folding (etp x ep x edp over the dp*cp*tp ranks) and the model's shape:
+    etp defaults to 1 and is shown only above 1; ep*etp must divide dp*cp*tp (one line); etp must divide the
+    experts' width (moe-tiny: 128) and needs experts; edp = dp*cp*tp / (ep*etp)."""
+    assert Plan(global_batch_size=8).etp == 1
+    plan = Plan(dp=4, tp=2, ep=2, etp=2, global_batch_size=8)
+    assert plan.expert_data_parallel == 2 and plan.expert_sharded
+    assert "ep=2 etp=2 zero=0" in plan.describe()
+    assert "etp" not in Plan(dp=4, ep=2, global_batch_size=8).describe()
+    assert plan_error(dp=2, ep=2, etp=2, global_batch_size=8) == "ep*etp = 2*2 does not divide dp*cp*tp = 2"
+    assert moe_profile.expert_ffn_hidden == 128
+    cluster = Cluster.preset("dgx-h100", gpus=8)
+    assert check_plan(moe_profile, cluster, plan) is None
+    with pytest.raises(InvalidPlanError, match="etp=3 does not divide the experts' width 128"):
+        check_plan(moe_profile, cluster.with_gpus(3), Plan(dp=3, etp=3, global_batch_size=9))
+
+
+def test_plan_files_without_etp_load_as_etp_1(tmp_path):
+    """Oracle: backward compatibility: a plan file written before the etp field (no "etp" key) loads with etp=1,
+    and a plan with etp round-trips."""
+    old = Plan(dp=4, ep=2, global_batch_size=8).model_dump()
+    del old["etp"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    assert Plan.load(path).etp == 1
+    plan = Plan(dp=4, ep=2, etp=2, global_batch_size=8)
+    assert parse_plan(plan.model_dump_json()) == plan
+
+
 def test_parse_plan_malformed_json_is_one_line():
     """Limit case: malformed JSON -> InvalidInputError naming the source, line and column, on one line."""
     with pytest.raises(InvalidInputError) as err:

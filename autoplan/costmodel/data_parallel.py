@@ -31,14 +31,14 @@ def dp_sync_s(rank: RankCost, cluster: Cluster, plan: Plan, stack: Stack | None 
     the last block's reduce-scatter (nothing runs after it). Each collective pays its own latency, which
     at hundreds of ranks is (n-1)·α (comm.group_all_gather_s). Under a pipeline, one gather and one
     reduce-scatter per step. Dense parameters sync over dp*cp
-    (stride tp); experts over the expert-data-parallel ranks dp*cp*tp/ep (stride ep).
+    (stride tp); experts over the expert-data-parallel ranks dp*cp*tp/(ep·etp) (stride ep·etp).
     A stack with dp_sync "autoplan" (the executor's) overlaps ZeRO 0/1's reduction with backward only
     without tp and pp, and exposes ZeRO-1's all-gathers, one per bucket, inside the optimizer step.
     """
     stack = stack or DEFAULT_STACK
     train = _trainable(rank)  # frozen parameters send no gradients (nor, under ZeRO 1/2, updated weights)
     groups = [(rank.layers.dense_params, plan.dp * plan.cp, plan.tp),
-              (rank.layers.expert_params, plan.expert_data_parallel, plan.ep)]
+              (rank.layers.expert_params, plan.expert_data_parallel, plan.ep * plan.etp)]
     units = (max(rank.blocks, 1) * stack.zero3_collectives_per_block + 1) if plan.zero_stage == 3 else 1
     m = plan.num_micro_batches
     # FSDP reshards gradients after every micro-batch's backward (autoplan's executor: no no_sync for

@@ -52,7 +52,7 @@ def even_split(num_blocks: int, chunks: int) -> list[int]:
 
 class Coster:
     """Costs plans of one (profile, cluster). Layer costs depend on the plan only through
-    (tp, sp, cp, ep, micro-batch, recompute), so they are cached across the plans a search tries."""
+    (tp, sp, cp, ep, etp, micro-batch, recompute), so they are cached across the plans a search tries."""
 
     _recent: dict[tuple[int, int, int], Coster] = {}
 
@@ -75,7 +75,8 @@ class Coster:
     def layers_cost(self, layers: tuple[LayerProfile, ...], plan: Plan, recompute: str) -> tuple[LayerCost, float]:
         """Summed cost of consecutive layers (a block, or the layers before/after the blocks), and the
         part of their activations that are logits."""
-        key = (id(layers), recompute, plan.tp, plan.sequence_parallel, plan.cp, plan.ep, plan.micro_batch_size)
+        key = (id(layers), recompute, plan.tp, plan.sequence_parallel, plan.cp, plan.ep, plan.etp,
+               plan.micro_batch_size)
         cached = self._layers.get(key)
         if cached is None:
             total, logits, mm_offset = LayerCost(), 0.0, 0
@@ -105,13 +106,13 @@ class Coster:
     def layers_memory(self, layers: tuple[LayerProfile, ...], plan: Plan, recompute: str) -> tuple[LayerMemory, ...]:
         """Memory of each of consecutive layers for one micro-batch (costmodel.rank_memory)."""
         sp = plan.sequence_parallel and plan.tp > 1
-        key = ("memory", id(layers), recompute, plan.tp, sp, plan.cp, plan.ep, plan.micro_batch_size)
+        key = ("memory", id(layers), recompute, plan.tp, sp, plan.cp, plan.ep, plan.etp, plan.micro_batch_size)
         cached = self._layers.get(key)
         if cached is None:
             offsets = [sum(g.count for earlier in layers[:i] for g in earlier.gemms) for i in range(len(layers))]
             every_other = self.stack.selective_recompute == "every-other-mm"
             cached = self._layers[key] = tuple(
-                layer_memory(layer=layer, tp=plan.tp, sequence_parallel=sp, cp=plan.cp, ep=plan.ep,
+                layer_memory(layer=layer, tp=plan.tp, sequence_parallel=sp, cp=plan.cp, ep=plan.ep, etp=plan.etp,
                              micro_batch_size=plan.micro_batch_size, recompute=recompute, block_first=i == 0,
                              dtype_bytes=self.profile.dtype_bytes, vocab_parallel_loss=self.stack.vocab_parallel_loss,
                              recomputed_gemms=every_other_mm(layer, offsets[i]) if every_other else ())

@@ -12,8 +12,8 @@ from autoplan.costmodel import comm
 from autoplan.costmodel.compute import (ATTENTION_BWD_FACTOR, CAUSAL_ATTENTION_WORK_FRACTION, GEMM_BWD_FACTOR,
                                         MEMORY_BOUND_BWD_FACTOR, attention_core_time_s, gemm_time_s,
                                         memory_bound_time_s, streaming_time_s)
-from autoplan.costmodel.experts import (dispatch_s, expert_gemm_s, expert_load, fused_moe_kept_bytes_per_token,
-                                        is_expert_gemm, reachable_nodes)
+from autoplan.costmodel.experts import (dispatch_s, expert_gemm_s, expert_load, expert_tp_s,
+                                        fused_moe_kept_bytes_per_token, is_expert_gemm, reachable_nodes)
 from autoplan.costmodel.memory import layer_activation_bytes, local_params
 from autoplan.schema import Cluster, GemmShape, LayerProfile, ModelProfile, Plan, Stack
 
@@ -177,16 +177,16 @@ def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, 
     load = expert_load(imbalance=profile.routing_imbalance, capacity_factor=stack.moe_capacity_factor,
                        pad_to_capacity=stack.moe_pad_to_capacity) if moe else 1.0
     for g in layer.gemms:
-        # experts are not split by tp (expert tensor parallel = 1): each tp rank routes its own 1/tp of the
-        # tokens (parallel folding, with SP or without); the busiest ep rank's experts set the pace
+        # experts are not split by tp: each tp rank routes its own 1/tp of the tokens (parallel folding, with
+        # SP or without); etp splits their width; the busiest ep rank's experts set the pace
         split = _gemm_split(g, tp=tp, layer=layer)
         if moe and is_expert_gemm(gemm=g, num_experts=layer.num_experts):
             time_s = expert_gemm_s(gemm=g, num_experts=layer.num_experts, ep=ep, tokens_split=split, seqs=seqs,
-                                   imbalance=load, grouped=stack.grouped_gemm, cluster=cluster) / clock
+                                   imbalance=load, grouped=stack.grouped_gemm, cluster=cluster, etp=plan.etp) / clock
             if fp8:  # the rank's expert inputs (all its tokens' rows) and its local experts' weights are cast
                 time_s /= cluster.fp8_gemm_speedup
                 cast_bytes += FP8_CAST_BYTES_PER_ELEMENT * (load * g.count * g.m_per_sequence * seqs * g.k / split
-                                                            + g.count / ep * g.n * g.k)
+                                                            + g.count / ep * g.n * g.k / plan.etp)
             gemm_s += time_s
             continue
         time_s = _gemm_s(g, seqs=seqs, tp=tp, layer=layer, cluster=cluster, clock=clock)
@@ -272,12 +272,17 @@ def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, 
     if cp > 1 and layer.kind == "attention":
         cost.cp_comm_s = _ring_attention_exposed_s(layer=layer, cluster=cluster, plan=plan, attn_fwd_s=attn_fwd_s)
     if ep > 1 and moe:  # the token dispatcher (costmodel.experts.dispatch_s) on this rank's 1/tp of the tokens
-        ep_topo = comm.group_topology(group_size=ep, stride=1, gpus_per_node=cluster.gpus_per_node)
+        # (ep ranks etp apart: executor.mesh.build_expert_mesh)
+        ep_topo = comm.group_topology(group_size=ep, stride=plan.etp, gpus_per_node=cluster.gpus_per_node)
         reach = reachable_nodes(nodes=ep_topo.nodes, groups=profile.routing_groups,
                                 group_top_k=profile.routing_group_top_k)
         cost.ep_comm_s = dispatch_s(token_bytes=boundary_bytes / tp, top_k=layer.top_k, ep=ep, imbalance=load,
                                     dispatcher=stack.moe_dispatcher, topo=ep_topo, cluster=cluster,
                                     reachable_nodes=reach)
+    if plan.etp > 1 and moe:  # expert tensor parallelism's gather and reduce-scatter, etp consecutive ranks
+        etp_topo = comm.group_topology(group_size=plan.etp, stride=1, gpus_per_node=cluster.gpus_per_node)
+        cost.ep_comm_s += expert_tp_s(token_bytes=boundary_bytes / tp, top_k=layer.top_k, ep=ep, etp=plan.etp,
+                                      imbalance=load, topo=etp_topo, cluster=cluster)
     # recomputation reruns the forward's collectives too: all of them under full recompute (Megatron-LM's
     # checkpointed forward repeats its all-reduces), SP's all-gathers (one half of each forward pair) under
     # selective recompute (autoplan.selective reruns them rather than keeping their gathered outputs)
@@ -299,7 +304,7 @@ def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, 
                                                              seqs=seqs, kept=cost.activation_bytes)
     cost.working_bytes = layer_activation_bytes(layer=layer, tp=tp, sequence_parallel=sp, cp=cp, recompute="none",
                                                 micro_batch_size=mbs, block_first=block_first)
-    cost.dense_params, cost.expert_params = local_params(layer=layer, tp=tp, ep=ep)
+    cost.dense_params, cost.expert_params = local_params(layer=layer, tp=tp, ep=ep, etp=plan.etp)
     if layer.frozen_params and layer.params:  # frozen tensors split as the layer's others do (a uniform share)
         cost.frozen_params = (cost.dense_params + cost.expert_params) * layer.frozen_params / layer.params
     return cost

@@ -33,15 +33,15 @@ def model_state_bytes(*, params: float, zero_stage: int, shard_degree: int) -> t
     return param_bytes, grad_bytes, optimizer_bytes
 
 
-def local_params(*, layer: LayerProfile, tp: int, ep: int) -> tuple[float, float]:
+def local_params(*, layer: LayerProfile, tp: int, ep: int, etp: int = 1) -> tuple[float, float]:
     """(dense, expert) parameters of `layer` held by one rank: TP splits the column/row-parallel
-    weights (Shoeybi et al. 2019, Sec. 3) and replicates norms and routers; EP splits experts. A MoE
-    layer's router and shared experts stay whole under tp (each tp rank routes its own tokens: parallel
-    folding)."""
+    weights (Shoeybi et al. 2019, Sec. 3) and replicates norms and routers; EP splits experts and etp
+    each expert's width (every routed-expert weight has the width as one dim). A MoE layer's router and
+    shared experts stay whole under tp (each tp rank routes its own tokens: parallel folding)."""
     dense = layer.params - layer.expert_params
     if layer.kind == "moe":
-        return dense, layer.expert_params / ep
-    return dense - layer.tp_sharded_params * (1 - 1 / tp), layer.expert_params / ep
+        return dense, layer.expert_params / (ep * etp)
+    return dense - layer.tp_sharded_params * (1 - 1 / tp), layer.expert_params / (ep * etp)
 
 
 def layer_activation_bytes(*, layer: LayerProfile, tp: int, sequence_parallel: bool, cp: int,

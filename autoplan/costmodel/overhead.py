@@ -37,9 +37,9 @@ def call_counts(profile: ModelProfile, plan: Plan) -> dict[str, float]:
         "tp_per_layer_call": m * layers if plan.tp > 1 else 0.0,
         "cp_per_attention_call": m * attention if plan.cp > 1 else 0.0,
         "fsdp_per_unit_call": m * (profile.num_blocks / pp + 1) if fsdp else 0.0,
-        "ddp_per_step": 1.0 if plan.dp * plan.cp > 1 and not fsdp and plan.ep == 1 else 0.0,
+        "ddp_per_step": 1.0 if plan.dp * plan.cp > 1 and not fsdp and not plan.expert_sharded else 0.0,
         "pp_per_micro_batch": m * plan.virtual_stages if pp > 1 else 0.0,
-        "ep_per_moe_call": m * moe if plan.ep > 1 else 0.0,
+        "ep_per_moe_call": m * moe * ((plan.ep > 1) + (plan.etp > 1)),  # each exchange: its counts, then rows
     }
 
 

@@ -17,7 +17,8 @@ The model the dry run taught (benchmarks/results/memory_truth.md):
    keeps the GEMMs', fused attention's and collectives' outputs (autoplan.selective; measured by the
    profiler as selective_bytes) and the block's input;
    expert parallelism keeps the tokens its all-to-all dispatched; under tp a MoE layer keeps 1/tp of its
-   activations (each tp rank routes its own sequence shard: executor.tensor_parallel.moe_layout).
+   activations (each tp rank routes its own sequence shard: executor.tensor_parallel.moe_layout); expert
+   tensor parallelism keeps etp x the experts' h-wide rows (the rows gathered over etp).
 3. The peak is a moment, not a sum of maxima: it is the largest of the candidates in `rank_peak` —
    backward through the loss and head, backward through the last block, the end of a forward, the
    optimizer step — each with the activations of the micro-batches in flight then
@@ -40,6 +41,12 @@ from autoplan.schema import LayerProfile, Plan
 # copy of the gradient chunk, its denominator and one more fp32 chunk are alive at once: 3 x 4 B per element.
 OPTIMIZER_CHUNK_ELEMENTS = 2**22
 OPTIMIZER_SCRATCH_BYTES_PER_ELEMENT = 3 * 4
+# Under expert tensor parallelism a MoE layer's backward holds h-wide gradients of etp x its [T·k, h] rows
+# where the single process held one: of the experts' partial output, of their rows, the index backward's zeros
+# and of the rows before the gather: 4 (mixtral-8x7b, 2 blocks, full recompute, ep 1-8 x etp 2-4: the dry
+# run's temporaries within 10% with 4 where none had been -26%); they do not overlap the stacked weights'
+# gradient temporaries (max of the two).
+ETP_GRADIENT_COPIES = 4
 
 
 @dataclass(frozen=True)
@@ -105,9 +112,9 @@ def _split(layer: LayerProfile, *, tp: int, sequence_parallel: bool) -> float:
 
 def layer_memory(*, layer: LayerProfile, tp: int, sequence_parallel: bool, cp: int, micro_batch_size: int,
                  recompute: str, block_first: bool, ep: int = 1, dtype_bytes: int = 2,
-                 vocab_parallel_loss: bool = False, recomputed_gemms: Sequence[tuple] = ()) -> LayerMemory:
+                 vocab_parallel_loss: bool = False, recomputed_gemms: Sequence[tuple] = (), etp: int = 1) -> LayerMemory:
     """Memory of `layer` per micro-batch on one rank. Temporaries that grow with the batch scale as the
-    layer's activations do; weight-gradient temporaries as its weights (1/tp, experts 1/ep; a vocabulary-
+    layer's activations do; weight-gradient temporaries as its weights (1/tp, experts 1/(ep·etp); a vocabulary-
     parallel embedding's gradient comes back whole). vocab_parallel_loss: the stack computes the loss on the
     vocabulary-parallel logits (Stack.vocab_parallel_loss: torch's loss_parallel, Megatron-LM), so the
     head's logits, their fp32 copies and their temporaries are 1/tp on each rank; autoplan's executor
@@ -115,7 +122,7 @@ def layer_memory(*, layer: LayerProfile, tp: int, sequence_parallel: bool, cp: i
     common = dict(layer=layer, tp=tp, sequence_parallel=sequence_parallel, cp=cp, micro_batch_size=micro_batch_size,
                   block_first=block_first)
     scale = _split(layer, tp=tp, sequence_parallel=sequence_parallel) * micro_batch_size / cp
-    weights = 1.0 if layer.kind == "embedding" else 1 / ep if layer.kind == "moe" else 1 / tp
+    weights = 1.0 if layer.kind == "embedding" else 1 / (ep * etp) if layer.kind == "moe" else 1 / tp
     weight_temporaries = layer.backward_peak_weight_bytes * weights
     if layer.kind == "embedding":  # the whole-table gradient comes once, in the parameters' dtype (the traced
         # decomposition accumulates in fp32: twice that, which the dry run of deepseek-v3's first stage did not hold)
@@ -129,21 +136,30 @@ def layer_memory(*, layer: LayerProfile, tp: int, sequence_parallel: bool, cp: i
                 / logits_split) * micro_batch_size / cp
         kept_none = kept
         scale /= logits_split
-    if layer.kind == "moe" and ep > 1:  # the all-to-all's dispatched tokens [T·k, h] stay for backward (and a
-        dispatched = layer.output_bytes * layer.top_k * micro_batch_size / cp / tp  # recomputed forward rebuilds them)
-        # (selective recompute reruns the dispatch: qwen3-30b-a3b, ep 8, the dry run kept 6 GiB less)
+    rows = layer.output_bytes * layer.top_k * micro_batch_size / cp / tp  # the rank's routed rows [T·k, h]
+    if layer.kind == "moe" and ep * etp > 1:  # the exchanged rows (dispatched over ep, then gathered over etp:
+        # etp x [T·k, h]) stay for backward (and a recomputed forward rebuilds them); selective recompute reruns
+        # the exchange (qwen3-30b-a3b, ep 8: the dry run kept 6 GiB less); mixtral-8x7b, 2 blocks, dp 8 with
+        # ep 2 etp 2 and ep 1 etp 4: the dry run kept 1 + 2·(etp - 1) x [T·k, h] per layer over ep alone
+        dispatched = etp * rows
         kept, kept_none = kept + (dispatched if recompute == "none" else 0.0), kept_none + dispatched
+    if layer.kind == "moe" and etp > 1:  # expert tensor parallelism runs the experts on etp x the rows: their
+        # h-wide tensors grow by etp (the gathered rows the GEMMs keep without recompute, w2's partial output
+        # selective recompute keeps instead), the F-wide ones do not (etp x the rows, 1/etp of the width)
+        gathered = (etp - 1) * rows
+        kept, kept_none = kept + (gathered if recompute != "full" else 0.0), kept_none + gathered
     head = layer.kind == "head"
+    etp_gradients = ETP_GRADIENT_COPIES * (etp - 1) * rows if layer.kind == "moe" else 0.0
     return LayerMemory(
         kept=kept, kept_none=kept_none,
         forward_excess=layer.forward_peak_bytes * scale,
-        backward_excess=layer.backward_peak_bytes * scale + weight_temporaries,
+        backward_excess=layer.backward_peak_bytes * scale + max(weight_temporaries, etp_gradients),
         output_kept=layer.output_bytes * micro_batch_size / cp / logits_split if head else 0.0,
         loss_kept=((layer.activation_bytes - layer.activation_column_input_bytes) * micro_batch_size / cp / logits_split
                    if head else 0.0),
         weight_grad_inputs=_weight_gradient_inputs(layer, tp=tp, sequence_parallel=sequence_parallel,
                                                    dtype_bytes=dtype_bytes) * micro_batch_size / cp,
-        largest_tensor_params=_largest_tensor(layer, tp=tp, ep=ep))
+        largest_tensor_params=_largest_tensor(layer, tp=tp, ep=ep * etp))
 
 
 def _weight_gradient_inputs(layer: LayerProfile, *, tp: int, sequence_parallel: bool, dtype_bytes: int) -> float:
@@ -162,7 +178,7 @@ def _weight_gradient_inputs(layer: LayerProfile, *, tp: int, sequence_parallel: 
 def _largest_tensor(layer: LayerProfile, *, tp: int, ep: int) -> float:
     """Parameters of the layer's largest tensor on one rank: the embedding table or output weight (split by
     tp), a GEMM weight n x k (split when tensor-parallel), a stacked expert weight (a third of the experts'
-    parameters, split by ep)."""
+    parameters, split by ep, or by ep·etp under expert tensor parallelism)."""
     if layer.kind in ("embedding", "head"):
         return layer.params / tp
     largest = max((g.n * g.k / (tp if g.tp_split != "none" else 1) for g in layer.gemms if layer.kind != "moe"),
@@ -235,12 +251,12 @@ class RankMemoryInputs:
 
 def data_parallel_wrapper(plan: Plan) -> str:
     """What executor.data_parallel does with the plan over its dp x cp replicas: "none" (one replica, or
-    ep > 1 with ZeRO 0/1: gradients averaged by hand; with ZeRO 2/3 experts are FSDP units of their own over
+    ep or etp > 1 with ZeRO 0/1: gradients averaged by hand; with ZeRO 2/3 experts are FSDP units of their own over
     the expert-data-parallel ranks, `_expert_shard`), "ddp" (composable replicate: ZeRO 0 and 1), "ddp-by-hand" (DDP's
     arithmetic without DDP, gradients all-reduced in place after the step: under a pipeline, or with
     tp > 1), "fsdp-gathered" (FSDP2 without resharding: ZeRO 2), "fsdp" (FSDP2 resharding after forward:
     ZeRO 3). ZeRO 1's optimizer (executor.zero_one) splits its states evenly whatever the wrapper."""
-    if plan.dp * plan.cp == 1 or (plan.ep > 1 and plan.zero_stage <= 1):
+    if plan.dp * plan.cp == 1 or (plan.expert_sharded and plan.zero_stage <= 1):
         return "none"
     if plan.zero_stage <= 1:
         return "ddp" if plan.pp == 1 and plan.tp == 1 else "ddp-by-hand"
@@ -317,9 +333,9 @@ def host_bytes(rank: RankMemoryInputs, plan: Plan) -> float:
 
 
 def _edp(plan: Plan) -> int:
-    """Ranks holding the same experts: dp*cp without expert parallelism, else the dp*cp*tp ranks ep folds over
-    divided by ep (executor.mesh.build_expert_mesh)."""
-    return plan.dp * plan.cp if plan.ep == 1 else plan.dp * plan.cp * plan.tp // plan.ep
+    """Ranks holding the same experts: dp*cp without expert parallelism, else the dp*cp*tp ranks ep and etp
+    fold over divided by ep·etp (executor.mesh.build_expert_mesh)."""
+    return plan.expert_data_parallel if plan.expert_sharded else plan.dp * plan.cp
 
 
 def _expert_shard(rank: RankMemoryInputs, plan: Plan) -> float:
@@ -329,7 +345,7 @@ def _expert_shard(rank: RankMemoryInputs, plan: Plan) -> float:
     if not data_parallel_wrapper(plan).startswith("fsdp"):
         return 1.0
     n = _edp(plan)
-    if plan.ep > 1 and rank.experts % n:  # the executor cuts them by their second dim (expert_parallel.shard_experts)
+    if plan.expert_sharded and rank.experts % n:  # the executor cuts them by their second dim (shard_experts)
         return 1 / n
     return -(-rank.experts // n) / rank.experts if rank.experts else 1 / n
 
@@ -464,8 +480,16 @@ def _rank_peak(rank: RankMemoryInputs, plan: Plan, stage: int, in_flight: float,
         candidates["backward through the loss"] = moment(rank.head_backward, 0.0)
     made, freed = rank.block_backward
     own = rank.weight_grad_inputs if waiting else 0.0
-    candidates["backward through a block"] = moment(
-        (made + own, freed), unit_grads + (PARAM_BYTES * (2 * unit_params + rank.root_params) if zero3 else 0.0))
+    block_gathered = unit_grads + (PARAM_BYTES * (2 * unit_params + rank.root_params) if zero3 else 0.0)
+    if zero3 and plan.pp == 1 and plan.expert_sharded:
+        # experts in FSDP units of their own (expert_parallel.shard_experts): one block's experts gathered, not
+        # two, their gradients reduced as they come; the dense parts of two blocks gathered with their unsharded
+        # gradients (mixtral-8x7b ZeRO-3, dp 8: ep 8 and ep 1 etp 2 dry runs within 1%; two blocks' experts
+        # and their gradients had over-counted them by 43% and 116%)
+        dense_unit = rank.largest_unit_params - rank.largest_unit_expert_params
+        block_gathered = PARAM_BYTES * (rank.largest_unit_expert_params * pad + rank.root_params) + \
+            (PARAM_BYTES + GRAD_BYTES) * 2 * dense_unit
+    candidates["backward through a block"] = moment((made + own, freed), block_gathered)
     if not (plan.pp > 1 and wrapper.startswith("fsdp")):
         candidates["backward through a block"]["grads"] += tail_grads
     if not grads and made and not (plan.pp > 1 and wrapper.startswith("fsdp")):  # the first backward's end, through the rank's first block: nearly all gradients made

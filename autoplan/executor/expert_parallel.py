@@ -1,12 +1,18 @@
 """Expert parallelism for the reference MoE layers and transformers' stacked experts (made to run as
 autoplan's MoE does: routed_forward -> run_experts, autoplan.models.hf): experts sharded over the ep ranks, tokens dispatched
-to their experts' owners and combined back with all-to-all (GShard, Lepikhin et al. 2020, Sec. 3.2).
+to their experts' owners and combined back with all-to-all (GShard, Lepikhin et al. 2020, Sec. 3.2); and expert
+tensor parallelism: each expert's SwiGLU split over etp ranks, w1/w3 by output rows (column-parallel), w2 by input
+columns (row-parallel), tokens gathered over the etp ranks before the experts and their partial outputs
+reduce-scattered after (Megatron-Core's expert_tensor_parallel_size and its all-to-all token dispatcher: all-to-all
+over ep, then all-gather over the expert tp ranks; the reverse after the experts).
 
-The ep group is ep consecutive data-parallel ranks (the cost model's layout: ep folded over the dp
-ranks); rank i of a group keeps experts [i·E/ep, (i+1)·E/ep). The model code is not changed: each MoE
-module's class is swapped for a subclass whose `run_experts` dispatches, runs its local experts and
-combines, with torch's autograd-aware all_to_all_single. Gradients: expert weights are averaged over
-the ranks holding the same experts (the expert-data-parallel group), everything else over all dp ranks.
+The groups are executor.mesh.build_expert_mesh's (edp, ep, etp) folding of a stage's dp x cp x tp ranks;
+rank i of an ep group keeps experts [i·E/ep, (i+1)·E/ep), rank j of an etp group their width slice
+[j·F/etp, (j+1)·F/etp). The model code is not changed: each MoE module's class is swapped for a subclass whose
+`run_experts` dispatches, gathers, runs its local expert shards, reduce-scatters and combines, with torch's
+autograd-aware all_to_all_single (which carries the variable-size all-gather and reduce-scatter too: their
+backward is the reverse exchange). Gradients: expert weights are averaged over the ranks holding the same
+expert shards (the expert-data-parallel group), everything else over all dp ranks.
 """
 
 from __future__ import annotations
@@ -25,43 +31,76 @@ from autoplan.support import unsupported_reason
 from autoplan.schema import Plan
 
 EXPERT_WEIGHTS = ("w1", "w2", "w3")  # a MoE module's stacked expert weights [E, ...]
+WIDTH_DIM = {"w1": 1, "w3": 1, "w2": 2}  # where a reference expert weight holds the expert's width F
+
+
+def _counts_from_peers(chunks: list[list[int]], group) -> list[list[int]]:
+    """What each rank of `group` sends this one, when this one sends chunks[r] (equal lengths) to rank r:
+    an all_to_all_single of the counts. In a dry run nothing comes back: balanced routing has every peer
+    send what this rank sends itself."""
+    got = torch.empty(sum(len(c) for c in chunks), dtype=torch.long)
+    dist.all_to_all_single(got, torch.tensor([n for c in chunks for n in c], dtype=torch.long), group=group)
+    if is_fake(got):
+        return [list(chunks[dist.get_rank(group)]) for _ in chunks]
+    return got.view(len(chunks), -1).tolist()
+
+
+def _expert_major(blocks: list[list[int]], local: int) -> tuple[torch.Tensor, list[int]]:
+    """Rows arrive block-major (one block per source, each sorted by local expert, `blocks[b][j]` rows of
+    expert j): the index that orders them expert-major, and each local expert's rows."""
+    starts, start = [], 0
+    for row in blocks:
+        starts.append([])
+        for count in row:
+            starts[-1].append(start)
+            start += count
+    order = [i for j in range(local) for b, row in enumerate(blocks)
+             for i in range(starts[b][j], starts[b][j] + row[j])]
+    return torch.tensor(order, dtype=torch.long), [sum(row[j] for row in blocks) for j in range(local)]
 
 
 class ExpertParallelMixin:
-    """run_experts(grouped, counts) over all experts, with only this rank's experts stored."""
+    """run_experts(grouped, counts) over all experts, with only this rank's expert shards stored."""
 
     ep_group = None
     ep_size = 1
+    etp_group = None
+    etp_size = 1
 
     def run_experts(self, grouped: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        ep, local = self.ep_size, self.num_experts // self.ep_size
+        ep, etp, local = self.ep_size, self.etp_size, self.num_experts // self.ep_size
+        # 1. dispatch over ep: rows for experts [r·local, (r+1)·local) go to ep rank r
         send = [sum(counts[r * local:(r + 1) * local]) for r in range(ep)]
-        # how many tokens each source rank sends to each of my local experts: [ep, local]
-        counts_in = torch.empty(self.num_experts, dtype=torch.long)
-        dist.all_to_all_single(counts_in, torch.tensor(counts, dtype=torch.long), group=self.ep_group)
-        if is_fake(counts_in):  # a dry run: nothing came back; balanced routing sends each rank what this one sends
-            mine = dist.get_rank(self.ep_group)
-            per_source = [counts[mine * local:(mine + 1) * local] for _ in range(ep)]
+        if ep > 1:  # per_source[r][j]: rows ep rank r sends to my local expert j
+            per_source = _counts_from_peers([counts[r * local:(r + 1) * local] for r in range(ep)], self.ep_group)
+            recv = [sum(row) for row in per_source]
+            received = all_to_all_single(grouped.new_empty(sum(recv), grouped.shape[1]), grouped, recv, send,
+                                         group=self.ep_group)
         else:
-            per_source = counts_in.view(ep, local).tolist()
-        recv = [sum(row) for row in per_source]
-        received = all_to_all_single(grouped.new_empty(sum(recv), grouped.shape[1]), grouped, recv, send,
-                                     group=self.ep_group)
-        # received is source-major (rank, then expert): reorder it expert-major for the local experts
-        offsets, start = [], 0
-        for row in per_source:
-            offsets.append([])
-            for count in row:
-                offsets[-1].append(start)
-                start += count
-        order = [i for j in range(local) for r in range(ep)
-                 for i in range(offsets[r][j], offsets[r][j] + per_source[r][j])]
-        index = torch.tensor(order, dtype=torch.long)
-        local_counts = [sum(per_source[r][j] for r in range(ep)) for j in range(local)]
-        out = super().run_experts(received[index], local_counts)
-        back = torch.empty_like(out).index_copy(0, index, out)  # source-major again
-        return all_to_all_single(grouped.new_empty(grouped.shape[0], out.shape[1]), back, send, recv,
-                                 group=self.ep_group)
+            per_source, received = [list(counts)], grouped
+        # 2. gather over etp: every etp rank runs its width slice of the same experts on all their rows
+        blocks, gathered = per_source, received
+        if etp > 1:
+            peers = _counts_from_peers([[c for row in per_source for c in row]] * etp, self.etp_group)
+            blocks = [peer[b * local:(b + 1) * local] for peer in peers for b in range(len(per_source))]
+            sizes = [sum(peer) for peer in peers]
+            gathered = all_to_all_single(received.new_empty(sum(sizes), received.shape[1]),
+                                         received.repeat(etp, 1), sizes, [received.shape[0]] * etp,
+                                         group=self.etp_group)
+        # 3. the local experts on their rows (expert-major), then back to arrival order
+        index, local_counts = _expert_major(blocks, local)
+        out = super().run_experts(gathered[index], local_counts)
+        out = torch.empty_like(out).index_copy(0, index, out)
+        # 4. reduce-scatter over etp: each etp rank sums the partial outputs of its own rows
+        if etp > 1:
+            mine = received.shape[0]
+            out = all_to_all_single(out.new_empty(etp * mine, out.shape[1]), out, [mine] * etp, sizes,
+                                    group=self.etp_group).view(etp, mine, -1).sum(0)
+        # 5. combine over ep: the outputs go back to the ranks that sent the rows
+        if ep > 1:
+            out = all_to_all_single(grouped.new_empty(grouped.shape[0], out.shape[1]), out, send, recv,
+                                    group=self.ep_group)
+        return out
 
 
 def _expert_modules(model: nn.Module) -> list[nn.Module]:
@@ -81,20 +120,39 @@ def _weight_names(module: nn.Module) -> tuple[str, ...]:
     return known or (expert_weight_names(module) if is_stacked_experts(module) else EXPERT_WEIGHTS)
 
 
-def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, plan: Plan) -> None:
-    """Shard every MoE layer's experts over `ep_mesh` and route tokens through all-to-all (in place)."""
-    if reason := unsupported_reason(plan, moe=True):
+def apply_expert_parallel(model: nn.Module, expert_mesh: DeviceMesh, plan: Plan) -> None:
+    """Shard every MoE layer's experts over the "ep" axis of `expert_mesh` and their width over its "etp" axis,
+    and route tokens through all-to-all (in place)."""
+    if reason := unsupported_reason(plan, moe=True, foreign=getattr(model, "is_foreign", False)):
         raise InvalidPlanError(reason)
+    ep_mesh, etp_mesh = expert_mesh["ep"], expert_mesh["etp"]
     rank, size = ep_mesh.get_local_rank(), ep_mesh.size()
+    etp_rank, etp = etp_mesh.get_local_rank(), etp_mesh.size()
     for moe in _expert_modules(model):
         if moe.num_experts % size:
             raise InvalidPlanError(f"ep={size} does not divide {moe.num_experts} experts")
         local = moe.num_experts // size
         moe.expert_weights = _weight_names(moe)
         for name in moe.expert_weights:
-            setattr(moe, name, nn.Parameter(getattr(moe, name).data[rank * local:(rank + 1) * local].clone()))
+            shard = getattr(moe, name).data[rank * local:(rank + 1) * local]
+            if etp > 1:
+                shard = _width_slice(moe, name, shard, etp_rank, etp)
+            setattr(moe, name, nn.Parameter(shard.clone()))
         moe.__class__ = type(f"ExpertParallel{type(moe).__name__}", (ExpertParallelMixin, type(moe)), {})
         moe.ep_group, moe.ep_size = ep_mesh.get_group(), size
+        moe.etp_group, moe.etp_size = etp_mesh.get_group(), etp
+
+
+def _width_slice(moe: nn.Module, name: str, weight: torch.Tensor, etp_rank: int, etp: int) -> torch.Tensor:
+    """Expert tensor parallelism's slice of one stacked weight: rows j·F/etp.. of w1 and w3 (column-parallel),
+    columns of w2 (row-parallel)."""
+    if name not in WIDTH_DIM:
+        raise InvalidPlanError(f"etp={etp} needs autoplan's MoE layout (w1, w2, w3); {type(moe).__name__} has {name}")
+    dim = WIDTH_DIM[name]
+    width = weight.shape[dim]
+    if width % etp:
+        raise InvalidPlanError(f"etp={etp} does not divide the experts' width {width}")
+    return weight.narrow(dim, etp_rank * width // etp, width // etp)
 
 
 def expert_parameters(model: nn.Module) -> set[int]:
@@ -118,8 +176,8 @@ def _local(grad: torch.Tensor) -> torch.Tensor:
 
 def average_gradients(model: nn.Module, replica_mesh: DeviceMesh, expert_mesh: DeviceMesh, replicas: int) -> None:
     """Average over the `replicas` (dp x cp) ranks that split the batch: the sum over the ranks that made a
-    gradient's contributions, divided by dp*cp. Expert weights: over the ranks holding the same experts (edp;
-    each one's gradient already gathers its ep group's tokens); the router and shared experts: over every
+    gradient's contributions, divided by dp*cp. Expert weights: over the ranks holding the same expert shards
+    (edp; each one's gradient already gathers its ep and etp groups' tokens); the router and shared experts: over every
     folded rank (dp x cp x tp: under tp each rank routes its own sequence shard); the rest (tp-sharded
     DTensors: their local shards) over the replicas."""
     experts, routing = expert_parameters(model), routing_parameters(model)
@@ -136,7 +194,7 @@ def average_gradients(model: nn.Module, replica_mesh: DeviceMesh, expert_mesh: D
 
 def shard_experts(model: nn.Module, expert_mesh: DeviceMesh, *, reshard: bool, replicas: int) -> None:
     """ZeRO 2/3 for the expert-parallel modules, before the blocks are sharded over the replicas: each
-    module's expert weights one FSDP2 unit over its edp ranks, its router and shared experts one over the
+    module's expert weights (their ep and etp shards) one FSDP2 unit over its edp ranks, its router and shared experts one over the
     folded dp x cp x tp ranks (torchtitan's layout for experts); both reduce by summing and dividing by dp*cp
     (`average_gradients`' arithmetic)."""
     from torch.distributed.fsdp import fully_shard

@@ -13,6 +13,7 @@ from autoplan.errors import InvalidPlanError
 from autoplan.schema import Plan
 
 MESH_AXES = ("pp", "dp", "cp", "tp")
+EXPERT_MESH_AXES = ("pp", "edp", "ep", "etp")
 
 
 def build_mesh(plan: Plan, device_type: str) -> DeviceMesh:
@@ -24,22 +25,25 @@ def build_mesh(plan: Plan, device_type: str) -> DeviceMesh:
 
 
 def build_expert_mesh(plan: Plan, device_type: str) -> DeviceMesh:
-    """The same ranks with each pipeline stage's dp x cp x tp ranks folded into (edp, ep), ep innermost
-    (Megatron-LM's MoE parallel folding): an ep group is ep consecutive ranks, an edp group the ranks holding
-    the same experts. Every one of the folded ranks routes tokens of its own (its dp replica's, its cp
-    chunk's, its tp rank's sequence shard: tensor_parallel.moe_layout)."""
+    """The same ranks with each pipeline stage's dp x cp x tp ranks folded into (edp, ep, etp), etp innermost
+    (Megatron-Core's MoE parallel folding, expert_tensor_parallel_size): an etp group is etp consecutive
+    ranks holding the same experts, each a 1/etp slice of their width; an ep group is ep ranks etp apart
+    splitting the experts; an edp group the ranks holding the same expert shards. Every one of the folded
+    ranks routes tokens of its own (its dp replica's, its cp chunk's, its tp rank's sequence shard:
+    tensor_parallel.moe_layout)."""
     folded = plan.dp * plan.cp * plan.tp
-    if folded % plan.ep:
-        raise InvalidPlanError(f"ep={plan.ep} does not divide dp*cp*tp = {folded}")
-    mesh = init_device_mesh(device_type, (plan.pp, folded // plan.ep, plan.ep), mesh_dim_names=("pp", "edp", "ep"))
+    if folded % (plan.ep * plan.etp):
+        raise InvalidPlanError(f"ep*etp = {plan.ep}*{plan.etp} does not divide dp*cp*tp = {folded}")
+    mesh = init_device_mesh(device_type, (plan.pp, folded // (plan.ep * plan.etp), plan.ep, plan.etp),
+                            mesh_dim_names=EXPERT_MESH_AXES)
     folded_mesh(mesh)  # made now, with real tensors (a dry run's training step runs under fake tensors)
     return mesh
 
 
 def folded_mesh(expert_mesh: DeviceMesh) -> DeviceMesh:
-    """The dp x cp x tp ranks of a pipeline stage as one axis "edp_ep" (the router's and shared experts'
+    """The dp x cp x tp ranks of a pipeline stage as one axis "edp_ep_etp" (the router's and shared experts'
     gradients are summed over them), flattened once and cached by the root mesh."""
-    return expert_mesh["edp", "ep"]._flatten("edp_ep")
+    return expert_mesh["edp", "ep", "etp"]._flatten("edp_ep_etp")
 
 
 def replica_mesh(mesh: DeviceMesh, plan: Plan) -> DeviceMesh:

@@ -126,9 +126,12 @@ def message_bytes(kind: str, func, args, kwargs, result, group_size: int) -> int
 
 def mesh_axis(kind: str, start: int, stride: int, size: int, plan: Plan) -> str:
     """Which of the plan's mesh axes a group of `size` ranks `stride` apart is (executor.mesh's layout:
-    tp innermost, then cp, dp, pp); an all-to-all under expert parallelism is the ep group's; anything
-    else (dp x cp replicas, expert-data-parallel ranks) is data-parallel."""
-    if kind == "all_to_all" and plan.ep > 1 and size == plan.ep:
+    tp innermost, then cp, dp, pp); an all-to-all under expert parallelism is the ep group's (ep ranks etp
+    apart), and so are expert tensor parallelism's (its token all-gather and output reduce-scatter run as
+    all-to-alls over etp consecutive ranks: executor.expert_parallel), both priced as the token dispatcher's
+    ep_comm; anything else (dp x cp replicas, expert-data-parallel ranks) is data-parallel."""
+    if kind == "all_to_all" and ((plan.ep > 1 and size == plan.ep and stride == plan.etp)
+                                 or (plan.etp > 1 and size == plan.etp and stride == 1)):
         return "ep"
     if stride == 1 and size == plan.tp:
         return "tp"

@@ -47,7 +47,7 @@ class Parallelized:
     schedule: object | None = None   # the pipeline schedule (pp > 1)
     first: bool = True               # this rank holds the first / last pipeline chunk
     last: bool = True
-    expert_mesh: object | None = None  # (pp, edp, ep, cp, tp) when ep > 1
+    expert_mesh: object | None = None  # (pp, edp, ep, etp) when ep or etp > 1
     cp: ContextParallel | None = None  # shards micro-batches over the cp ranks when cp > 1
     tied: list = field(default_factory=list)  # this rank's copies of parameters tied across pipeline stages
     tied_group: object | None = None            # the first and last pipeline rank: their gradients are summed
@@ -68,7 +68,7 @@ def apply(model: nn.Module, plan: Plan, *, device_type: str = "cpu", tp_plan=Non
         return Parallelized(model, plan, None, {"pp": 0, "dp": 0, "cp": 0, "tp": 0})
     mesh = build_mesh(plan, device_type)
     coords = rank_coordinates(dist.get_rank(), plan)
-    expert_mesh = build_expert_mesh(plan, device_type) if plan.ep > 1 else None
+    expert_mesh = build_expert_mesh(plan, device_type) if plan.expert_sharded else None
     if plan.pp == 1:
         cp = ContextParallel(model, mesh["cp"], device_type) if plan.cp > 1 else None
         return Parallelized(_apply_per_stage(model, plan, mesh, 0, tp_plan, expert_mesh), plan, mesh, coords,
@@ -91,7 +91,7 @@ def _apply_per_stage(model: nn.Module, plan: Plan, mesh, pp_rank: int, tp_plan, 
     if plan.tp > 1:
         apply_tensor_parallel(model, mesh["tp"], sequence_parallel=plan.sequence_parallel, user_plan=tp_plan)
     if expert_mesh is not None:  # experts differ per rank: ZeRO 0/1 average gradients by hand (average_gradients)
-        apply_expert_parallel(model, expert_mesh["ep"], plan)
+        apply_expert_parallel(model, expert_mesh, plan)
     apply_recompute(model, plan.stage_recompute(pp_rank))
     if expert_mesh is not None and not uses_ddp(zero_stage=plan.zero_stage):  # ZeRO 2/3: experts over edp first
         shard_experts(model, expert_mesh, reshard=plan.zero_stage == 3, replicas=plan.dp * plan.cp)
@@ -143,8 +143,8 @@ def train_step(par: Parallelized, optimizer: torch.optim.Optimizer, step: int, *
                 loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()) / len(micro)
                 loss.backward()
             loss_sum += loss.detach().to(torch.float64).cpu()
-    if plan.dp * plan.cp > 1 and plan.ep == 1 and averages_by_hand(zero_stage=plan.zero_stage, tp=plan.tp,
-                                                                   pipelined=par.schedule is not None):
+    if plan.dp * plan.cp > 1 and not plan.expert_sharded and averages_by_hand(
+            zero_stage=plan.zero_stage, tp=plan.tp, pipelined=par.schedule is not None):
         all_reduce_gradients(model, replica_mesh(par.mesh, plan))
     if par.expert_mesh is not None and uses_ddp(zero_stage=plan.zero_stage):
         average_gradients(model, replica_mesh(par.mesh, plan), par.expert_mesh, plan.dp * plan.cp)

@@ -197,7 +197,7 @@ def _configs(profile: ModelProfile, cluster: Cluster, coster: Coster, global_bat
                     continue
                 for zero in (z for z in constraints.zero_stages if constraints.allows("zero_stage", z)):
                     for offload in offloads(zero_stage=zero, dp=layout.dp, cp=layout.cp, ep=layout.ep,
-                                            cluster=cluster, constraints=constraints):
+                                            etp=layout.etp, cluster=cluster, constraints=constraints):
                         plan = _plan(layout, mbs, global_batch_size, schedule, v, zero, "none", sp, offload)
                         if accept is not None and not accept(plan):
                             pruned["not accepted"] += 1
@@ -212,7 +212,7 @@ def _configs(profile: ModelProfile, cluster: Cluster, coster: Coster, global_bat
     return configs, leanest
 
 
-PINNABLE = ("dp", "tp", "pp", "cp", "ep", "zero_stage", "recompute", "sequence_parallel", "micro_batch_size",
+PINNABLE = ("dp", "tp", "pp", "cp", "ep", "etp", "zero_stage", "recompute", "sequence_parallel", "micro_batch_size",
             "schedule", "virtual_stages", "offload")
 
 
@@ -229,7 +229,7 @@ def _check_fixed(fixed: dict) -> None:
 
 def _plan(layout: Layout, mbs: int, gbs: int, schedule: str, v: int, zero: int, recompute: str,
           sequence_parallel: bool = True, offload: str = "none") -> Plan:
-    return Plan(dp=layout.dp, tp=layout.tp, pp=layout.pp, cp=layout.cp, ep=layout.ep, zero_stage=zero,
+    return Plan(dp=layout.dp, tp=layout.tp, pp=layout.pp, cp=layout.cp, ep=layout.ep, etp=layout.etp, zero_stage=zero,
                 recompute=recompute, sequence_parallel=sequence_parallel and layout.tp > 1, micro_batch_size=mbs,
                 global_batch_size=gbs, schedule=schedule, virtual_stages=v, offload=offload)
 
@@ -268,7 +268,7 @@ def _rank_key(plan: Plan, est: Estimate) -> tuple:
     """Max-heap key (negated): faster first; among plans within 1e-6 s, the simpler one (fewer and smaller
     parallel dimensions, no recompute, less sharding), then the one with more memory to spare."""
     simplicity = (plan.offload != "none", plan.offload == "params", plan.cp, plan.pp, plan.virtual_stages, plan.tp,
-                  plan.ep, plan.zero_stage,
+                  plan.ep, plan.etp, plan.zero_stage,
                   plan.recompute != "none", plan.layers_per_stage is not None, plan.micro_batch_size)
     return (-round(est.step_time_s, 6), tuple(-x for x in simplicity), -est.memory_per_gpu_bytes)
 

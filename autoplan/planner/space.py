@@ -64,12 +64,14 @@ class Layout:
     pp: int
     cp: int
     ep: int
+    etp: int = 1
 
 
 def layouts(profile: ModelProfile, cluster: Cluster, *, global_batch_size: int, constraints: Constraints) -> Iterator[Layout]:
-    """Every (dp, tp, pp, cp, ep) with dp*tp*pp*cp = GPUs that the model's shape admits: tp divides the
+    """Every (dp, tp, pp, cp, ep, etp) with dp*tp*pp*cp = GPUs that the model's shape admits: tp divides the
     heads and key/value heads, cp splits the sequence in 2*cp chunks, pp at most the blocks, dp divides
-    the global batch, ep divides the experts and the dp*cp*tp ranks it folds over."""
+    the global batch, ep divides the experts, etp their width (`expert_tp_degrees`), and ep*etp the
+    dp*cp*tp ranks they fold over."""
     gpus = cluster.num_gpus
     max_tp = constraints.max_tp or cluster.gpus_per_node
     max_pp = min(constraints.max_pp or profile.num_blocks, profile.num_blocks)
@@ -86,14 +88,35 @@ def layouts(profile: ModelProfile, cluster: Cluster, *, global_batch_size: int, 
                 if pp > max_pp or not ok("pp", pp) or not ok("dp", dp) or global_batch_size % dp:
                     continue
                 for ep in expert_degrees(profile, dp * cp * tp):
-                    if ok("ep", ep):
-                        yield Layout(dp, tp, pp, cp, ep)
+                    if not ok("ep", ep):
+                        continue
+                    for etp in expert_tp_degrees(profile, folded_ranks=dp * cp * tp, tp=tp, ep=ep,
+                                                 max_etp=max_tp, fixed=constraints.fixed.get("etp")):
+                        yield Layout(dp, tp, pp, cp, ep, etp)
 
 
 def expert_degrees(profile: ModelProfile, folded_ranks: int) -> list[int]:
     if not profile.num_experts:
         return [1]
     return [e for e in divisors(profile.num_experts) if folded_ranks % e == 0]
+
+
+def expert_tp_degrees(profile: ModelProfile, *, folded_ranks: int, tp: int, ep: int, max_etp: int,
+                      fixed: int | None = None) -> list[int]:
+    """Expert tensor-parallel degrees worth trying beside ep: 1; tp (Megatron-LM's layout before parallel
+    folding, expert tp = tp); and, once ep splits every expert apart (ep = E, so only etp can spread the
+    experts over more ranks), every divisor of the experts' width up to max_etp (a node). Each must
+    divide the experts' width, and ep*etp the folded dp*cp*tp ranks. A pinned value (--fix etp=N) is the
+    only candidate, wherever it is valid."""
+    width = profile.expert_ffn_hidden
+    if not profile.num_experts or not width:
+        return [1] if fixed in (None, 1) else []
+    if fixed is not None:
+        options = [fixed]
+    else:
+        options = {1, tp} | (set(divisors(width)) if ep == profile.num_experts else set())
+        options = sorted(d for d in options if d <= max_etp)
+    return [d for d in options if width % d == 0 and folded_ranks % (ep * d) == 0]
 
 
 def micro_batch_sizes(*, per_replica: int, constraints: Constraints) -> list[int]:
@@ -112,11 +135,12 @@ def schedules(*, pp: int, num_blocks: int, constraints: Constraints) -> list[tup
     return [(s, v) for s, v in options if constraints.allows("schedule", s) and constraints.allows("virtual_stages", v)]
 
 
-def offloads(*, zero_stage: int, dp: int, cp: int, ep: int, cluster: Cluster, constraints: Constraints) -> list[str]:
+def offloads(*, zero_stage: int, dp: int, cp: int, ep: int, cluster: Cluster, constraints: Constraints,
+             etp: int = 1) -> list[str]:
     """Plan.offload values for a configuration: none always; optimizer and params only on a cluster with host
     memory, link and bandwidth; params only on ZeRO-3 with several replicas and no experts (FSDP2's
     CPUOffloadPolicy on the replicas' mesh)."""
     options = [o for o in constraints.offload if constraints.allows("offload", o)]
     if not cluster.can_offload:
         return [o for o in options if o == "none"]
-    return [o for o in options if o != "params" or (zero_stage == 3 and dp * cp > 1 and ep == 1)]
+    return [o for o in options if o != "params" or (zero_stage == 3 and dp * cp > 1 and ep * etp == 1)]

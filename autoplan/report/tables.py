@@ -81,10 +81,13 @@ def _short(plan: Plan) -> str:
 
 
 def plans_table(rows: list[tuple[str, Plan, Estimate]], *, title: str) -> Table:
-    """One line per plan: parallel sizes, ZeRO, recompute, micro-batch, schedule, time, MFU, memory."""
+    """One line per plan: parallel sizes, ZeRO, recompute, micro-batch, schedule, time, MFU, memory (an etp
+    column only when a plan splits its experts' width)."""
     table = Table(title=title, title_justify="left")
+    etp = any(plan.etp > 1 for _, plan, _ in rows)
     for name, justify in (("#", "left"), ("dp", "right"), ("tp", "right"), ("pp", "right"), ("cp", "right"),
-                          ("ep", "right"), ("zero", "right"), ("recompute", "left"), ("mbs", "right"),
+                          ("ep", "right"), *((("etp", "right"),) if etp else ()), ("zero", "right"),
+                          ("recompute", "left"), ("mbs", "right"),
                           ("schedule", "left"), ("step ms", "right"), ("band ms", "right"), ("tokens/s", "right"),
                           ("MFU", "right"),
                           ("mem GiB / limit", "right")):
@@ -98,7 +101,7 @@ def plans_table(rows: list[tuple[str, Plan, Estimate]], *, title: str) -> Table:
         extra = (plan.offload, f"{est.host_memory_per_gpu_bytes / GIB:.0f} / {est.host_memory_limit_bytes / GIB:.0f}"
                  if plan.offload != "none" else "-") if offloads else ()
         table.add_row(label, str(plan.dp), str(plan.tp), str(plan.pp), str(plan.cp), str(plan.ep),
-                      str(plan.zero_stage), rec, str(plan.micro_batch_size), schedule,
+                      *((str(plan.etp),) if etp else ()), str(plan.zero_stage), rec, str(plan.micro_batch_size), schedule,
                       f"{est.step_time_s * 1e3:,.1f}", _band_cell(est), f"{est.tokens_per_s:,.0f}", f"{est.mfu * 100:.1f}%",
                       f"{est.memory_per_gpu_bytes / GIB:.1f} / {est.memory_limit_bytes / GIB:.1f}"
                       + (" !" if est.memory_at_risk else ""), *extra)

@@ -124,6 +124,24 @@ def test_expert_parallel_shards_experts_and_adds_all_to_all(moe_tiny_profile):
     assert dp_only.memory_breakdown["params"] - ep.memory_breakdown["params"] == pytest.approx(saved, abs=4)
 
 
+def test_expert_tensor_parallel_splits_expert_width_and_adds_its_collectives(moe_tiny_profile):
+    """Expert TP (Megatron-Core's expert_tensor_parallel_size): each expert's width split over etp ranks, so
+    ep=2 etp=2 holds the expert weights of ep=4 (a quarter each) and pays the etp gather and reduce-scatter on
+    top of ep=2's all-to-all; the expert GEMMs run the same FLOPs (etp x the rows at 1/etp of the width)."""
+    ep2 = _est(moe_tiny_profile, dp=4, ep=2, global_batch_size=8)
+    ep4 = _est(moe_tiny_profile, dp=4, ep=4, global_batch_size=8)
+    etp = _est(moe_tiny_profile, dp=4, ep=2, etp=2, global_batch_size=8)
+    assert etp.memory_breakdown["params"] == pytest.approx(ep4.memory_breakdown["params"], abs=4)
+    assert etp.memory_breakdown["params"] < ep2.memory_breakdown["params"]
+    assert etp.time_breakdown["ep_comm"] > ep2.time_breakdown["ep_comm"]
+    assert etp.time_breakdown["compute"] == pytest.approx(ep2.time_breakdown["compute"])
+    alone = _est(moe_tiny_profile, dp=2, etp=2, global_batch_size=8)  # etp alone: experts whole nowhere
+    experts = sum(layer.expert_params for layer in moe_tiny_profile.layers)
+    dp2 = _est(moe_tiny_profile, dp=2, global_batch_size=8)
+    assert dp2.memory_breakdown["params"] - alone.memory_breakdown["params"] == pytest.approx(2 * experts / 2, abs=4)
+    assert alone.time_breakdown["ep_comm"] > 0.0
+
+
 def test_invalid_plans_are_refused(gpt_eager_profile, moe_tiny_profile):
     with pytest.raises(ap.InvalidPlanError, match="tp=3 does not divide 16 heads"):
         _est(gpt_eager_profile, tp=3)
@@ -131,6 +149,10 @@ def test_invalid_plans_are_refused(gpt_eager_profile, moe_tiny_profile):
         ap.estimate(gpt_eager_profile, ap.Cluster.preset("dgx-h100", gpus=64), _plan(dp=48, global_batch_size=48))
     with pytest.raises(ap.InvalidPlanError, match="ep=3 does not divide 4 experts"):
         _est(moe_tiny_profile, dp=3, ep=3, global_batch_size=3)
+    with pytest.raises(ap.InvalidPlanError, match="etp=3 does not divide the experts' width 128"):
+        _est(moe_tiny_profile, dp=3, etp=3, global_batch_size=3)
+    with pytest.raises(ap.InvalidPlanError, match="etp=2 but the model has no experts"):
+        _est(gpt_eager_profile, dp=2, etp=2, global_batch_size=2)
     with pytest.raises(ap.InvalidPlanError, match="exceeds the model's 2 layers"):
         _est(gpt_eager_profile, pp=4)
 

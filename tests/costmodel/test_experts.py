@@ -1,12 +1,12 @@
-"""The MoE layer's costs (costmodel.experts): expert GEMMs under EP, one by one or grouped; the token
-dispatcher (all-to-all, all-gather or node-deduplicating) at a routing imbalance that is an input, capped by
-token drop; group-limited routing; the dispatcher's overlap."""
+"""The MoE layer's costs (costmodel.experts): expert GEMMs under EP (and expert TP), one by one or grouped; the
+token dispatcher (all-to-all, all-gather or node-deduplicating) at a routing imbalance that is an input, capped by
+token drop; group-limited routing; the dispatcher's overlap; expert tensor parallelism's gather and reduce-scatter."""
 
 import pytest
 
 import autoplan as ap
 from autoplan.costmodel import comm
-from autoplan.costmodel.experts import (dispatch_s, distinct_destinations, expert_gemm_s, expert_load,
+from autoplan.costmodel.experts import (dispatch_s, distinct_destinations, expert_gemm_s, expert_load, expert_tp_s,
                                         fused_moe_kept_bytes_per_token, is_expert_gemm,
                                         node_dedup_all_to_all_s, reachable_nodes)
 from autoplan.schema import EfficiencyPoint, GemmShape, Link
@@ -180,3 +180,29 @@ def test_fused_moe_kept_bytes_worked_example():
     moe = next(layer for layer in profile.layers if layer.kind == "moe")
     assert fused_moe_kept_bytes_per_token(layer=moe, hidden=64, fp8=False) == 1248
     assert fused_moe_kept_bytes_per_token(layer=moe, hidden=64, fp8=True) == 1024
+
+
+def test_expert_tp_worked_example():
+    """2 x (all-gather + reduce-scatter) of M = etp · T·h · k · imbalance on the etp = 2 ranks of a node:
+    T·h = 33,554,432 B, k = 2, imbalance 1.25 (ep = 4 > 1) -> M = 2 · 83,886,080 = 167,772,160 B;
+    each = 1·1e-6 + 1/2 · 167,772,160 / 1e11 = 8.3987e-4 s; four: 3.3595e-3 s. Without ep the rows a rank
+    gathers are exactly its peers' T·k: no imbalance."""
+    cluster = _cluster()
+    topo = comm.group_topology(group_size=2, stride=1, gpus_per_node=8)
+    token_bytes = 4096 * 4096 * 2
+    got = expert_tp_s(token_bytes=token_bytes, top_k=2, ep=4, etp=2, imbalance=1.25, topo=topo, cluster=cluster)
+    assert got == pytest.approx(4 * (1e-6 + 1 / 2 * 2 * token_bytes * 2 * 1.25 / 1e11))
+    alone = expert_tp_s(token_bytes=token_bytes, top_k=2, ep=1, etp=2, imbalance=1.25, topo=topo, cluster=cluster)
+    assert alone == pytest.approx(4 * (1e-6 + 1 / 2 * 2 * token_bytes * 2 / 1e11))
+
+
+def test_expert_tp_limit_case_and_gemm_width():
+    """Limit case: etp = 1 moves nothing. Expert GEMMs under etp: etp x the rows at 1/etp of the width, the
+    same FLOPs on a rank (the same time at a FLOP-sized efficiency), and etp = 1 is the plain EP cost."""
+    cluster = _cluster()
+    topo = comm.group_topology(group_size=1, stride=1, gpus_per_node=8)
+    assert expert_tp_s(token_bytes=1e9, top_k=2, ep=8, etp=1, imbalance=1.1, topo=topo, cluster=cluster) == 0.0
+    gemm = GemmShape(m_per_sequence=256, n=768, k=2048, count=128, tp_split="none")
+    kw = dict(gemm=gemm, num_experts=128, ep=8, tokens_split=1, seqs=1, imbalance=1.1, cluster=cluster, grouped=False)
+    assert expert_gemm_s(etp=1, **kw) == expert_gemm_s(**kw)
+    assert expert_gemm_s(etp=4, **kw) == pytest.approx(expert_gemm_s(**kw))

@@ -62,3 +62,20 @@ def test_time_dry_run_step_is_its_breakdown_and_its_trace_priced():
             assert stage.after_backward_s == pytest.approx(times.phase_s("optimizer", "sync") + waits)
         if plan.pp > 1:
             assert dry.time_breakdown["pp_bubble"] > 0 and dry.time_breakdown["pp_comm"] > 0
+
+
+def test_expert_tensor_parallel_collectives_are_recorded_as_expert_communication():
+    """Oracle: executor.expert_parallel's exchanges per MoE layer and forward: ep's counts, dispatch and combine
+    (3 all-to-alls over the ep group), and etp's counts, token gather and output reduce-scatter (3 more over the
+    etp group); all of them priced as the dispatcher's (axis ep, category ep_comm), none as data-parallel."""
+    def forward_all_to_alls(plan):
+        dry = ap.dryrun("moe-tiny", plan, time=True)
+        events = [e for e in dry.traces[0] if e.kind == "all_to_all" and e.phase == "forward" and e.micro_batch == 0]
+        return events, dry
+
+    moe_layers = 4
+    ep_only, _ = forward_all_to_alls(ap.Plan(dp=4, ep=2, global_batch_size=8))
+    both, dry = forward_all_to_alls(ap.Plan(dp=4, ep=2, etp=2, global_batch_size=8))
+    assert len(ep_only) == 3 * moe_layers and len(both) == 6 * moe_layers
+    assert all(e.axis == "ep" and e.group_size == 2 for e in both)
+    assert dry.time_breakdown["ep_comm"] > 0

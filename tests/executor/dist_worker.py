@@ -1,5 +1,6 @@
 """Runs plans on real ranks (torch.multiprocessing, gloo, CPU) for the executor's correctness tests."""
 
+import contextlib
 import os
 import socket
 
@@ -47,16 +48,23 @@ def run_plan(model_name: str, plan: Plan, overrides: dict) -> list[float]:
     return [r["loss"] for r in records]
 
 
-def _worker(rank: int, world: int, port: int, jobs: list, out):
+@contextlib.contextmanager
+def gloo_rank(rank: int, world: int, port: int):
+    """This process as rank `rank` of a `world`-rank gloo group on localhost:`port`, one CPU thread."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(rank: int, world: int, port: int, jobs: list, out):
+    with gloo_rank(rank, world, port):
         results = [run_plan(name, Plan.model_validate_json(plan), overrides) for name, plan, overrides in jobs]
         if rank == 0:
             out.put(results)
-    finally:
-        dist.destroy_process_group()
 
 
 def run_on_ranks(world: int, jobs: list[tuple[str, Plan, dict]]) -> list[list[float]]:

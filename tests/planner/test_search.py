@@ -244,3 +244,27 @@ def test_search_returns_runnable_plans_by_default_and_labels_the_rest():
     assert refused and all(every.refusal(plan) == profile_reason(plan, profile) for plan, _ in every.ranked)
     text = search_report(every, profile=profile, cluster=cluster)
     assert f"not runnable by autoplan's executor: {refused[0].describe()}" in text
+
+
+def test_expert_tensor_parallel_candidates():
+    """Oracle: planner.space.expert_tp_degrees' rule, enumerated by hand for mixtral-8x7b (8 experts, width 14336 =
+    2^11·7) on 8-GPU nodes: etp is 1 or tp, and every divisor of the width up to a node once ep = 8 splits
+    every expert apart; ep*etp must divide the folded ranks; a dense model has only etp = 1; a pinned etp is the
+    only candidate wherever it is valid, and the search honours it."""
+    from autoplan.planner.space import expert_tp_degrees
+
+    mixtral = ap.profile_model("mixtral-8x7b")
+    assert mixtral.expert_ffn_hidden == 14336
+    kw = dict(max_etp=8)
+    assert expert_tp_degrees(mixtral, folded_ranks=64, tp=1, ep=4, **kw) == [1]
+    assert expert_tp_degrees(mixtral, folded_ranks=64, tp=2, ep=4, **kw) == [1, 2]
+    assert expert_tp_degrees(mixtral, folded_ranks=64, tp=1, ep=8, **kw) == [1, 2, 4, 8]
+    assert expert_tp_degrees(mixtral, folded_ranks=16, tp=1, ep=8, **kw) == [1, 2]
+    assert expert_tp_degrees(mixtral, folded_ranks=64, tp=1, ep=4, fixed=2, **kw) == [2]
+    assert expert_tp_degrees(mixtral, folded_ranks=64, tp=1, ep=4, fixed=3, **kw) == []  # 14336 % 3
+    assert expert_tp_degrees(ap.profile_model("llama3-8b"), folded_ranks=64, tp=8, ep=1, **kw) == [1]
+    moe = ap.profile_model("moe-tiny")
+    result = ap.search(moe, ap.Cluster.preset("dgx-h100", gpus=4), global_batch_size=8, top_k=5, etp=2)
+    assert result.ranked and all(plan.etp == 2 for plan, _ in result.ranked)
+    every = ap.search(moe, ap.Cluster.preset("dgx-h100", gpus=4), global_batch_size=8, top_k=400)
+    assert {plan.etp for plan, _ in every.ranked} >= {1, 2}

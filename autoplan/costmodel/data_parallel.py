@@ -3,13 +3,12 @@ what of it the step sees (costmodel.estimate assembles them with the pipeline)."
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 from autoplan.costmodel import comm
 from autoplan.costmodel.compute import optimizer_time_s
 from autoplan.costmodel.layers import DEFAULT_STACK
-from autoplan.costmodel.memory import GRAD_BYTES, PARAM_BYTES, ZERO1_GATHER_BUCKET_ELEMENTS
+from autoplan.costmodel.memory import GRAD_BYTES, PARAM_BYTES
 from autoplan.costmodel.offload import fsdp_offload_copies_s, offloaded_step_s
 from autoplan.schema import Cluster, Plan, Stack
 
@@ -37,15 +36,15 @@ def dp_sync_s(rank: RankCost, cluster: Cluster, plan: Plan, stack: Stack | None 
     """
     stack = stack or DEFAULT_STACK
     train = _trainable(rank)  # frozen parameters send no gradients (nor, under ZeRO 1/2, updated weights)
-    groups = [(rank.layers.dense_params, plan.dp * plan.cp, plan.tp),
-              (rank.layers.expert_params, plan.expert_data_parallel, plan.ep * plan.etp)]
+    groups = [(rank.layers.dense_params, plan.dp * plan.cp, plan.tp, rank.layers.dense_gathers),
+              (rank.layers.expert_params, plan.expert_data_parallel, plan.ep * plan.etp, rank.layers.expert_gathers)]
     units = (max(rank.blocks, 1) * stack.zero3_collectives_per_block + 1) if plan.zero_stage == 3 else 1
     m = plan.num_micro_batches
     # FSDP reshards gradients after every micro-batch's backward (autoplan's executor: no no_sync for
     # ZeRO-2), each reduce-scatter beside that micro-batch's backward; under a pipeline once per step
     reduces = m if plan.zero_stage == 2 and plan.pp == 1 else 1
     reduce_s = gather_s = bucket_gathers_s = 0.0
-    for params, size, stride in groups:
+    for params, size, stride, collectives in groups:
         if size <= 1 or params <= 0:
             continue
         topo = comm.group_topology(group_size=size, stride=stride, gpus_per_node=cluster.gpus_per_node)
@@ -61,7 +60,7 @@ def dp_sync_s(rank: RankCost, cluster: Cluster, plan: Plan, stack: Stack | None 
             reduce_s += units * reduces * comm.group_reduce_scatter_s(message_bytes=grads, topo=topo, cluster=cluster)
         if plan.zero_stage >= 1 and weights > 0:
             gather_s += units * comm.group_all_gather_s(message_bytes=weights, topo=topo, cluster=cluster)
-            buckets = max(1, math.ceil(weights / PARAM_BYTES / ZERO1_GATHER_BUCKET_ELEMENTS))
+            buckets = max(1.0, collectives)  # executor.zero_one's (costmodel.layers.param_gathers)
             bucket_gathers_s += buckets * comm.group_all_gather_s(message_bytes=weights / buckets, topo=topo,
                                                                   cluster=cluster)
     fwd_s, bwd_s = rank.layers.fwd_compute_s, rank.layers.bwd_compute_s + rank.layers.recompute_s

@@ -186,3 +186,15 @@ def test_streaming_bytes_and_the_optimizer_at_their_measured_rates():
     step = {c.name + str(c.optimizer_efficiency): ap.estimate(profile, c, plan).time_breakdown["optimizer"]
             for c in (base, measured)}
     assert step["dgx-h100None"] / step["dgx-h1000.8"] == pytest.approx(0.8 / 0.2)
+
+
+def test_zero1_gathers_count_the_executors_buckets():
+    """Oracle: llama3-8b's attention layer by hand: wq and wo 4096 x 4096, wk and wv 1024 x 4096 (= 2^22, a bucket
+    exactly), the norm's 4096. At tp=1 the four weights gather alone and the norm rides in a bucket; at tp=8 every
+    shard is under a bucket: (2 x 4096^2 + 2 x 1024 x 4096) / 8 + 4096 elements in buckets of 2^22."""
+    from autoplan.costmodel.layers import param_gathers
+
+    layer = next(layer for layer in ap.profile_model("llama3-8b").layers if layer.kind == "attention")
+    assert param_gathers(layer=layer, tp=1, ep=1, etp=1) == pytest.approx((4 + 4096 / 2**22, 0.0))
+    small = (2 * 4096**2 + 2 * 1024 * 4096) / 8 + 4096
+    assert param_gathers(layer=layer, tp=8, ep=1, etp=1) == pytest.approx((small / 2**22, 0.0))

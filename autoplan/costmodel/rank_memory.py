@@ -317,9 +317,9 @@ def host_bytes(rank: RankMemoryInputs, plan: Plan) -> float:
 
 
 def _edp(plan: Plan) -> int:
-    """Ranks holding the same experts: dp*cp without expert parallelism, else the dp*cp*tp ranks ep folds over
-    divided by ep (executor.mesh.build_expert_mesh)."""
-    return plan.dp * plan.cp if plan.ep == 1 else plan.dp * plan.cp * plan.tp // plan.ep
+    """Ranks holding the same experts: the dp*cp*tp ranks ep folds over divided by ep
+    (executor.mesh.build_expert_mesh; at ep=1 under tp too, executor.expert_parallel.folds_experts)."""
+    return plan.expert_data_parallel
 
 
 def _expert_shard(rank: RankMemoryInputs, plan: Plan) -> float:

@@ -29,7 +29,8 @@ from autoplan.executor.context_parallel import ContextParallel, check_context_pa
 from autoplan.executor.data import global_batch, replica_micro_batches
 from autoplan.executor.data_parallel import (all_reduce_gradients, apply_data_parallel, averages_by_hand,
                                              build_optimizer, set_gradient_sync, uses_ddp)
-from autoplan.executor.expert_parallel import apply_expert_parallel, average_gradients, shard_experts
+from autoplan.executor.expert_parallel import (apply_expert_parallel, average_gradients, folds_experts,
+                                               shard_experts)
 from autoplan.executor.mesh import build_expert_mesh, build_mesh, rank_coordinates, replica_mesh
 from autoplan.executor.pipeline import build_schedule, split_model, sum_tied_gradients, tied_across_stages
 from autoplan.executor.recompute import apply_recompute
@@ -47,7 +48,7 @@ class Parallelized:
     schedule: object | None = None   # the pipeline schedule (pp > 1)
     first: bool = True               # this rank holds the first / last pipeline chunk
     last: bool = True
-    expert_mesh: object | None = None  # (pp, edp, ep, cp, tp) when ep > 1
+    expert_mesh: object | None = None  # (pp, edp, ep) when ep > 1, or a MoE model with tp > 1 (folds_experts)
     cp: ContextParallel | None = None  # shards micro-batches over the cp ranks when cp > 1
     tied: list = field(default_factory=list)  # this rank's copies of parameters tied across pipeline stages
     tied_group: object | None = None            # the first and last pipeline rank: their gradients are summed
@@ -55,8 +56,8 @@ class Parallelized:
 
 def apply(model: nn.Module, plan: Plan, *, device_type: str = "cpu", tp_plan=None) -> Parallelized:
     """Parallelise `model` in place for `plan` on the initialised process group (or one process)."""
-    reason = unsupported_reason(plan, moe=any(hasattr(m, "num_experts") for m in model.modules()),
-                                foreign=getattr(model, "is_foreign", False))
+    moe = any(hasattr(m, "num_experts") for m in model.modules())
+    reason = unsupported_reason(plan, moe=moe, foreign=getattr(model, "is_foreign", False))
     if reason:
         raise InvalidPlanError(reason)
     if plan.cp > 1:
@@ -68,7 +69,7 @@ def apply(model: nn.Module, plan: Plan, *, device_type: str = "cpu", tp_plan=Non
         return Parallelized(model, plan, None, {"pp": 0, "dp": 0, "cp": 0, "tp": 0})
     mesh = build_mesh(plan, device_type)
     coords = rank_coordinates(dist.get_rank(), plan)
-    expert_mesh = build_expert_mesh(plan, device_type) if plan.ep > 1 else None
+    expert_mesh = build_expert_mesh(plan, device_type) if folds_experts(plan, moe=moe) else None
     if plan.pp == 1:
         cp = ContextParallel(model, mesh["cp"], device_type) if plan.cp > 1 else None
         return Parallelized(_apply_per_stage(model, plan, mesh, 0, tp_plan, expert_mesh), plan, mesh, coords,
@@ -143,8 +144,8 @@ def train_step(par: Parallelized, optimizer: torch.optim.Optimizer, step: int, *
                 loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()) / len(micro)
                 loss.backward()
             loss_sum += loss.detach().to(torch.float64).cpu()
-    if plan.dp * plan.cp > 1 and plan.ep == 1 and averages_by_hand(zero_stage=plan.zero_stage, tp=plan.tp,
-                                                                   pipelined=par.schedule is not None):
+    if plan.dp * plan.cp > 1 and par.expert_mesh is None and \
+            averages_by_hand(zero_stage=plan.zero_stage, tp=plan.tp, pipelined=par.schedule is not None):
         all_reduce_gradients(model, replica_mesh(par.mesh, plan))
     if par.expert_mesh is not None and uses_ddp(zero_stage=plan.zero_stage):
         average_gradients(model, replica_mesh(par.mesh, plan), par.expert_mesh, plan.dp * plan.cp)

@@ -34,6 +34,7 @@ from autoplan.executor.expert_parallel import (apply_expert_parallel, average_gr
 from autoplan.executor.mesh import build_expert_mesh, build_mesh, rank_coordinates, replica_mesh
 from autoplan.executor.pipeline import build_schedule, split_model, sum_tied_gradients, tied_across_stages
 from autoplan.executor.recompute import apply_recompute
+from autoplan.models.titan import refuse_torchtitan
 from autoplan.support import unsupported_reason
 from autoplan.executor.tensor_parallel import apply_tensor_parallel
 from autoplan.schema import Plan
@@ -56,6 +57,7 @@ class Parallelized:
 
 def apply(model: nn.Module, plan: Plan, *, device_type: str = "cpu", tp_plan=None) -> Parallelized:
     """Parallelise `model` in place for `plan` on the initialised process group (or one process)."""
+    refuse_torchtitan(model)
     moe = any(hasattr(m, "num_experts") for m in model.modules())
     reason = unsupported_reason(plan, moe=moe, foreign=getattr(model, "is_foreign", False))
     if reason:

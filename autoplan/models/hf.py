@@ -94,8 +94,12 @@ def is_hf_model(module: nn.Module) -> bool:
 
 def wrap_hf_model(module: nn.Module, *, seq_len: int | None = None) -> nn.Module:
     """A transformers causal LM built on meta (a copy, so the user's object stays as it was) as HFCausalLM;
-    any other module as it is. Its own forward is not traced: transformers' mask code reads tensor values
-    (`.item()`), which meta tensors do not have."""
+    any other module as it is (a torchtitan model is refused in one line: autoplan.models.titan). Its own
+    forward is not traced: transformers' mask code reads tensor values (`.item()`), which meta tensors do
+    not have."""
+    from autoplan.models.titan import refuse_torchtitan
+
+    refuse_torchtitan(module)
     if not is_hf_model(module):
         return module
     if any(not p.is_meta for p in module.parameters()):

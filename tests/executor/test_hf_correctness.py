@@ -47,6 +47,8 @@ FOUR_RANK_PLANS = {
                                              micro_batch_size=MBS)),
     "qwen-moe dp2 x tp2 ep4 zero1": (QWEN_MOE, Plan(dp=2, tp=2, ep=4, zero_stage=1, global_batch_size=GBS,
                                                      micro_batch_size=MBS)),
+    "mixtral pp2 x tp2 sp": (MIXTRAL, Plan(pp=2, tp=2, sequence_parallel=True, global_batch_size=GBS,
+                                           micro_batch_size=MBS)),
 }
 
 

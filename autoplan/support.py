@@ -4,8 +4,8 @@ line before it builds a mesh, and the cost model knows which plans it can hold i
 (costmodel.estimate).
 
 MoE: expert parallelism folds over the dp x cp x tp ranks (executor.mesh.build_expert_mesh) with any ZeRO
-stage (ZeRO 2/3: FSDP2 over the replicas for dense parameters, over the expert-data-parallel ranks for
-experts), tensor parallelism splits attention and dense layers while each tp rank routes its own sequence
+stage (ZeRO 2/3 with dp*cp > 1: FSDP2 over the replicas for dense parameters, over the expert-data-parallel
+ranks for experts; one replica shards nothing), tensor parallelism splits attention and dense layers while each tp rank routes its own sequence
 shard (parallel folding; Hugging Face MoE layers too: autoplan.models.hf), and context parallelism shards
 each sequence as for dense models. Experts are never split by tp (expert tensor parallelism is not run).
 

@@ -301,7 +301,8 @@ def optimizer_shard_params(rank: RankMemoryInputs, plan: Plan) -> float:
     train = trainable_fraction(rank)
     if data_parallel_wrapper(plan).startswith("fsdp"):
         return fsdp_shard_params(rank, plan) * train
-    if plan.zero_stage == 1:  # executor.zero_one: each tensor cut in even chunks over its replicas
+    if plan.zero_stage == 1 and plan.dp * plan.cp > 1:  # executor.zero_one: each tensor cut in even chunks over
+        #                                                   its replicas (one replica: plain AdamW, experts too)
         return (rank.dense_params / (plan.dp * plan.cp) + rank.expert_params / _edp(plan)) * train
     return (rank.dense_params + rank.expert_params) * train
 

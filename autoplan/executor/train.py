@@ -96,13 +96,19 @@ def _apply_per_stage(model: nn.Module, plan: Plan, mesh, pp_rank: int, tp_plan, 
     if expert_mesh is not None:  # experts differ per rank: ZeRO 0/1 average gradients by hand (average_gradients)
         apply_expert_parallel(model, expert_mesh["ep"], plan)
     apply_recompute(model, plan.stage_recompute(pp_rank))
-    if expert_mesh is not None and not uses_ddp(zero_stage=plan.zero_stage):  # ZeRO 2/3: experts over edp first
+    if _fsdp_experts(plan, expert_mesh):  # ZeRO 2/3: experts over edp first
         shard_experts(model, expert_mesh, reshard=plan.zero_stage == 3, replicas=plan.dp * plan.cp)
-    if (plan.dp * plan.cp > 1 and expert_mesh is None) or (expert_mesh is not None and not uses_ddp(
-            zero_stage=plan.zero_stage)):  # parameters are replicated over dp and cp
+    if plan.dp * plan.cp > 1 and (expert_mesh is None or _fsdp_experts(plan, expert_mesh)):  # replicated over dp, cp
         model = apply_data_parallel(model, replica_mesh(mesh, plan), zero_stage=plan.zero_stage, tp=plan.tp,
                                     pipelined=plan.pp > 1, offload=plan.offload)
     return model
+
+
+def _fsdp_experts(plan: Plan, expert_mesh) -> bool:
+    """Expert layers as FSDP2 units (ZeRO 2/3 over more than one replica); otherwise their gradients are
+    averaged by hand (expert_parallel.average_gradients). With one dp x cp replica ZeRO shards nothing, as
+    for a dense model (costmodel.rank_memory.data_parallel_wrapper: "none"), even where ep folds over tp."""
+    return expert_mesh is not None and not uses_ddp(zero_stage=plan.zero_stage) and plan.dp * plan.cp > 1
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
@@ -149,7 +155,7 @@ def train_step(par: Parallelized, optimizer: torch.optim.Optimizer, step: int, *
     if plan.dp * plan.cp > 1 and par.expert_mesh is None and \
             averages_by_hand(zero_stage=plan.zero_stage, tp=plan.tp, pipelined=par.schedule is not None):
         all_reduce_gradients(model, replica_mesh(par.mesh, plan))
-    if par.expert_mesh is not None and uses_ddp(zero_stage=plan.zero_stage):
+    if par.expert_mesh is not None and not _fsdp_experts(plan, par.expert_mesh):
         average_gradients(model, replica_mesh(par.mesh, plan), par.expert_mesh, plan.dp * plan.cp)
     if par.tied:
         sum_tied_gradients(par.tied, par.tied_group)

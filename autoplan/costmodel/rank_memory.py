@@ -317,7 +317,8 @@ def optimizer_shard_params(rank: RankMemoryInputs, plan: Plan) -> float:
     train = trainable_fraction(rank)
     if data_parallel_wrapper(plan).startswith("fsdp"):
         return fsdp_shard_params(rank, plan) * train
-    if plan.zero_stage == 1:  # executor.zero_one: each tensor cut in even chunks over its replicas
+    if plan.zero_stage == 1 and plan.dp * plan.cp > 1:  # executor.zero_one: each tensor cut in even chunks over
+        #                                                   its replicas (one replica: plain AdamW, experts too)
         return (rank.dense_params / (plan.dp * plan.cp) + rank.expert_params / _edp(plan)) * train
     return (rank.dense_params + rank.expert_params) * train
 
@@ -333,9 +334,9 @@ def host_bytes(rank: RankMemoryInputs, plan: Plan) -> float:
 
 
 def _edp(plan: Plan) -> int:
-    """Ranks holding the same experts: dp*cp without expert parallelism, else the dp*cp*tp ranks ep and etp
-    fold over divided by ep·etp (executor.mesh.build_expert_mesh)."""
-    return plan.expert_data_parallel if plan.expert_sharded else plan.dp * plan.cp
+    """Ranks holding the same expert shards: the dp*cp*tp ranks ep and etp fold over divided by ep·etp
+    (executor.mesh.build_expert_mesh; at ep=1 under tp too, executor.expert_parallel.folds_experts)."""
+    return plan.expert_data_parallel
 
 
 def _expert_shard(rank: RankMemoryInputs, plan: Plan) -> float:

@@ -3,9 +3,10 @@
 Layout (torch's load-balanced sharding, `_HeadTailLoadBalancer`): a sequence of s tokens is cut into
 2·cp chunks of s/(2·cp) tokens and cp rank r holds chunks r and 2·cp−1−r, so every rank carries the same
 share of the causal mask's work. Sharded so, per micro-batch: the inputs and targets (dim 1), the RoPE
-table `freqs` of every module holding one (dim 0), and the positions that a learned position embedding
-(`embed.pos`, looked up with arange(s) by the reference GPT) reads: a forward pre-hook maps them to the
-rank's global positions.
+table `freqs` of every module holding one (dim 0), the positions that a learned position embedding
+(`embed.pos`, looked up with arange(s) by the reference GPT and GPT-2's layout) reads: a forward pre-hook
+maps them to the rank's global positions; and those a model that computes its rotary tables per forward
+from position ids reads (`global_positions`, set on the Hugging Face layout, autoplan.models.hf).
 
 Attention on those shards, forward and backward, is torch's ring attention (Liu et al. 2023): each rank
 keeps its query shard, the key/value shards go round the cp group, and the partial outputs merge by
@@ -31,7 +32,8 @@ Supported: cp with dp (every ZeRO stage), pp (every schedule), tp (with or witho
 ZeRO stage 1-3) and recompute. Refused (`check_context_parallel`): cp with ep; cp with tp at ZeRO stage
 0 (DDP over a tensor-parallel model misses the single-process gradients, with or without cp); attention
 that is not F.scaled_dot_product_attention(is_causal=True) without mask or dropout (the reference
-models' attn_impl="eager" among them); a sequence not divisible by 2·cp.
+models' attn_impl="eager" among them); a sequence not divisible by 2·cp; a Hugging Face model whose positions
+the layout did not find (support.FOREIGN_CP).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from autoplan.errors import InvalidPlanError
 from autoplan.schema import Plan
+from autoplan.support import FOREIGN_CP
 
 SEQ_DIM = 2  # the sequence dim of q, k, v [b, heads, s, head_dim] as SDPA takes them
 ROPE_TABLE = "freqs"  # the reference models' RoPE buffer [s, head_dim/2, 2]
@@ -62,6 +65,9 @@ def check_context_parallel(model: nn.Module, plan: Plan) -> None:
     if eager:
         raise InvalidPlanError(f"cp={plan.cp} needs attention through F.scaled_dot_product_attention, but {eager[0]} "
                                "computes it eagerly (attn_impl='eager'): it would see only this rank's tokens")
+    unplaced = [m for m in model.modules() if getattr(m, "positions_found", True) is False]
+    if unplaced:
+        raise InvalidPlanError(FOREIGN_CP.format(model=unplaced[0].hf_class))
 
 
 class ContextParallel:
@@ -72,6 +78,7 @@ class ContextParallel:
         self._tables = {id(t): t for m in model.modules() if isinstance(t := m._buffers.get(ROPE_TABLE), torch.Tensor)}
         self._positions: torch.Tensor | None = None  # this rank's global positions while a micro-batch runs
         self._expect_attention = _holds_blocks(model)
+        self._position_users = [m for m in model.modules() if hasattr(m, "global_positions")]
         for module in model.modules():  # the model, or the pipeline chunk holding the embedding
             pos = getattr(getattr(module, "embed", None), "pos", None)
             if isinstance(pos, nn.Embedding):
@@ -102,11 +109,16 @@ class ContextParallel:
             region = _cpu_ring_region(self.mesh, buffers, seq_dims, restore=tables,
                                       expect_attention=self._expect_attention)
         with region:
-            self._positions = positions
+            self._set_positions(positions)
             try:
                 yield inputs, targets
             finally:
-                self._positions = None
+                self._set_positions(None)
+
+    def _set_positions(self, positions: torch.Tensor | None) -> None:
+        self._positions = positions
+        for module in self._position_users:
+            module.global_positions = positions
 
 
 @contextmanager

@@ -10,7 +10,9 @@ Megatron's split (Shoeybi et al. 2019, Sec. 3) by the common vocabularies of Lin
 | c_attn (GPT-2's fused q|k|v, rows regrouped)     |                                    |
 A fused q|k|v weight is regrouped so that each rank's contiguous shard holds its own heads' q, k and v
 (and the attention's `split_size` becomes h/tp): the same function, split by heads. A Linear with another
-name, or a fused qkv of another kind, is refused in one line asking for a tp_plan.
+name, or a fused qkv of another kind, is refused in one line asking for a tp_plan. A MoE layer (the module
+holding transformers' stacked experts, with its router and shared experts) is not split: it is left to
+the caller, which runs it as the reference MoE under tp (tensor_parallel.moe_layout, parallel folding).
 
 With sequence parallelism the norms run on sequence shards (SequenceParallel), each attention and MLP
 gathers its input's sequence first (an autograd-aware all-gather, whose backward is a reduce-scatter:
@@ -27,6 +29,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
 
 from autoplan.errors import InvalidPlanError
+from autoplan.models.hf import is_stacked_experts
 
 COLUMN = {"q_proj", "k_proj", "v_proj", "query", "key", "value", "wq", "wk", "wv", "gate_proj", "up_proj", "w1",
           "w3", "fc1", "c_fc", "fc_in"}
@@ -43,8 +46,11 @@ def derived_block_layout(block: nn.Module, *, sequence_parallel: bool, tp: int) 
     """{relative path: ParallelStyle} for one block, from its Linear names (module docstring)."""
     out = Shard(1) if sequence_parallel else Replicate()
     layout = {}
+    moe = moe_paths(block)
     for path, module in block.named_modules():
         leaf = path.rsplit(".", 1)[-1]
+        if any(path == p or path.startswith(p + ".") for p in moe):
+            continue
         if isinstance(module, nn.Linear):
             if leaf in COLUMN or leaf in FUSED_QKV:
                 layout[path] = ColwiseParallel()
@@ -57,6 +63,11 @@ def derived_block_layout(block: nn.Module, *, sequence_parallel: bool, tp: int) 
         elif sequence_parallel and _is_norm(module) and any(True for _ in module.parameters(recurse=False)):
             layout[path] = SequenceParallel()
     return layout
+
+
+def moe_paths(block: nn.Module) -> list[str]:
+    """Paths of the block's MoE layers: the modules whose children include transformers' stacked experts."""
+    return [path for path, module in block.named_modules() if any(is_stacked_experts(c) for c in module.children())]
 
 
 def regroup_fused_qkv(block: nn.Module, tp: int) -> None:
@@ -100,10 +111,12 @@ def gather_sequence_before(module: nn.Module, tp_mesh: DeviceMesh) -> None:
 
 
 def block_inputs_to_gather(block: nn.Module) -> list[nn.Module]:
-    """The block's children that hold column-parallel GEMMs (attention, MLP): they gather the sequence."""
+    """The block's children that hold column-parallel GEMMs (attention, MLP): they gather the sequence. A MoE
+    layer does not: under tp it routes its own sequence shard."""
     return [child for child in block.children()
             if any(isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in COLUMN | FUSED_QKV
-                   for name, m in child.named_modules())]
+                   for name, m in child.named_modules())
+            and not any(is_stacked_experts(m) for m in child.modules())]
 
 
 def tied_groups(model: nn.Module) -> list[list[str]]:

@@ -26,7 +26,7 @@ from torch.distributed.nn.functional import all_to_all_single
 
 from autoplan.errors import InvalidPlanError
 from autoplan.executor.mesh import folded_mesh
-from autoplan.models.hf import expert_weight_names, is_stacked_experts, make_routed
+from autoplan.models.hf import RoutedExperts, expert_weight_names, is_stacked_experts, make_routed
 from autoplan.support import unsupported_reason
 from autoplan.schema import Plan
 
@@ -69,6 +69,8 @@ class ExpertParallelMixin:
 
     def run_experts(self, grouped: torch.Tensor, counts: list[int]) -> torch.Tensor:
         ep, etp, local = self.ep_size, self.etp_size, self.num_experts // self.ep_size
+        if ep == 1 and etp == 1:  # every expert here (ep=1 under tp: only the gradients are folded, `folds_experts`)
+            return super().run_experts(grouped, counts)
         # 1. dispatch over ep: rows for experts [r·local, (r+1)·local) go to ep rank r
         send = [sum(counts[r * local:(r + 1) * local]) for r in range(ep)]
         if ep > 1:  # per_source[r][j]: rows ep rank r sends to my local expert j
@@ -101,6 +103,13 @@ class ExpertParallelMixin:
             out = all_to_all_single(grouped.new_empty(grouped.shape[0], out.shape[1]), out, send, recv,
                                     group=self.ep_group)
         return out
+
+
+def folds_experts(plan: Plan, *, moe: bool) -> bool:
+    """Whether the plan runs a MoE model's expert layers on the folded (edp, ep) mesh: with ep > 1, and with
+    tp > 1 at ep=1, where each tp rank routes its own sequence shard through whole experts and the MoE
+    layers' gradients (experts, router, shared experts) must be summed over the tp ranks as well."""
+    return plan.expert_sharded or (moe and plan.tp > 1)
 
 
 def _expert_modules(model: nn.Module) -> list[nn.Module]:
@@ -162,12 +171,23 @@ def expert_parameters(model: nn.Module) -> set[int]:
             for name in _weight_names(m)}
 
 
+def moe_layers(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """(MoE layer, its expert-parallel experts module) pairs: autoplan's MoE is both; transformers' sparse-MoE
+    block holds its router, shared experts and stacked experts as children."""
+    pairs = []
+    for module in model.modules():
+        if isinstance(module, ExpertParallelMixin) and not isinstance(module, RoutedExperts):
+            pairs.append((module, module))
+        pairs += [(module, child) for child in module.children()
+                  if isinstance(child, ExpertParallelMixin) and isinstance(child, RoutedExperts)]
+    return pairs
+
+
 def routing_parameters(model: nn.Module) -> set[int]:
-    """ids of the other parameters of the expert-parallel modules (router, shared experts): whole on every
-    rank, each rank's gradient made from its own tokens."""
+    """ids of the other parameters of the MoE layers (router, shared experts): whole on every rank, each
+    rank's gradient made from its own tokens."""
     experts = expert_parameters(model)
-    return {id(p) for m in model.modules() if isinstance(m, ExpertParallelMixin) for p in m.parameters()
-            if id(p) not in experts}
+    return {id(p) for layer, _ in moe_layers(model) for p in layer.parameters() if id(p) not in experts}
 
 
 def _local(grad: torch.Tensor) -> torch.Tensor:
@@ -210,8 +230,8 @@ def shard_experts(model: nn.Module, expert_mesh: DeviceMesh, *, reshard: bool, r
             unit.set_force_sum_reduction_for_comms(True)
 
     edp, folded = expert_mesh["edp"], folded_mesh(expert_mesh)
-    for module in [m for m in model.modules() if isinstance(m, ExpertParallelMixin)]:
-        for child in module.children():
-            if any(True for _ in child.parameters()):
+    for layer, experts in moe_layers(model):
+        for child in layer.children():
+            if child is not experts and any(True for _ in child.parameters()):
                 shard(child, folded)
-        shard(module, edp)
+        shard(experts, edp)

@@ -16,7 +16,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
 
 from autoplan.errors import InvalidPlanError
 from autoplan.executor.derived_tp import (block_inputs_to_gather, derived_block_layout, gather_sequence_before,
-                                         regroup_fused_qkv, retie, tied_groups)
+                                         moe_paths, regroup_fused_qkv, retie, tied_groups)
 
 
 def block_layout(block: nn.Module, *, sequence_parallel: bool) -> dict:
@@ -32,7 +32,7 @@ def block_layout(block: nn.Module, *, sequence_parallel: bool) -> dict:
     layout["attention.wo"] = RowwiseParallel(output_layouts=out)
     moe = hasattr(block.feed_forward, "num_experts")
     if moe:
-        layout.update(moe_layout(sequence_parallel=sequence_parallel))
+        layout.update(moe_layout("feed_forward", sequence_parallel=sequence_parallel))
     else:
         ffn_cols = [n for n in ("w1", "w3") if hasattr(block.feed_forward, n)]
         layout.update({f"feed_forward.{n}": ColwiseParallel() for n in ffn_cols})
@@ -50,18 +50,18 @@ def block_layout(block: nn.Module, *, sequence_parallel: bool) -> dict:
     return layout
 
 
-def moe_layout(*, sequence_parallel: bool) -> dict:
-    """A MoE layer under tp: each tp rank routes its own sequence shard, as if the tp ranks were more
-    data-parallel ranks for the experts (Megatron-LM's MoE "parallel folding": experts over ep x edp ranks
-    folded from dp x cp x tp; executor.expert_parallel). With SP the shard is already there; without, the
-    replicated input is split (its gradient all-gathered in backward) and the output all-gathered (its
-    gradient sliced). The layer's own parameters are plain tensors on every rank; their gradients are summed
-    over the tp ranks with the data-parallel ones (expert_parallel.average_gradients, or FSDP over the
-    folded ranks)."""
+def moe_layout(path: str, *, sequence_parallel: bool) -> dict:
+    """{path: style} for the MoE layer at `path` under tp: each tp rank routes its own sequence shard, as if
+    the tp ranks were more data-parallel ranks for the experts (Megatron-LM's MoE "parallel folding": experts
+    over ep x edp ranks folded from dp x cp x tp; executor.expert_parallel). With SP the shard is already
+    there; without, the replicated input is split (its gradient all-gathered in backward) and the output
+    all-gathered (its gradient sliced). The layer's own parameters are plain tensors on every rank; their
+    gradients are summed over the tp ranks with the data-parallel ones (expert_parallel.average_gradients,
+    or FSDP over the folded ranks; at ep=1 too: expert_parallel.folds_experts)."""
     if sequence_parallel:
-        return {"feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Shard(1),),
-                                                   use_local_output=True)}
-    return {"feed_forward": _SequenceShardedModule()}
+        return {path: PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Shard(1),),
+                                         use_local_output=True)}
+    return {path: _SequenceShardedModule()}
 
 
 class _SequenceShardedModule(PrepareModuleInput):
@@ -116,7 +116,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_par
         tp = tp_mesh.size()
         for block in model.layers.values():
             regroup_fused_qkv(block, tp)
-        layout = model_layout(model, sequence_parallel=sequence_parallel, blocks=lambda block: derived_block_layout(
+        layout = model_layout(model, sequence_parallel=sequence_parallel, blocks=lambda block: _foreign_block_layout(
             block, sequence_parallel=sequence_parallel, tp=tp))
         if sequence_parallel:
             model.sequence_shards = tp
@@ -131,6 +131,15 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_par
         if isinstance(getattr(module, "shared_key", None), nn.Module):
             module.shared_key.register_forward_hook(_sum_gradient_over(tp_mesh))
     retie(model, ties)
+
+
+def _foreign_block_layout(block: nn.Module, *, sequence_parallel: bool, tp: int) -> dict:
+    """A block of a model autoplan did not write: attention and dense MLPs split as derived from their Linear
+    names, a MoE layer run on sequence shards as the reference MoE is (parallel folding)."""
+    layout = derived_block_layout(block, sequence_parallel=sequence_parallel, tp=tp)
+    for path in moe_paths(block):
+        layout.update(moe_layout(path, sequence_parallel=sequence_parallel))
+    return layout
 
 
 def _sum_gradient_over(tp_mesh: DeviceMesh):

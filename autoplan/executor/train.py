@@ -29,10 +29,12 @@ from autoplan.executor.context_parallel import ContextParallel, check_context_pa
 from autoplan.executor.data import global_batch, replica_micro_batches
 from autoplan.executor.data_parallel import (all_reduce_gradients, apply_data_parallel, averages_by_hand,
                                              build_optimizer, set_gradient_sync, uses_ddp)
-from autoplan.executor.expert_parallel import apply_expert_parallel, average_gradients, shard_experts
+from autoplan.executor.expert_parallel import (apply_expert_parallel, average_gradients, folds_experts,
+                                               shard_experts)
 from autoplan.executor.mesh import build_expert_mesh, build_mesh, rank_coordinates, replica_mesh
 from autoplan.executor.pipeline import build_schedule, split_model, sum_tied_gradients, tied_across_stages
 from autoplan.executor.recompute import apply_recompute
+from autoplan.models.titan import refuse_torchtitan
 from autoplan.support import unsupported_reason
 from autoplan.executor.tensor_parallel import apply_tensor_parallel
 from autoplan.schema import Plan
@@ -47,7 +49,7 @@ class Parallelized:
     schedule: object | None = None   # the pipeline schedule (pp > 1)
     first: bool = True               # this rank holds the first / last pipeline chunk
     last: bool = True
-    expert_mesh: object | None = None  # (pp, edp, ep, etp) when ep or etp > 1
+    expert_mesh: object | None = None  # (pp, edp, ep, etp) when ep or etp > 1, or a MoE model with tp > 1 (folds_experts)
     cp: ContextParallel | None = None  # shards micro-batches over the cp ranks when cp > 1
     tied: list = field(default_factory=list)  # this rank's copies of parameters tied across pipeline stages
     tied_group: object | None = None            # the first and last pipeline rank: their gradients are summed
@@ -55,8 +57,9 @@ class Parallelized:
 
 def apply(model: nn.Module, plan: Plan, *, device_type: str = "cpu", tp_plan=None) -> Parallelized:
     """Parallelise `model` in place for `plan` on the initialised process group (or one process)."""
-    reason = unsupported_reason(plan, moe=any(hasattr(m, "num_experts") for m in model.modules()),
-                                foreign=getattr(model, "is_foreign", False))
+    refuse_torchtitan(model)
+    moe = any(hasattr(m, "num_experts") for m in model.modules())
+    reason = unsupported_reason(plan, moe=moe, foreign=getattr(model, "is_foreign", False))
     if reason:
         raise InvalidPlanError(reason)
     if plan.cp > 1:
@@ -68,7 +71,7 @@ def apply(model: nn.Module, plan: Plan, *, device_type: str = "cpu", tp_plan=Non
         return Parallelized(model, plan, None, {"pp": 0, "dp": 0, "cp": 0, "tp": 0})
     mesh = build_mesh(plan, device_type)
     coords = rank_coordinates(dist.get_rank(), plan)
-    expert_mesh = build_expert_mesh(plan, device_type) if plan.expert_sharded else None
+    expert_mesh = build_expert_mesh(plan, device_type) if folds_experts(plan, moe=moe) else None
     if plan.pp == 1:
         cp = ContextParallel(model, mesh["cp"], device_type) if plan.cp > 1 else None
         return Parallelized(_apply_per_stage(model, plan, mesh, 0, tp_plan, expert_mesh), plan, mesh, coords,
@@ -93,13 +96,19 @@ def _apply_per_stage(model: nn.Module, plan: Plan, mesh, pp_rank: int, tp_plan, 
     if expert_mesh is not None:  # experts differ per rank: ZeRO 0/1 average gradients by hand (average_gradients)
         apply_expert_parallel(model, expert_mesh, plan)
     apply_recompute(model, plan.stage_recompute(pp_rank))
-    if expert_mesh is not None and not uses_ddp(zero_stage=plan.zero_stage):  # ZeRO 2/3: experts over edp first
+    if _fsdp_experts(plan, expert_mesh):  # ZeRO 2/3: experts over edp first
         shard_experts(model, expert_mesh, reshard=plan.zero_stage == 3, replicas=plan.dp * plan.cp)
-    if (plan.dp * plan.cp > 1 and expert_mesh is None) or (expert_mesh is not None and not uses_ddp(
-            zero_stage=plan.zero_stage)):  # parameters are replicated over dp and cp
+    if plan.dp * plan.cp > 1 and (expert_mesh is None or _fsdp_experts(plan, expert_mesh)):  # replicated over dp, cp
         model = apply_data_parallel(model, replica_mesh(mesh, plan), zero_stage=plan.zero_stage, tp=plan.tp,
                                     pipelined=plan.pp > 1, offload=plan.offload)
     return model
+
+
+def _fsdp_experts(plan: Plan, expert_mesh) -> bool:
+    """Expert layers as FSDP2 units (ZeRO 2/3 over more than one replica); otherwise their gradients are
+    averaged by hand (expert_parallel.average_gradients). With one dp x cp replica ZeRO shards nothing, as
+    for a dense model (costmodel.rank_memory.data_parallel_wrapper: "none"), even where ep folds over tp."""
+    return expert_mesh is not None and not uses_ddp(zero_stage=plan.zero_stage) and plan.dp * plan.cp > 1
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
@@ -143,10 +152,10 @@ def train_step(par: Parallelized, optimizer: torch.optim.Optimizer, step: int, *
                 loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()) / len(micro)
                 loss.backward()
             loss_sum += loss.detach().to(torch.float64).cpu()
-    if plan.dp * plan.cp > 1 and not plan.expert_sharded and averages_by_hand(
-            zero_stage=plan.zero_stage, tp=plan.tp, pipelined=par.schedule is not None):
+    if plan.dp * plan.cp > 1 and par.expert_mesh is None and \
+            averages_by_hand(zero_stage=plan.zero_stage, tp=plan.tp, pipelined=par.schedule is not None):
         all_reduce_gradients(model, replica_mesh(par.mesh, plan))
-    if par.expert_mesh is not None and uses_ddp(zero_stage=plan.zero_stage):
+    if par.expert_mesh is not None and not _fsdp_experts(plan, par.expert_mesh):
         average_gradients(model, replica_mesh(par.mesh, plan), par.expert_mesh, plan.dp * plan.cp)
     if par.tied:
         sum_tied_gradients(par.tied, par.tied_group)

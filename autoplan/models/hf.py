@@ -5,9 +5,10 @@ any device (meta for planning) without downloading anything, and presented in th
 transposed weight: the same function, which tensor parallelism and the profiler's GEMM tracking know):
     embed  (token table [+ learned positions] [+ dropout])  ->  layers (the decoder blocks, "0".."L-1")
     ->  norm  ->  output (lm_head; tied to the token table where the config ties them)
-and runs them as the HF model does for training without padding: positions 0..s-1, the rotary tables
-computed once per forward, causal attention through F.scaled_dot_product_attention (`is_causal`, no mask
-tensor, so nothing reads values on the meta device). That is what the profiler, the pipeline split, tensor
+and runs them as the HF model does for training without padding: positions 0..s-1 (under context
+parallelism the global positions of the rank's sequence chunks), the rotary tables computed once per
+forward, causal attention through F.scaled_dot_product_attention (`is_causal`, no mask tensor, so nothing
+reads values on the meta device). That is what the profiler, the pipeline split, tensor
 parallelism and the dry run rely on. What this layout cannot find in a model is refused in one line.
 
 Experts (transformers' stacked `gate_up_proj` / `down_proj` [E, ...]: Mixtral, Qwen-MoE and others)
@@ -93,8 +94,12 @@ def is_hf_model(module: nn.Module) -> bool:
 
 def wrap_hf_model(module: nn.Module, *, seq_len: int | None = None) -> nn.Module:
     """A transformers causal LM built on meta (a copy, so the user's object stays as it was) as HFCausalLM;
-    any other module as it is. Its own forward is not traced: transformers' mask code reads tensor values
-    (`.item()`), which meta tensors do not have."""
+    any other module as it is (a torchtitan model is refused in one line: autoplan.models.titan). Its own
+    forward is not traced: transformers' mask code reads tensor values (`.item()`), which meta tensors do
+    not have."""
+    from autoplan.models.titan import refuse_torchtitan
+
+    refuse_torchtitan(module)
     if not is_hf_model(module):
         return module
     if any(not p.is_meta for p in module.parameters()):
@@ -290,6 +295,8 @@ class HFCausalLM(nn.Module):
 
     is_foreign = True  # the executor refuses what it cannot do with it (autoplan.support.unsupported_reason)
     sequence_shards = 1  # set to tp by tensor parallelism with sequence parallelism
+    global_positions: torch.Tensor | None = None  # [s/cp]: this rank's positions, set while context parallelism
+    #                                               runs a micro-batch (executor.context_parallel); else 0..s-1
 
     def __init__(self, model: nn.Module, *, seq_len: int | None = None, name: str = ""):
         super().__init__()
@@ -312,6 +319,7 @@ class HFCausalLM(nn.Module):
         self.norm = _child(base, ("norm", "ln_f", "final_layernorm", "final_layer_norm"), "final norm")
         self.output = output
         self.rotary = _child(base, ("rotary_emb",), "rotary embedding", required=False)
+        self.positions_found = self.rotary is not None or self.embed.pos is not None  # what cp can place
         _replace_conv1d(self)
         if getattr(text, "tie_word_embeddings", False):
             self.output.weight = self.embed.tok.weight
@@ -326,7 +334,10 @@ class HFCausalLM(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens) if self.embed is not None else tokens
         seq_len = x.shape[1] * self.sequence_shards  # (sequence parallelism hands on [b, s/tp, h] shards)
-        positions = torch.arange(seq_len, device=x.device).unsqueeze(0)  # [1, s]
+        positions = self.global_positions if self.global_positions is not None else torch.arange(seq_len,
+                                                                                                  device=x.device)
+        assert positions.shape[0] == seq_len, (positions.shape, seq_len)
+        positions = positions.unsqueeze(0)  # [1, s]
         kwargs = {}
         if self.rotary is not None:
             kwargs["position_embeddings"] = self.rotary(x, positions)

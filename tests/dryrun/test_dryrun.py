@@ -133,10 +133,11 @@ def test_a_large_dry_run_allocates_no_real_memory():
 
 
 def test_executor_refusals_stay_refusals():
-    """A plan the executor refuses (context parallelism on a Hugging Face model) is refused by the dry run, with
-    the executor's own error."""
-    with pytest.raises(InvalidPlanError, match="RoPE table"):
-        ap.dryrun(str(Path(__file__).parent.parent / "hf_configs" / "llama.json"), ap.Plan(cp=2, global_batch_size=4))
+    """A plan the executor refuses (parameter offload on one replica of a Hugging Face MoE model) is refused by
+    the dry run, with the executor's own error."""
+    with pytest.raises(InvalidPlanError, match="offload=params runs on FSDP2's CPUOffloadPolicy"):
+        ap.dryrun(str(Path(__file__).parent.parent / "hf_configs" / "mixtral.json"),
+                  ap.Plan(tp=2, zero_stage=3, offload="params", global_batch_size=4))
 
 
 def test_zero_bubble_with_selective_recompute_is_refused():

@@ -17,6 +17,12 @@ PLANS = {
                                               global_batch_size=8)),
     "mixtral dp2 zero3": ("mixtral", ap.Plan(dp=2, zero_stage=3, micro_batch_size=2, global_batch_size=8)),
     "qwen-moe dp4 ep4 zero1": ("qwen2_moe", ap.Plan(dp=4, ep=4, zero_stage=1, micro_batch_size=2, global_batch_size=8)),
+    "llama cp2 tp2 sp zero1": ("llama", ap.Plan(cp=2, tp=2, sequence_parallel=True, zero_stage=1, micro_batch_size=2,
+                                                global_batch_size=8)),
+    # one dp x cp replica: ZeRO-3 shards nothing (the MoE layers are not FSDP units over the tp ranks either)
+    "qwen-moe tp2 sp ep2 zero3": ("qwen2_moe", ap.Plan(tp=2, ep=2, sequence_parallel=True, zero_stage=3,
+                                                       micro_batch_size=2, global_batch_size=8)),
+    "mixtral dp2 tp2 zero1": ("mixtral", ap.Plan(dp=2, tp=2, zero_stage=1, micro_batch_size=2, global_batch_size=8)),
 }
 
 

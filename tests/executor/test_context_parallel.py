@@ -12,7 +12,7 @@ import autoplan as ap
 from autoplan.errors import InvalidPlanError
 from autoplan.executor import apply
 from autoplan.schema import Plan
-from dist_worker import build, run_on_ranks, run_plan
+from dist_worker import run_on_ranks, run_plan
 
 HF_LLAMA = Path(__file__).parent.parent / "hf_configs" / "llama.json"
 
@@ -63,12 +63,18 @@ def test_cp2_with_dp_tp_pp_matches_single_process(name, four_rank_losses, refere
     assert four_rank_losses[name] == pytest.approx(reference[FOUR_RANK_PLANS[name][0]], rel=TOL)
 
 
-@pytest.mark.parametrize("model, plan, message", [
-    (str(HF_LLAMA), Plan(cp=2, global_batch_size=GBS), "cp > 1 needs the reference models' RoPE table"),
-])
-def test_unsupported_combinations_are_refused_in_one_line(model, plan, message):
-    with pytest.raises(InvalidPlanError, match=message) as err:
-        apply(build(model), plan)
+def test_hugging_face_model_without_found_positions_is_refused_in_one_line():
+    """A transformers model whose rotary embedding is not where the layout looks (here: removed from the
+    base model) would compute its positions 0..s/cp-1 on every cp rank: refused before any mesh is built."""
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+
+    from autoplan.models.hf import HFCausalLM, hf_config
+
+    hf = AutoModelForCausalLM.from_config(hf_config(str(HF_LLAMA)), attn_implementation="sdpa")
+    del hf.model.rotary_emb
+    with pytest.raises(InvalidPlanError, match="LlamaForCausalLM found neither a rotary embedding") as err:
+        apply(HFCausalLM(hf), Plan(cp=2, global_batch_size=GBS))
     assert "\n" not in str(err.value)
 
 

@@ -25,6 +25,10 @@ TWO_RANK_PLANS = {
     "moe dp2 ep2 zero2": ("moe-tiny", _plan(dp=2, ep=2, zero_stage=2)),
     "moe dp2 ep2 zero3": ("moe-tiny", _plan(dp=2, ep=2, zero_stage=3)),
     "moe tp2 ep2 (ep over the tp ranks)": ("moe-tiny", _plan(tp=2, ep=2)),
+    # ep=1: whole experts on every rank, each tp rank routing its own sequence shard; the MoE layers' gradients
+    # summed over the tp ranks (executor.expert_parallel.folds_experts)
+    "moe tp2 ep1": ("moe-tiny", _plan(tp=2)),
+    "deepseek tp2 sp ep1 zero3": ("deepseek-tiny", _plan(tp=2, sequence_parallel=True, zero_stage=3)),
     "moe tp2 sp ep2": ("moe-tiny", _plan(tp=2, ep=2, sequence_parallel=True)),
     "moe cp2 ep2": ("moe-tiny", _plan(cp=2, ep=2)),
     "deepseek dp2 ep2 zero3": ("deepseek-tiny", _plan(dp=2, ep=2, zero_stage=3)),

@@ -1,0 +1,72 @@
+"""The MoE models of issue "MoE that plans and runs" through search -> estimate -> dry run at 64-1024 GPUs: the
+search ranks only plans the executor runs (the default), and its best plan's dry run (the executor's code on a
+fake process group, executor.dryrun) is held to the estimate's memory per GPU (tensor bytes, the preset's reserve
+left out). A configuration where nothing fits is a row that says so.
+
+    python -m benchmarks.moe_best_plans        # writes benchmarks/results/moe_best_plans.md
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import autoplan as ap
+from autoplan.errors import AutoplanError
+
+RESULTS = Path(__file__).parent / "results" / "moe_best_plans.md"
+TARGET = 0.05
+# (model, GPUs, global batch in sequences)
+CASES = [
+    ("mixtral-8x7b", 64, 256),
+    ("mixtral-8x7b", 1024, 2048),
+    ("qwen3-235b-a22b", 64, 512),
+    ("qwen3-235b-a22b", 1024, 2048),
+    ("deepseek-v3", 256, 1024),
+    ("deepseek-v3", 1024, 4096),
+]
+
+
+def measure(model: str, gpus: int, batch: int) -> dict:
+    row = {"model": model, "gpus": gpus, "batch": batch}
+    profile = ap.profile_model(model)
+    cluster = ap.Cluster.preset("dgx-h100", gpus=gpus)
+    start = time.perf_counter()
+    try:
+        result = ap.search(profile, cluster, global_batch_size=batch, top_k=1)
+    except AutoplanError as error:
+        return {**row, "error": str(error).splitlines()[0]}
+    row["search_s"] = time.perf_counter() - start
+    plan, estimate = result.best, result.best_estimate
+    start = time.perf_counter()
+    dry = ap.dryrun(model, plan, gpus=gpus)
+    return {**row, "plan": plan.describe(), "step_s": estimate.step_time_s, "dry_run_s": time.perf_counter() - start,
+            "estimate_bytes": estimate.memory_per_gpu_bytes - estimate.memory_breakdown.get("reserve", 0),
+            "dry_run_bytes": dry.peak_memory_bytes}
+
+
+def main() -> None:
+    rows = [measure(*case) for case in CASES]
+    lines = ["# MoE models: the search's best runnable plan, dry-run", "",
+             "Command: `python -m benchmarks.moe_best_plans`. dgx-h100 preset, sequence length of each model's "
+             "config; `ap.search` (plans the executor runs only, its default), then `ap.dryrun` of the best plan. "
+             f"Memory: tensor bytes per GPU, the preset's reserve left out; target: within {TARGET:.0%}.", "",
+             "| model | GPUs | global batch | best plan | step s | estimate GiB | dry run GiB | error | within |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['gpus']} | {r['batch']} | {r['error']} | - | - | - | - | - |")
+            continue
+        error = r["estimate_bytes"] / r["dry_run_bytes"] - 1
+        lines.append(f"| {r['model']} | {r['gpus']} | {r['batch']} | {r['plan']} | {r['step_s']:.2f} | "
+                     f"{r['estimate_bytes'] / 2**30:.2f} | {r['dry_run_bytes'] / 2**30:.2f} | {error:+.2%} | "
+                     f"{'yes' if abs(error) <= TARGET else '**no**'} |")
+    lines += ["", "Times on this 2-core machine: " + ", ".join(
+        f"{r['model']} x {r['gpus']}: search {r['search_s']:.1f} s, dry run {r['dry_run_s']:.1f} s"
+        for r in rows if "error" not in r) + "."]
+    RESULTS.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

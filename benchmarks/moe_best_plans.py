@@ -39,7 +39,11 @@ def measure(model: str, gpus: int, batch: int) -> dict:
     row["search_s"] = time.perf_counter() - start
     plan, estimate = result.best, result.best_estimate
     start = time.perf_counter()
-    dry = ap.dryrun(model, plan, gpus=gpus)
+    try:
+        dry = ap.dryrun(model, plan, gpus=gpus)
+    except Exception as error:  # a best plan whose dry run fails is a finding: the row says so
+        return {**row, "error": f"{plan.describe()}: dry run failed: {type(error).__name__}: "
+                                f"{str(error).splitlines()[0] if str(error) else ''}"}
     return {**row, "plan": plan.describe(), "step_s": estimate.step_time_s, "dry_run_s": time.perf_counter() - start,
             "estimate_bytes": estimate.memory_per_gpu_bytes - estimate.memory_breakdown.get("reserve", 0),
             "dry_run_bytes": dry.peak_memory_bytes}

@@ -70,6 +70,8 @@ def apply(model: nn.Module, plan: Plan, *, device_type: str = "cpu", tp_plan=Non
         apply_recompute(model, plan.recompute)
         return Parallelized(model, plan, None, {"pp": 0, "dp": 0, "cp": 0, "tp": 0})
     mesh = build_mesh(plan, device_type)
+    if plan.cp > 1:  # flatten dp x cp now: DeviceMesh._flatten cannot run later under a dry run's fake tensors
+        replica_mesh(mesh, plan)
     coords = rank_coordinates(dist.get_rank(), plan)
     expert_mesh = build_expert_mesh(plan, device_type) if folds_experts(plan, moe=moe) else None
     if plan.pp == 1:

@@ -50,9 +50,10 @@ def attention_core_time_s(*, flops: float, causal_fraction: float, cluster: Clus
     return flops * causal_fraction / (cluster.peak_flops_per_s * cluster.attention_efficiency)
 
 
-def memory_bound_time_s(*, bytes_moved: float, cluster: Cluster) -> float:
-    """bytes / (HBM bandwidth · achieved fraction): roofline of a bandwidth-bound kernel (Williams et al. 2009)."""
-    return bytes_moved / (cluster.memory_bandwidth_bytes_per_s * cluster.memory_bound_efficiency)
+def memory_bound_time_s(*, bytes_moved: float, cluster: Cluster, efficiency: float | None = None) -> float:
+    """bytes / (HBM bandwidth · achieved fraction): roofline of a bandwidth-bound kernel (Williams et al. 2009).
+    efficiency: a measured fraction for this kind of op (None: the element-wise kernels' memory_bound_efficiency)."""
+    return bytes_moved / (cluster.memory_bandwidth_bytes_per_s * (efficiency or cluster.memory_bound_efficiency))
 
 
 # Memory-bound ops that move data or do one arithmetic op per element (copies, layout changes, indexing, add/mul):
@@ -76,12 +77,10 @@ def is_streaming_op(op: str) -> bool:
 
 def streaming_time_s(*, bytes_moved: float, cluster: Cluster) -> float:
     """bytes / (bandwidth · Cluster.streaming_efficiency where measured, else memory_bound_efficiency)."""
-    efficiency = cluster.streaming_efficiency or cluster.memory_bound_efficiency
-    return bytes_moved / (cluster.memory_bandwidth_bytes_per_s * efficiency)
+    return memory_bound_time_s(bytes_moved=bytes_moved, cluster=cluster, efficiency=cluster.streaming_efficiency)
 
 
 def optimizer_time_s(*, bytes_moved: float, cluster: Cluster) -> float:
     """bytes / (HBM bandwidth · the optimizer step's achieved fraction, Cluster.optimizer_efficiency where
     measured, else the element-wise kernels' memory_bound_efficiency)."""
-    efficiency = cluster.optimizer_efficiency or cluster.memory_bound_efficiency
-    return bytes_moved / (cluster.memory_bandwidth_bytes_per_s * efficiency)
+    return memory_bound_time_s(bytes_moved=bytes_moved, cluster=cluster, efficiency=cluster.optimizer_efficiency)

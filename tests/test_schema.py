@@ -273,7 +273,7 @@ def numeric_fields() -> set[str]:
 
 
 def test_numeric_fields_are_the_expected_set():
-    """Oracle: the Cluster noun's fields as listed in schema.py (guards numeric_fields() itself)."""
+    """Oracle: the Cluster noun's fields as listed in schema/cluster.py (guards numeric_fields() itself)."""
     assert numeric_fields() == {
         "num_gpus", "gpus_per_node", "peak_flops_per_s", "memory_bytes", "memory_bandwidth_bytes_per_s",
         "memory_reserve_bytes", "intra_node.bandwidth_bytes_per_s", "intra_node.latency_s",

@@ -115,6 +115,6 @@ def optimizer_step_s(rank: RankCost, cluster: Cluster, plan: Plan, stack: Stack 
 
 
 def _trainable(rank: RankCost) -> float:
-    """Share of the rank's parameters that train (costmodel.rank_memory.trainable_fraction)."""
+    """Share of the rank's parameters that train (costmodel.model_states.trainable_fraction)."""
     whole = rank.layers.dense_params + rank.layers.expert_params
     return 1.0 - rank.layers.frozen_params / whole if whole and rank.layers.frozen_params else 1.0

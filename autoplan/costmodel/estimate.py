@@ -17,9 +17,9 @@ from autoplan.costmodel.layers import (DEFAULT_STACK, LayerCost, digest, every_o
 from autoplan.costmodel.memory import PARAM_BYTES, model_state_bytes
 from autoplan.costmodel.overhead import overhead_s
 from autoplan.costmodel.pipeline import micro_batches_in_flight, pipeline_step_s
-from autoplan.costmodel.rank_memory import (LayerMemory, RankMemoryInputs, backward_excess, backward_steps,
-                                            forward_excess, host_bytes, layer_memory, offload_device_states,
-                                            rank_peak, trainable_fraction)
+from autoplan.costmodel.layer_memory import LayerMemory, backward_excess, backward_steps, forward_excess, layer_memory
+from autoplan.costmodel.model_states import RankMemoryInputs, host_bytes, offload_device_states, trainable_fraction
+from autoplan.costmodel.rank_memory import rank_peak
 from autoplan.schema import Cluster, Estimate, LayerProfile, ModelProfile, Plan, Stack, check_plan
 from autoplan.support import profile_reason, unsupported_reason
 
@@ -104,7 +104,7 @@ class Coster:
         return cached
 
     def layers_memory(self, layers: tuple[LayerProfile, ...], plan: Plan, recompute: str) -> tuple[LayerMemory, ...]:
-        """Memory of each of consecutive layers for one micro-batch (costmodel.rank_memory)."""
+        """Memory of each of consecutive layers for one micro-batch (costmodel.layer_memory)."""
         sp = plan.sequence_parallel and plan.tp > 1
         key = ("memory", id(layers), recompute, plan.tp, sp, plan.cp, plan.ep, plan.etp, plan.micro_batch_size)
         cached = self._layers.get(key)

@@ -12,7 +12,7 @@ adds sum(coefficient x count) to the step. The counts are per step on one rank, 
 
 from __future__ import annotations
 
-from autoplan.costmodel.rank_memory import data_parallel_wrapper
+from autoplan.costmodel.model_states import data_parallel_wrapper
 from autoplan.schema import Cluster, ModelProfile, Plan
 
 FEATURES = ("per_step", "per_micro_batch", "tp_per_layer_call", "cp_per_attention_call", "fsdp_per_unit_call",

@@ -109,7 +109,7 @@ def _apply_per_stage(model: nn.Module, plan: Plan, mesh, pp_rank: int, tp_plan, 
 def _fsdp_experts(plan: Plan, expert_mesh) -> bool:
     """Expert layers as FSDP2 units (ZeRO 2/3 over more than one replica); otherwise their gradients are
     averaged by hand (expert_parallel.average_gradients). With one dp x cp replica ZeRO shards nothing, as
-    for a dense model (costmodel.rank_memory.data_parallel_wrapper: "none"), even where ep folds over tp."""
+    for a dense model (costmodel.model_states.data_parallel_wrapper: "none"), even where ep folds over tp."""
     return expert_mesh is not None and not uses_ddp(zero_stage=plan.zero_stage) and plan.dp * plan.cp > 1
 
 

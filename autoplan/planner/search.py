@@ -22,7 +22,7 @@ from autoplan.costmodel.data_parallel import dp_sync_s, optimizer_step_s
 from autoplan.costmodel.estimate import Coster, RankCost
 from autoplan.costmodel.layers import LayerCost
 from autoplan.costmodel.memory import model_state_bytes
-from autoplan.costmodel.rank_memory import RankMemoryInputs, model_states, offload_device_states, trainable_fraction
+from autoplan.costmodel.model_states import RankMemoryInputs, model_states, offload_device_states, trainable_fraction
 from autoplan.errors import InfeasiblePlanError, InvalidInputError
 from autoplan.planner.baselines import expert_defaults
 from autoplan.planner.partition import end_layers_s, solve_partition

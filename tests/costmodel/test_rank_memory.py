@@ -1,12 +1,13 @@
-"""The executor's memory model (costmodel.rank_memory): each piece with a worked example and its limit
-cases. The whole is held to the dry run in tests/dryrun and benchmarks/memory_truth.py."""
+"""The executor's memory model (costmodel.rank_memory, layer_memory, model_states): each piece with a worked
+example and its limit cases. The whole is held to the dry run in tests/dryrun and benchmarks/memory_truth.py."""
 
 import pytest
 
 import autoplan as ap
 from autoplan.costmodel.pipeline import micro_batches_at_backward
-from autoplan.costmodel.rank_memory import (RankMemoryInputs, backward_excess, data_parallel_wrapper,
-                                            executor_activation_bytes, model_states, rank_peak)
+from autoplan.costmodel.layer_memory import backward_excess, executor_activation_bytes
+from autoplan.costmodel.model_states import RankMemoryInputs, data_parallel_wrapper, model_states
+from autoplan.costmodel.rank_memory import rank_peak
 from autoplan.schema import LayerProfile
 from autoplan.support import unsupported_reason
 
@@ -153,7 +154,7 @@ def test_expert_tensor_parallel_keeps_etp_times_the_rows(recompute, kept_rows):
     GEMM inputs where the single process kept one copy: 1 + 2·(etp-1) = 7 rows without recompute; selective
     recompute reruns the exchange and keeps w2's etp-wide partial output: etp-1 = 3; full recompute only the
     block's input: 0 (rebuilt in backward: 7). The dry run measured the same on mixtral-8x7b (docs/dryrun.md)."""
-    from autoplan.costmodel.rank_memory import layer_memory
+    from autoplan.costmodel.layer_memory import layer_memory
 
     moe = next(layer for layer in ap.profile_model("moe-tiny").layers if layer.kind == "moe")
     rows = moe.output_bytes * moe.top_k

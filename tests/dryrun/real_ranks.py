@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from autoplan.executor.dryrun import prepare, track_steps
+from autoplan.executor.dryrun_rank import prepare, track_steps
 from autoplan.models import llama
 from autoplan.schema import Plan, StageMemory
 

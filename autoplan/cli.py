@@ -198,7 +198,7 @@ def _bench(args) -> int:
 
 
 def _calibrate(args) -> int:
-    from autoplan.profiler.calibrate import fit_overheads
+    from autoplan.profiler.overheads import fit_overheads
     from autoplan.profiler.model import profile_model
     from autoplan.schema import Cluster, Plan
 

@@ -1,5 +1,6 @@
 """Measurements (profiler.hardware, profiler.blocks) -> Cluster: the GEMM efficiency curve, the links'
-alpha-beta, the rest; and the per-call overheads fitted to measured runs (`autoplan calibrate`).
+alpha-beta (both fitted by profiler.fitting), the rest; the per-call overheads fitted to measured runs
+(`autoplan calibrate`) are profiler.overheads.
 
 Fitting is plain functions over the measurement dicts (no torch), so they are tested on synthetic data;
 the whole job that `autoplan profile` runs (measure, fit, write the Cluster file) is profiler.session.
@@ -7,14 +8,14 @@ the whole job that `autoplan profile` runs (measure, fit, write the Cluster file
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from autoplan.errors import InvalidInputError
-from autoplan.schema import Cluster, EfficiencyPoint, Link, Stack
+from autoplan.profiler.fitting import MIN_EFFICIENCY, LinkFit, fit_gemm_curve, fit_link_detailed
+from autoplan.profiler.overheads import fit_layer_overhead
+from autoplan.schema import Cluster, Link, Stack
 
 # (substring of torch.cuda.get_device_name, dense bf16 FLOP/s, source); most specific first.
 PEAK_FLOPS_PER_S = (
@@ -41,103 +42,9 @@ DEFAULT_MEMORY_BOUND_EFFICIENCY = 0.8
 # No collectives measured (one process) and no base: the link is a placeholder, the measured memory-copy
 # bandwidth and this latency, an optimistic guess for ranks exchanging through shared memory.
 PLACEHOLDER_LATENCY_S = 1e-5
-GEMM_CURVE_POINTS = 8
-MIN_EFFICIENCY = 1e-6
-
-
-# ----------------------------------------------------------------------------------------- GEMM curve
-def isotonic_increasing(values: Sequence[float], weights: Sequence[float]) -> list[float]:
-    """Weighted least-squares non-decreasing fit (pool-adjacent-violators; Barlow et al. 1972)."""
-    blocks: list[list[float]] = []  # [mean, weight, count]
-    for value, weight in zip(values, weights):
-        blocks.append([value, weight, 1])
-        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
-            (v2, w2, c2), (v1, w1, c1) = blocks.pop(), blocks.pop()
-            blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, c1 + c2])
-    return [mean for mean, _, count in blocks for _ in range(int(count))]
-
-
-def fit_gemm_curve(points: Sequence[dict], *, peak_flops_per_s: float | None = None,
-                   max_points: int = GEMM_CURVE_POINTS) -> list[EfficiencyPoint]:
-    """Efficiency = achieved / peak against GEMM FLOPs, made non-decreasing in FLOPs by an isotonic fit
-    (GEMMs of equal FLOPs, e.g. tensor-parallel shapes, are averaged first), sampled at up to `max_points`
-    FLOPs spaced evenly in log FLOPs, clipped to (0, 1]. Peak: the declared one, else the best achieved
-    rate (efficiency relative to this machine's best GEMM). Ignores shape beyond FLOPs, as the cost model
-    does (it interpolates in log FLOPs)."""
-    if not points:
-        raise InvalidInputError("no GEMM measurements to fit an efficiency curve to")
-    peak = peak_flops_per_s or max(p["achieved_flops_per_s"] for p in points)
-    by_flops: dict[float, list[float]] = {}
-    for p in points:
-        by_flops.setdefault(float(p["flops"]), []).append(p["achieved_flops_per_s"] / peak)
-    flops = sorted(by_flops)
-    fitted = isotonic_increasing([float(np.mean(by_flops[f])) for f in flops], [len(by_flops[f]) for f in flops])
-    keep = sorted({int(np.argmin(np.abs(np.log(flops) - math.log(target))))
-                   for target in np.geomspace(flops[0], flops[-1], min(max_points, len(flops)))})
-    return [EfficiencyPoint(flops=flops[i], efficiency=min(1.0, max(MIN_EFFICIENCY, fitted[i]))) for i in keep]
 
 
 # ----------------------------------------------------------------------------------------- links
-def ring_model(op: str, group_size: int) -> tuple[int, float]:
-    """(latency steps, fraction of M each rank sends) of the algorithm costmodel.comm prices `op` with:
-    all_reduce 2(n-1) steps, 2(n-1)/n·M (ring reduce-scatter + all-gather); all_gather, reduce_scatter
-    n-1 steps, (n-1)/n·M (ring); all_to_all n-1 steps, (n-1)/n·M (pairwise exchange); p2p 1 step, M
-    (Thakur, Rabenseifner & Gropp 2005). The fractions are NCCL's busbw/algbw factors (nccl-tests
-    doc/PERFORMANCE.md), so the fitted bandwidth is NCCL's bus bandwidth."""
-    n = group_size
-    if op == "all_reduce":
-        return 2 * (n - 1), 2 * (n - 1) / n
-    if op in ("all_gather", "reduce_scatter", "all_to_all"):
-        return n - 1, (n - 1) / n
-    if op == "p2p":
-        return 1, 1.0
-    raise ValueError(f"no ring model for {op!r}")
-
-
-@dataclass(frozen=True)
-class LinkFit:
-    link: Link
-    points: int
-    max_relative_error: float
-    notes: tuple[str, ...] = ()
-
-
-def fit_link(points: Sequence[dict]) -> Link:
-    """Alpha-beta link fitted to measured collectives; see `fit_link_detailed`."""
-    return fit_link_detailed(points).link
-
-
-def fit_link_detailed(points: Sequence[dict]) -> LinkFit:
-    """Least squares for (α, B) in t_i = steps_i·α + traffic_i·M_i / B over measured (op, group_size,
-    bytes M_i, median_s t_i), with steps and traffic from `ring_model` (the same formulas costmodel.comm
-    prices collectives with, so a fitted link reproduces the measurements there). Each residual is
-    relative (divided by t_i), so small messages (latency) and large ones (bandwidth) weigh alike.
-    Emulated entries (gloo's reduce_scatter as all_reduce) are left out. Clamps: α < 0 -> 0 and B refitted
-    through the origin; B <= 0 -> the largest message's traffic / time. Each clamp is named in `notes`."""
-    rows = [p for p in points if not p.get("emulated") and p.get("group_size", 0) >= 2]
-    if not rows:
-        raise InvalidInputError("no collective measurements to fit a link to")
-    model = [ring_model(p["op"], p["group_size"]) for p in rows]
-    steps = np.array([s for s, _ in model], dtype=float)
-    traffic_bytes = np.array([f * p["bytes"] for (_, f), p in zip(model, rows)], dtype=float)
-    time_s = np.array([p["median_s"] for p in rows], dtype=float)
-    design = np.stack([steps, traffic_bytes], axis=1) / time_s[:, None]  # relative residuals: rows / t_i
-    (latency_s, s_per_byte), *_ = np.linalg.lstsq(design, np.ones(len(rows)), rcond=None)
-    notes = []
-    if latency_s < 0:
-        notes.append(f"fitted latency {latency_s:.3g} s < 0: clamped to 0, bandwidth refitted")
-        latency_s, ratio = 0.0, traffic_bytes / time_s
-        s_per_byte = ratio.sum() / (ratio ** 2).sum()
-    if s_per_byte <= 0:
-        largest = int(np.argmax(traffic_bytes))
-        s_per_byte = time_s[largest] / traffic_bytes[largest]
-        notes.append("fitted bandwidth <= 0 (latency-bound sizes only?): used the largest message's traffic/time")
-    predicted_s = steps * latency_s + traffic_bytes * s_per_byte
-    error = float(np.max(np.abs(predicted_s - time_s) / time_s))
-    return LinkFit(Link(bandwidth_bytes_per_s=float(1 / s_per_byte), latency_s=float(latency_s)), len(rows),
-                   error, tuple(notes))
-
-
 def _link_source(fit: LinkFit, rows: Sequence[dict], kind: str, where: str) -> str:
     ops = ", ".join(sorted({p["op"] for p in rows if not p.get("emulated")}))
     sizes = sorted({p["group_size"] for p in rows})
@@ -190,18 +97,24 @@ def _peak(measurements: dict, declared: float | None) -> tuple[float, str]:
                   f"{measurements.get('dtype', '')} GEMM rate (efficiencies are relative to it)")
 
 
+def _largest_copy(rows: Sequence[dict]) -> dict | None:
+    """The copy of the largest buffer among the bandwidth measurements (the fastest of equal sizes): the memory
+    bandwidth, and the buffer size the other kernels' rates are read at; None when no copy was measured."""
+    copies = [p for p in rows if p["op"] == "copy"]
+    return max(copies, key=lambda p: (p["bytes"], p["achieved_bytes_per_s"])) if copies else None
+
+
 def _memory(measurements: dict, *, base: Cluster | None, where: str) -> tuple[float, float, dict]:
     """(bandwidth from the largest copy, memory-bound efficiency = median of gelu/layer_norm rates over the
     copy rate of the same buffer, sources)."""
     rows = measurements.get("bandwidth") or []
-    copies = [p for p in rows if p["op"] == "copy"]
-    if not copies:
+    copy = _largest_copy(rows)
+    if copy is None:
         if base is None:
             raise InvalidInputError("no memory-bandwidth measurements and no base cluster")
         note = f"not measured: from {base.name}"
         return base.memory_bandwidth_bytes_per_s, base.memory_bound_efficiency, \
             {"memory_bandwidth_bytes_per_s": note, "memory_bound_efficiency": note}
-    copy = max(copies, key=lambda p: (p["bytes"], p["achieved_bytes_per_s"]))
     bandwidth = copy["achieved_bytes_per_s"]
     sources = {"memory_bandwidth_bytes_per_s": f"{where}; tensor copy of {copy['bytes']} bytes, "
                                                "read + write bytes / median time"}
@@ -221,8 +134,8 @@ def _memory(measurements: dict, *, base: Cluster | None, where: str) -> tuple[fl
 def _streaming(measurements: dict, *, bandwidth: float, where: str) -> tuple[float | None, str]:
     """Cluster.streaming_efficiency: the add's bytes moved per second over the copy bandwidth (same buffer)."""
     rows = measurements.get("bandwidth") or []
-    copies = [p for p in rows if p["op"] == "copy"]
-    size = max(p["bytes"] for p in copies) if copies else None
+    copy = _largest_copy(rows)
+    size = copy["bytes"] if copy is not None else None
     adds = [p["achieved_bytes_per_s"] for p in rows if p["op"] == "add" and p["bytes"] == size]
     if not adds:
         return None, "not measured: memory_bound_efficiency prices streaming ops"
@@ -319,43 +232,6 @@ def calibrated_cluster(*, name: str, measurements: dict, gpus_per_node: int, num
     return fit_layer_overhead(cluster, measurements.get("layers") or [])
 
 
-def fit_layer_overhead(cluster: Cluster, rows: Sequence[dict]) -> Cluster:
-    """`cluster` with layer_overhead_fwd_s / _bwd_s fitted to measured block times: for each measured block
-    and micro-batch size, (measured - predicted by the kernels' work alone) / the block's traced layers; the
-    median over the measurements, clamped at 0. Unchanged without layer measurements."""
-    import torch
-
-    from autoplan.costmodel.layers import layer_cost
-    from autoplan.profiler.model import profile_model
-    from autoplan.schema import Plan
-
-    if not rows:
-        return cluster
-    base = cluster.model_copy(update={"layer_overhead_fwd_s": 0.0, "layer_overhead_bwd_s": 0.0})
-    profiles, fwd, bwd = {}, [], []
-    for row in rows:
-        key = (row["model"], row["seq_len"], row.get("dtype", "bfloat16"))
-        if key not in profiles:
-            profiles[key] = profile_model(row["model"], seq_len=row["seq_len"], dtype=getattr(torch, key[2]))
-        profile = profiles[key]
-        block = int(row["layer"].rsplit(".", 1)[-1]) if row["layer"].rsplit(".", 1)[-1].isdigit() else None
-        layers = [layer for layer in profile.layers if layer.block == block and block is not None]
-        if not layers:
-            continue
-        plan = Plan(micro_batch_size=row["micro_batch_size"], global_batch_size=row["micro_batch_size"])
-        costs = [layer_cost(layer=layer, profile=profile, cluster=base, plan=plan, recompute="none", block_first=False)
-                 for layer in layers]
-        fwd.append((row["fwd_median_s"] - sum(c.fwd_compute_s for c in costs)) / len(layers))
-        bwd.append((row["bwd_median_s"] - sum(c.bwd_compute_s for c in costs)) / len(layers))
-    if not fwd:
-        return cluster
-    how = (f"median over {len(fwd)} measured blocks x micro-batch sizes of (measured - kernel-work prediction) / "
-           "layers per block, clamped at 0")
-    sources = {**cluster.sources, "layer_overhead_fwd_s": how, "layer_overhead_bwd_s": how}
-    return cluster.model_copy(update={"layer_overhead_fwd_s": max(0.0, float(np.median(fwd))),
-                                      "layer_overhead_bwd_s": max(0.0, float(np.median(bwd))), "sources": sources})
-
-
 # ----------------------------------------------------------------------------------------- the whole job
 def default_base(device: dict) -> Cluster | None:
     """The preset of the same GPU (its unmeasured numbers are the best fallback), None for other devices."""
@@ -365,57 +241,3 @@ def default_base(device: dict) -> Cluster | None:
         if key in device.get("name", ""):
             return Cluster.preset(preset)
     return None
-
-
-# ------------------------------------------------------------------------------ feedback from measured runs
-def nonnegative_least_squares(design: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """argmin ||design x - target|| over x >= 0 (active set: solve, drop the most negative, solve again).
-    Enough for the handful of columns of the overhead fit."""
-    active = [j for j in range(design.shape[1]) if np.any(design[:, j])]
-    while active:
-        solution, *_ = np.linalg.lstsq(design[:, active], target, rcond=None)
-        if (solution >= 0).all():
-            out = np.zeros(design.shape[1])
-            out[active] = solution
-            return out
-        active.pop(int(np.argmin(solution)))
-    return np.zeros(design.shape[1])
-
-
-@dataclass(frozen=True)
-class OverheadFit:
-    cluster: Cluster
-    runs: int
-    mape_before: float       # step-time MAPE of the runs without fitted overheads
-    mape_after: float        # and with them (in sample)
-    unseen: tuple[str, ...]  # features no run exercised (left at 0)
-
-
-def fit_overheads(cluster: Cluster, runs: Sequence[tuple]) -> OverheadFit:
-    """Fit Cluster.overheads (seconds per call of costmodel.overhead.FEATURES) to measured runs, each a
-    (ModelProfile, Plan, measured step seconds): non-negative least squares on relative residuals
-    (measured - predicted without overheads - sum c_k count_k) / measured, so fast and slow plans weigh alike."""
-    from autoplan.costmodel import estimate
-    from autoplan.costmodel.overhead import FEATURES, call_counts
-
-    if not runs:
-        raise InvalidInputError("no measured runs to fit overheads to (did any plan of the bench run?)")
-    for _, plan, seconds in runs:
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < math.inf:
-            raise InvalidInputError(f"measured step time {seconds!r} of {plan.describe()}: must be a positive, "
-                                    "finite number of seconds")
-    base = cluster.model_copy(update={"overheads": {}})
-    measured = np.array([t for _, _, t in runs], dtype=float)
-    predicted = np.array([estimate(profile, base.with_gpus(plan.gpus), plan, check=False).step_time_s
-                          for profile, plan, _ in runs])
-    counts = np.array([[call_counts(profile, plan)[name] for name in FEATURES] for profile, plan, _ in runs])
-    coefficients = nonnegative_least_squares(counts / measured[:, None], 1 - predicted / measured)
-    unseen = tuple(name for j, name in enumerate(FEATURES) if not counts[:, j].any())
-    fitted = {name: float(c) for name, c in zip(FEATURES, coefficients) if name not in unseen}
-    after = predicted + counts @ coefficients
-    sources = {**cluster.sources, "overheads": (
-        f"non-negative least squares over {len(runs)} measured runs (autoplan calibrate); not exercised by any "
-        f"run, left at 0: {', '.join(unseen) or 'none'}")}
-    return OverheadFit(cluster.model_copy(update={"overheads": fitted, "sources": sources}), len(runs),
-                       float(np.mean(np.abs(predicted - measured) / measured)),
-                       float(np.mean(np.abs(after - measured) / measured)), unseen)

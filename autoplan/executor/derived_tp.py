@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
 
 from autoplan.errors import InvalidPlanError
-from autoplan.models.hf import is_stacked_experts
+from autoplan.models.hf_experts import is_stacked_experts
 
 COLUMN = {"q_proj", "k_proj", "v_proj", "query", "key", "value", "wq", "wk", "wv", "gate_proj", "up_proj", "w1",
           "w3", "fc1", "c_fc", "fc_in"}

@@ -1,5 +1,5 @@
 """Expert parallelism for the reference MoE layers and transformers' stacked experts (made to run as
-autoplan's MoE does: routed_forward -> run_experts, autoplan.models.hf): experts sharded over the ep ranks, tokens dispatched
+autoplan's MoE does: routed_forward -> run_experts, autoplan.models.hf_experts): experts sharded over the ep ranks, tokens dispatched
 to their experts' owners and combined back with all-to-all (GShard, Lepikhin et al. 2020, Sec. 3.2); and expert
 tensor parallelism: each expert's SwiGLU split over etp ranks, w1/w3 by output rows (column-parallel), w2 by input
 columns (row-parallel), tokens gathered over the etp ranks before the experts and their partial outputs
@@ -26,7 +26,7 @@ from torch.distributed.nn.functional import all_to_all_single
 
 from autoplan.errors import InvalidPlanError
 from autoplan.executor.mesh import folded_mesh
-from autoplan.models.hf import RoutedExperts, expert_weight_names, is_stacked_experts, make_routed
+from autoplan.models.hf_experts import RoutedExperts, expert_weight_names, is_stacked_experts, make_routed
 from autoplan.support import unsupported_reason
 from autoplan.schema import Plan
 

@@ -22,7 +22,8 @@ from torch import nn
 
 from autoplan.models.finetune import apply_trainable
 from autoplan.errors import InvalidInputError, first_line
-from autoplan.models.hf import balanced_experts, is_stacked_experts, wrap_hf_model
+from autoplan.models.hf import wrap_hf_model
+from autoplan.models.hf_experts import balanced_experts, is_stacked_experts
 from autoplan.models.loader import LoadedModel, load_model, seq_len_overrides
 from autoplan.profiler.trace import TraceResult, trace, trace_layer
 from autoplan.schema import GemmShape, LayerProfile, ModelProfile

@@ -28,11 +28,19 @@ FUSED_ATTENTION_OPS = {aten._scaled_dot_product_efficient_attention.default,
                        aten._scaled_dot_product_flash_attention.default,
                        aten._scaled_dot_product_flash_attention_for_cpu.default,
                        aten._scaled_dot_product_cudnn_attention.default}
+# ops a view in eager PyTorch though their schema does not say so (reshape's last step, after a copy if one
+# was needed, e.g. a Linear's [b*s, n] GEMM output back to [b, s, n]): they move no bytes
+NO_TRAFFIC_OPS = {aten._unsafe_view.default}
 _BATCHED_GEMMS = {aten.bmm.default, aten.baddbmm.default}
 # the collectives whose outputs are kept: a reduction's (all-reduce, reduce-scatter) and an all-to-all's; an
 # all-gather runs again in backward, so sequence parallelism keeps the sequence shard of a column-parallel
 # GEMM's input, not the gathered whole (Korthikanti et al. 2022, Sec. 4.2.2, do the same)
 _KEPT_COLLECTIVES = {"reduce_scatter_tensor", "all_reduce", "all_to_all_single"}
+
+
+def moves_data(func) -> bool:
+    """Whether an op that is not a GEMM or an attention reads and writes its tensors' bytes (not a view)."""
+    return not func.is_view and func not in NO_TRAFFIC_OPS
 
 
 def kept_by_selective(func, args, *, row_parallel: bool = False) -> bool:

@@ -61,7 +61,7 @@ def memory_bound_time_s(*, bytes_moved: float, cluster: Cluster, efficiency: flo
 # on a GPU too, but a CPU core computes their transcendentals slower than memory streams (gelu and layer_norm
 # at ~3.5 GB/s where a copy runs at ~17 GB/s on this project's VM). Names as aten's, without the overload.
 STREAMING_OPS = frozenset({
-    "copy_", "_to_copy", "clone", "contiguous", "_unsafe_view", "view_copy", "add", "add_", "sub", "sub_", "mul",
+    "copy_", "_to_copy", "clone", "contiguous", "view_copy", "add", "add_", "sub", "sub_", "mul",
     "mul_", "div", "div_", "neg", "cat", "stack", "index", "index_select", "index_copy", "index_copy_", "index_add",
     "index_add_", "index_put", "index_put_", "gather", "scatter", "scatter_", "scatter_add", "scatter_add_",
     "embedding", "embedding_dense_backward", "fill_", "zero_", "zeros", "zeros_like", "ones_like", "full",

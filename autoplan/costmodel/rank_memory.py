@@ -57,7 +57,8 @@ def rank_peak(rank: RankMemoryInputs, plan: Plan, stage: int, *, physical: bool 
                                              num_micro_batches=plan.num_micro_batches,
                                              virtual_stages=plan.virtual_stages)
     peaks = [(first, False)] + ([(later, True)] if later is not None else [])
-    best = max((_rank_peak(rank, plan, stage, in_flight, grads, physical) for in_flight, grads in peaks),
+    states = model_states(rank, plan)
+    best = max((_rank_peak(rank, plan, stage, in_flight, grads, physical, states) for in_flight, grads in peaks),
                key=lambda found: sum(found[0].values()))
     return best
 
@@ -82,10 +83,10 @@ def _activations_held(rank: RankMemoryInputs, plan: Plan, stage: int, in_flight:
     return held, waiting
 
 
-def _optimizer_step(rank: RankMemoryInputs, plan: Plan) -> dict[str, float]:
+def _optimizer_step(rank: RankMemoryInputs, plan: Plan, states: dict[str, float]) -> dict[str, float]:
     """The optimizer step: the states, no activations, a chunk's scratch; FSDP2 at stage 2 has resharded."""
     scratch = OPTIMIZER_SCRATCH_BYTES_PER_ELEMENT * min(OPTIMIZER_CHUNK_ELEMENTS, rank.largest_tensor_params)
-    step = dict(model_states(rank, plan), activations=0.0,
+    step = dict(states, activations=0.0,
                 temporaries=0.0 if plan.offload != "none" else scratch)  # offloaded: the scratch is on the host
     if data_parallel_wrapper(plan) == "fsdp-gathered":
         step["params"] = 0.0
@@ -93,7 +94,7 @@ def _optimizer_step(rank: RankMemoryInputs, plan: Plan) -> dict[str, float]:
 
 
 def _first_block_end(rank: RankMemoryInputs, plan: Plan, out: dict[str, float], *, made: float, activations: float,
-                     physical: bool) -> dict[str, float]:
+                     physical: bool, all_grads: float) -> dict[str, float]:
     """The moment of a micro-batch's backward through the rank's first block in the step's first backward (one
     micro-batch per step: the only one): the gradients of all but that block and the embedding exist; of this
     micro-batch's activations only the block's own remain (the rest freed), its temporaries come whole.
@@ -102,7 +103,7 @@ def _first_block_end(rank: RankMemoryInputs, plan: Plan, out: dict[str, float], 
     start had counted none)."""
     whole = rank.dense_params + rank.expert_params
     made_params = max(whole - rank.embedding_params - rank.largest_unit_params, 0.0)
-    out["grads"] = model_states(rank, plan)["grads"] * made_params / whole if whole else 0.0
+    out["grads"] = all_grads * made_params / whole if whole else 0.0
     # this micro-batch's activations, gone by its first block: all but that block's, and but the logits, which
     # the training loop holds until its backward returns (under a pipeline the schedule lets them go)
     freed = rank.kept - rank.last_block_kept + rank.kept_head - (rank.logits_kept if plan.pp == 1 else 0.0)
@@ -114,9 +115,10 @@ def _first_block_end(rank: RankMemoryInputs, plan: Plan, out: dict[str, float], 
 
 
 def _rank_peak(rank: RankMemoryInputs, plan: Plan, stage: int, in_flight: float, grads: bool,
-               physical: bool) -> tuple[dict[str, int], str]:
-    """rank_peak for one backward: `in_flight` micro-batches held, the step's gradients there or not."""
-    states = model_states(rank, plan)
+               physical: bool, all_states: dict[str, float]) -> tuple[dict[str, int], str]:
+    """rank_peak for one backward: `in_flight` micro-batches held, the step's gradients there or not
+    (`all_states`: costmodel.model_states of the rank, left unchanged)."""
+    states = dict(all_states)
     # the step's first backward: the gradients of the layers after the blocks exist once it reaches a block
     tail_grads = 0.0
     if not grads:
@@ -177,7 +179,7 @@ def _rank_peak(rank: RankMemoryInputs, plan: Plan, stage: int, in_flight: float,
     if not grads and made and not (plan.pp > 1 and wrapper.startswith("fsdp")):  # the first backward's end, through the rank's first block: nearly all gradients made
         candidates["backward through the first block"] = _first_block_end(
             rank, plan, moment((made + own, freed), unit_grads + (PARAM_BYTES * 2 * unit_params if zero3 else 0.0)),
-            made=made + own, activations=activations, physical=physical)
+            made=made + own, activations=activations, physical=physical, all_grads=all_states["grads"])
     candidates["forward"] = moment((rank.forward, 0.0), PARAM_BYTES * 2 * unit_params if zero3 else 0.0,
                                    forward=True)
     if wrapper.startswith("fsdp") and plan.pp == 1:  # forward gathering the last block, the next prefetched
@@ -193,7 +195,7 @@ def _rank_peak(rank: RankMemoryInputs, plan: Plan, stage: int, in_flight: float,
         ending = moment((made + own, freed), PARAM_BYTES * (rank.dense_params + rank.expert_params * pad))
         ending["activations"] = _activations_held(rank, plan, stage, max(in_flight - 1.0, 0.0))[0]
         candidates["end of a backward, blocks left gathered"] = ending
-    candidates["optimizer step"] = _optimizer_step(rank, plan)
+    candidates["optimizer step"] = _optimizer_step(rank, plan, all_states)
     label = max(candidates, key=lambda name: sum(candidates[name].values()))
     when = label if grads or label == "optimizer step" else f"{label} (the step's first)"
     return {name: int(value) for name, value in candidates[label].items()}, when

@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_flatten
 from autoplan.costmodel.comm import group_topology
 from autoplan.costmodel.trace_time import TraceEvent
 from autoplan.schema import Plan
-from autoplan.selective import FUSED_ATTENTION_OPS, GEMM_OPS
+from autoplan.selective import FUSED_ATTENTION_OPS, GEMM_OPS, moves_data
 
 aten = torch.ops.aten
 _COLLECTIVE_NAMESPACES = ("c10d", "_c10d_functional", "_c10d_functional_autograd")
@@ -286,8 +286,8 @@ class StepTracer(TorchDispatchMode):
                                  flops=flops * (ATTENTION_BWD_FLOPS_FACTOR if backward else 1.0),
                                  causal=bool(_argument(func, args, kwargs, "is_causal", False)), **fields)
         else:
-            event = self._append("memory", str(func), phase, bytes_moved=float(_nbytes(inputs) + _nbytes(outputs)),
-                                 **fields)
+            moved = _nbytes(inputs) + _nbytes(outputs) if moves_data(func) else 0
+            event = self._append("memory", str(func), phase, bytes_moved=float(moved), **fields)
         self._wrote(event, outputs)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

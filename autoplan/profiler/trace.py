@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from autoplan.costmodel.compute import is_streaming_op
 from autoplan.kernels import gpu_kernels
-from autoplan.selective import GEMM_OPS, kept_by_selective
+from autoplan.selective import GEMM_OPS, kept_by_selective, moves_data
 
 aten = torch.ops.aten
 _FUSED_ATTENTION_OPS = {aten._scaled_dot_product_efficient_attention.default,
@@ -172,7 +172,7 @@ class _Tracer(TorchDispatchMode):
             q, key, value = args[0], args[1], args[2]
             b, heads, s_q, d = q.shape
             self.result.attention_core_fwd_flops += 2.0 * b * heads * s_q * key.shape[-2] * (d + value.shape[-1])
-        elif not func.is_view:
+        elif moves_data(func):
             moved = sum(t.numel() * t.element_size() for t in inputs + outputs)
             self.result.memory_bound_bytes += moved
             if is_streaming_op(str(func)):

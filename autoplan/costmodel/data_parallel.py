@@ -9,6 +9,7 @@ from autoplan.costmodel import comm
 from autoplan.costmodel.compute import optimizer_time_s
 from autoplan.costmodel.layers import DEFAULT_STACK
 from autoplan.costmodel.memory import GRAD_BYTES, PARAM_BYTES
+from autoplan.costmodel.model_states import trainable_fraction
 from autoplan.costmodel.offload import fsdp_offload_copies_s, offloaded_step_s
 from autoplan.schema import Cluster, Plan, Stack
 
@@ -35,7 +36,7 @@ def dp_sync_s(rank: RankCost, cluster: Cluster, plan: Plan, stack: Stack | None 
     without tp and pp, and exposes ZeRO-1's all-gathers, one per bucket, inside the optimizer step.
     """
     stack = stack or DEFAULT_STACK
-    train = _trainable(rank)  # frozen parameters send no gradients (nor, under ZeRO 1/2, updated weights)
+    train = trainable_fraction(rank.layers)  # frozen parameters send no gradients (nor, under ZeRO 1/2, updated weights)
     groups = [(rank.layers.dense_params, plan.dp * plan.cp, plan.tp, rank.layers.dense_gathers),
               (rank.layers.expert_params, plan.expert_data_parallel, plan.ep * plan.etp, rank.layers.expert_gathers)]
     units = (max(rank.blocks, 1) * stack.zero3_collectives_per_block + 1) if plan.zero_stage == 3 else 1
@@ -108,13 +109,7 @@ def optimizer_step_s(rank: RankCost, cluster: Cluster, plan: Plan, stack: Stack 
     bytes_per_param = (stack or DEFAULT_STACK).optimizer_step_bytes
     dense = rank.layers.dense_params / (plan.dp * plan.cp if plan.zero_stage >= 1 else 1)
     expert = rank.layers.expert_params / (plan.expert_data_parallel if plan.zero_stage >= 1 else 1)
-    shard = (dense + expert) * _trainable(rank)  # frozen parameters are not stepped
+    shard = (dense + expert) * trainable_fraction(rank.layers)  # frozen parameters are not stepped
     if plan.offload != "none":  # on the CPU, with the host-link copies (costmodel.offload)
         return offloaded_step_s(shard_params=shard, plan=plan, cluster=cluster)
     return optimizer_time_s(bytes_moved=shard * bytes_per_param, cluster=cluster)
-
-
-def _trainable(rank: RankCost) -> float:
-    """Share of the rank's parameters that train (costmodel.model_states.trainable_fraction)."""
-    whole = rank.layers.dense_params + rank.layers.expert_params
-    return 1.0 - rank.layers.frozen_params / whole if whole and rank.layers.frozen_params else 1.0

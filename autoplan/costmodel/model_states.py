@@ -96,9 +96,15 @@ def offload_device_states(states: dict[str, float], plan: Plan) -> dict[str, flo
     return states
 
 
-def trainable_fraction(rank: RankMemoryInputs) -> float:
+def optimizer_scratch_bytes(rank: RankMemoryInputs) -> float:
+    """The optimizer step's scratch: one chunk of the rank's largest tensor (OPTIMIZER_CHUNK_ELEMENTS)."""
+    return OPTIMIZER_SCRATCH_BYTES_PER_ELEMENT * min(OPTIMIZER_CHUNK_ELEMENTS, rank.largest_tensor_params)
+
+
+def trainable_fraction(rank) -> float:
     """Share of the rank's parameters that train (1 without frozen ones); gradients, optimizer states and
-    their traffic scale with it (frozen tensors are assumed spread as the others are)."""
+    their traffic scale with it (frozen tensors are assumed spread as the others are). `rank`: anything with
+    dense_params, expert_params and frozen_params (RankMemoryInputs, costmodel.layers.LayerCost)."""
     whole = rank.dense_params + rank.expert_params
     return 1.0 - rank.frozen_params / whole if whole and rank.frozen_params else 1.0
 
@@ -125,8 +131,7 @@ def host_bytes(rank: RankMemoryInputs, plan: Plan) -> float:
     scratch of the CPU's optimizer step (a chunk's, as on the GPU without offload)."""
     if plan.offload == "none":
         return 0.0
-    scratch = OPTIMIZER_SCRATCH_BYTES_PER_ELEMENT * min(OPTIMIZER_CHUNK_ELEMENTS, rank.largest_tensor_params)
-    return scratch + host_state_bytes(optimizer_shard_params=optimizer_shard_params(rank, plan),
+    return optimizer_scratch_bytes(rank) + host_state_bytes(optimizer_shard_params=optimizer_shard_params(rank, plan),
                                       sharded_params=fsdp_shard_params(rank, plan), plan=plan)
 
 

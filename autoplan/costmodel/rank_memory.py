@@ -30,9 +30,8 @@ The model the dry run taught (benchmarks/results/memory_truth.md):
 from __future__ import annotations
 
 from autoplan.costmodel.memory import GRAD_BYTES, PARAM_BYTES
-from autoplan.costmodel.model_states import (OPTIMIZER_CHUNK_ELEMENTS, OPTIMIZER_SCRATCH_BYTES_PER_ELEMENT,
-                                             RankMemoryInputs, _expert_padding, data_parallel_wrapper, model_states,
-                                             trainable_fraction)
+from autoplan.costmodel.model_states import (RankMemoryInputs, _expert_padding, data_parallel_wrapper, model_states,
+                                             optimizer_scratch_bytes, trainable_fraction)
 from autoplan.costmodel.pipeline import micro_batches_at_backward
 from autoplan.schema import Plan
 
@@ -85,9 +84,8 @@ def _activations_held(rank: RankMemoryInputs, plan: Plan, stage: int, in_flight:
 
 def _optimizer_step(rank: RankMemoryInputs, plan: Plan, states: dict[str, float]) -> dict[str, float]:
     """The optimizer step: the states, no activations, a chunk's scratch; FSDP2 at stage 2 has resharded."""
-    scratch = OPTIMIZER_SCRATCH_BYTES_PER_ELEMENT * min(OPTIMIZER_CHUNK_ELEMENTS, rank.largest_tensor_params)
-    step = dict(states, activations=0.0,
-                temporaries=0.0 if plan.offload != "none" else scratch)  # offloaded: the scratch is on the host
+    step = dict(states, activations=0.0,  # offloaded: the scratch is on the host
+                temporaries=0.0 if plan.offload != "none" else optimizer_scratch_bytes(rank))  # offloaded: the scratch is on the host
     if data_parallel_wrapper(plan) == "fsdp-gathered":
         step["params"] = 0.0
     return step

@@ -299,7 +299,7 @@ class StepTracer(TorchDispatchMode):
             return result
         kind = collective_kind(func)
         if kind == "wait":
-            event = self._append("wait", str(func), self._enter_phase(), after=self._depends_on(_tensors(args)))
+            self._append("wait", str(func), self._enter_phase(), after=self._depends_on(_tensors(args)))
         elif kind is not None:
             ranks = _group_ranks(func, args, kwargs)
             inputs = _tensors(args)

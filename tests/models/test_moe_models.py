@@ -150,3 +150,39 @@ def test_moe_rejects_unknown_refinements():
     with pytest.raises(TypeError, match="shared_expert"):
         ap.models.moe(layers=1, hidden=8, heads=2, ffn_hidden=8, vocab=8, seq_len=4, num_experts=2, top_k=1,
                       shared_expert=1)
+
+
+def test_experts_match_per_expert_indexing_and_write_the_stacked_gradient_once():
+    """run_experts takes each stacked weight's slices once: the same outputs and gradients as indexing w[e]
+    per expert (the written-out form), and one stacked-gradient write per weight in backward, where
+    indexing wrote one zero-filled stack per expert (select_backward)."""
+    torch.manual_seed(0)
+    moe = MoE(hidden=16, ffn_hidden=24, num_experts=4, top_k=2)
+    grouped, counts = torch.randn(11, 16, requires_grad=True), [3, 0, 5, 3]
+    out = moe.run_experts(grouped, counts)
+    out.square().sum().backward()
+    got = [grouped.grad] + [w.grad for w in (moe.w1, moe.w3, moe.w2)]
+    weights = [w.detach().clone().requires_grad_() for w in (moe.w1, moe.w3, moe.w2)]
+    rows_in = grouped.detach().clone().requires_grad_()
+    outputs, start = [], 0
+    for e, count in enumerate(counts):
+        rows = rows_in[start:start + count]
+        outputs.append((F.silu(rows @ weights[0][e].t()) * (rows @ weights[1][e].t())) @ weights[2][e].t())
+        start += count
+    reference = torch.cat(outputs)
+    reference.square().sum().backward()
+    torch.testing.assert_close(out, reference)
+    for mine, theirs in zip(got, [rows_in.grad] + [w.grad for w in weights]):
+        torch.testing.assert_close(mine, theirs)
+    seen = []
+
+    class Ops(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func._opname)
+            return func(*args, **(kwargs or {}))
+
+    moe.zero_grad()
+    out = moe.run_experts(grouped, counts)
+    with Ops():
+        out.square().sum().backward()
+    assert "select_backward" not in seen and "slice_backward" not in seen and seen.count("stack") == 3

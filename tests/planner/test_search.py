@@ -268,3 +268,28 @@ def test_expert_tensor_parallel_candidates():
     assert result.ranked and all(plan.etp == 2 for plan, _ in result.ranked)
     every = ap.search(moe, ap.Cluster.preset("dgx-h100", gpus=4), global_batch_size=8, top_k=400)
     assert {plan.etp for plan, _ in every.ranked} >= {1, 2}
+
+
+@pytest.mark.parametrize("model, gpus, batch", [("mixtral-8x7b", 64, 256), ("llama3-70b", 256, 512),
+                                                ("qwen3-30b-a3b", 32, 256)])
+def test_recompute_only_lowers_memory_where_the_search_stops_early(model, gpus, batch):
+    """The search stops trying a configuration's recompute modes at the first, from full to none, that does
+    not fit, where `recompute_lowers_memory`: over sampled configurations, the peak with more recompute is
+    never above the peak with less there."""
+    import random
+
+    from autoplan.planner.search import _configs, recompute_lowers_memory
+
+    profile, cluster = ap.profile_model(model), ap.Cluster.preset("dgx-h100", gpus=gpus)
+    coster = Coster.of(profile, cluster, None)
+    configs, _ = _configs(profile, cluster, coster, batch, Constraints(), {k: 0 for k in (
+        "memory_bound", "time_bound", "dominated", "unrunnable", "not accepted")})
+    checked = 0
+    for config in random.Random(0).sample(configs, min(60, len(configs))):
+        if not recompute_lowers_memory(config.plan):
+            continue
+        peaks = [coster.estimate(config.plan.model_copy(update={"recompute": mode}), check=False).memory_per_gpu_bytes
+                 for mode in ("full", "selective", "none")]
+        assert peaks == sorted(peaks), config.plan.describe()
+        checked += 1
+    assert checked >= 20

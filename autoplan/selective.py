@@ -28,6 +28,10 @@ FUSED_ATTENTION_OPS = {aten._scaled_dot_product_efficient_attention.default,
                        aten._scaled_dot_product_flash_attention.default,
                        aten._scaled_dot_product_flash_attention_for_cpu.default,
                        aten._scaled_dot_product_cudnn_attention.default}
+ATTENTION_BACKWARD_OPS = {aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
+                          aten._scaled_dot_product_efficient_attention_backward.default,
+                          aten._scaled_dot_product_flash_attention_backward.default,
+                          aten._scaled_dot_product_cudnn_attention_backward.default}
 # ops a view in eager PyTorch though their schema does not say so (reshape's last step, after a copy if one
 # was needed, e.g. a Linear's [b*s, n] GEMM output back to [b, s, n]): they move no bytes
 NO_TRAFFIC_OPS = {aten._unsafe_view.default}

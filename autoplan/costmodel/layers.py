@@ -202,22 +202,43 @@ def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, 
     causal = CAUSAL_ATTENTION_WORK_FRACTION if profile.attention == "flash" else 1.0
     attn_fwd_s = attention_core_time_s(flops=layer.attention_core_fwd_flops * seqs / tp, causal_fraction=causal,
                                        cluster=cluster) / (clock * stack.attention_speedup)
-    if layer.memory_bound_tp_sharded_bytes is not None:  # the traced ops' own share on tp-split tensors
-        sharded_fraction = (layer.memory_bound_tp_sharded_bytes / layer.memory_bound_bytes
-                            if layer.memory_bound_bytes else 0.0)
-    else:
-        sharded_fraction = layer.activation_tp_sharded_bytes / layer.activation_bytes if layer.activation_bytes else 0.0
-    # SP shards a block's remaining ops (norms, residuals) by sequence; the head's loss and the embedding stay whole
-    mem_split = tp if (sp and layer.block is not None) or moe else 1 / (sharded_fraction / tp + (1 - sharded_fraction))
-    streaming = min(layer.streaming_bytes, layer.memory_bound_bytes)  # copies, indexing, add/mul: at their own rate
-    mem_fwd_s = (memory_bound_time_s(bytes_moved=((layer.memory_bound_bytes - streaming) * seqs / mem_split + cast_bytes)
-                                     * stack.memory_bound_traffic, cluster=cluster)
-                 + streaming_time_s(bytes_moved=streaming * seqs / mem_split * stack.memory_bound_traffic,
-                                    cluster=cluster))
+    # SP shards a block's remaining ops (norms, residuals) by sequence; the head's loss and the embedding stay
+    # whole, and so does all of the head's work after its GEMM where the loss reads all-gathered logits
+    whole_logits = layer.kind == "head" and not stack.vocab_parallel_loss
+    sequence_split = (sp and layer.block is not None) or moe
+
+    def memory_s(total: float, sharded: float | None, streaming: float, extra: float = 0.0) -> float:
+        """Seconds of `total` bytes per sequence (`sharded` of them on tensors tp splits, `streaming` moved by
+        streaming ops) on this rank, plus `extra` bytes, scaled by the stack's fusion."""
+        if sharded is None:  # older profiles: the activations' sharded share
+            sharded = layer.activation_tp_sharded_bytes / layer.activation_bytes * total if layer.activation_bytes else 0.0
+        fraction = 0.0 if whole_logits or not total else sharded / total
+        split = tp if sequence_split else 1 / (fraction / tp + (1 - fraction))
+        streaming = min(streaming, total)  # copies, indexing, add/mul: at their own rate
+        traffic = stack.memory_bound_traffic
+        return (memory_bound_time_s(bytes_moved=((total - streaming) * seqs / split + extra) * traffic, cluster=cluster)
+                + streaming_time_s(bytes_moved=streaming * seqs / split * traffic, cluster=cluster))
+
+    mem_fwd_s = memory_s(layer.memory_bound_bytes, layer.memory_bound_tp_sharded_bytes, layer.streaming_bytes,
+                         cast_bytes)
+    if layer.memory_bound_bwd_bytes is None:  # older profiles: backward moves twice forward's bytes
+        mem_bwd_s = MEMORY_BOUND_BWD_FACTOR * mem_fwd_s
+    else:  # as traced; a float8 linear's backward casts its gradients too
+        mem_bwd_s = memory_s(layer.memory_bound_bwd_bytes, layer.memory_bound_bwd_tp_sharded_bytes,
+                             layer.streaming_bwd_bytes or 0.0, MEMORY_BOUND_BWD_FACTOR * cast_bytes)
+    if sp and layer.tp_collectives and not moe:
+        # DTensor reduce-scatters along the sequence (dim 1) by copying the tensor's tp chunks into one dim-0
+        # tensor first: the whole [b, s, h] read and written once per reduce-scatter, in forward after each
+        # row-parallel GEMM and the embedding, in backward for each all-gather's gradient (a block's column-
+        # parallel inputs, the head's)
+        shuffle_s = streaming_time_s(bytes_moved=2.0 * micro_batch_boundary_bytes(profile, plan) * layer.tp_collectives,
+                                     cluster=cluster)
+        mem_fwd_s += 0.0 if layer.kind == "head" else shuffle_s
+        mem_bwd_s += 0.0 if layer.kind == "embedding" else shuffle_s
     # a fixed cost per layer call on top (dispatch, launches): 0 in presets, fitted on measured machines
     cost.fwd_compute_s = gemm_s + attn_fwd_s + mem_fwd_s + cluster.layer_overhead_fwd_s
     cost.bwd_compute_s = (GEMM_BWD_FACTOR * gemm_s + ATTENTION_BWD_FACTOR * attn_fwd_s
-                          + MEMORY_BOUND_BWD_FACTOR * mem_fwd_s + cluster.layer_overhead_bwd_s)
+                          + mem_bwd_s + cluster.layer_overhead_bwd_s)
     if layer.block is not None and recompute == "full":
         cost.recompute_s, cost.recompute_flops_per_sequence = cost.fwd_compute_s, layer.fwd_flops
     elif layer.block is not None and recompute == "selective" and stack.selective_recompute == "attention-core":

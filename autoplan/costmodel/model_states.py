@@ -142,18 +142,7 @@ def _edp(plan: Plan) -> int:
 
 
 def _expert_shard(rank: RankMemoryInputs, plan: Plan) -> float:
-    """Fraction of the stacked expert weights [E, ...] FSDP leaves on rank 0: it cuts dim 0 in N chunks (N =
-    the expert-data-parallel ranks, `_edp`) of ceil(E/N) rows (torch.chunk), so with N > E, or N not dividing
-    E, rank 0 holds more than 1/N."""
-    if not data_parallel_wrapper(plan).startswith("fsdp"):
-        return 1.0
-    n = _edp(plan)
-    if plan.expert_sharded and rank.experts % n:  # the executor cuts them by their second dim (shard_experts)
-        return 1 / n
-    return -(-rank.experts // n) / rank.experts if rank.experts else 1 / n
-
-
-def _expert_padding(rank: RankMemoryInputs, plan: Plan) -> float:
-    """The gathered expert weights FSDP holds over their size: N chunks of ceil(E/N) rows, padded."""
-    return _expert_shard(rank, plan) * _edp(plan) if rank.experts else 1.0
-
+    """Fraction of the stacked expert weights [E, ...] FSDP leaves on a rank: 1/N (N = the expert-data-parallel
+    ranks, `_edp`), cut by rows where N divides E and by their second dim where it does not
+    (executor.data_parallel.even_placement: no padded rows)."""
+    return 1 / _edp(plan) if data_parallel_wrapper(plan).startswith("fsdp") else 1.0

@@ -30,7 +30,7 @@ The model the dry run taught (benchmarks/results/memory_truth.md):
 from __future__ import annotations
 
 from autoplan.costmodel.memory import GRAD_BYTES, PARAM_BYTES
-from autoplan.costmodel.model_states import (RankMemoryInputs, _expert_padding, data_parallel_wrapper, model_states,
+from autoplan.costmodel.model_states import (RankMemoryInputs, data_parallel_wrapper, model_states,
                                              optimizer_scratch_bytes, trainable_fraction)
 from autoplan.costmodel.pipeline import micro_batches_at_backward
 from autoplan.schema import Plan
@@ -124,9 +124,8 @@ def _rank_peak(rank: RankMemoryInputs, plan: Plan, stage: int, in_flight: float,
         tail = rank.root_params - rank.embedding_params if rank.head_backward[0] else 0.0
         tail_grads, states["grads"] = (states["grads"] * tail / whole if whole else 0.0), 0.0
     wrapper = data_parallel_wrapper(plan)
-    pad = _expert_padding(rank, plan)
-    whole_params = PARAM_BYTES * (rank.dense_params + rank.expert_params * pad)
-    unit_params = rank.largest_unit_params + rank.largest_unit_expert_params * (pad - 1)
+    whole_params = PARAM_BYTES * (rank.dense_params + rank.expert_params)
+    unit_params = rank.largest_unit_params
     activations, waiting = _activations_held(rank, plan, stage, in_flight)
     waiting_grads = waiting * rank.weight_grad_inputs
 
@@ -145,7 +144,7 @@ def _rank_peak(rank: RankMemoryInputs, plan: Plan, stage: int, in_flight: float,
             out["buffers"] += gathered
         if plan.pp > 1 and wrapper.startswith("fsdp") and grads:  # reduced once, after the last micro-batch
             out["buffers"] += GRAD_BYTES * trainable_fraction(rank) * (
-                rank.dense_params + rank.expert_params * pad + rank.embedding_params * (plan.tp - 1))  # (Replicate)
+                rank.dense_params + rank.expert_params + rank.embedding_params * (plan.tp - 1))  # (Replicate)
         if plan.pp > 1 and wrapper.startswith("fsdp"):
             out["grads"] = 0.0
         return out
@@ -155,7 +154,7 @@ def _rank_peak(rank: RankMemoryInputs, plan: Plan, stage: int, in_flight: float,
     # (and, without a pipeline, the unit's unsharded expert gradients, the bulk of a MoE block's, made by its
     # experts' backward and reduce-scattered when the block's backward ends)
     zero3 = wrapper == "fsdp"
-    unit_grads = GRAD_BYTES * rank.largest_unit_expert_params * pad if wrapper.startswith("fsdp") and plan.pp == 1 \
+    unit_grads = GRAD_BYTES * rank.largest_unit_expert_params if wrapper.startswith("fsdp") and plan.pp == 1 \
         else 0.0
     candidates: dict[str, dict[str, float]] = {}
     if rank.head_backward[0]:
@@ -169,7 +168,7 @@ def _rank_peak(rank: RankMemoryInputs, plan: Plan, stage: int, in_flight: float,
         # gradients (mixtral-8x7b ZeRO-3, dp 8: ep 8 and ep 1 etp 2 dry runs within 1%; two blocks' experts
         # and their gradients had over-counted them by 43% and 116%)
         dense_unit = rank.largest_unit_params - rank.largest_unit_expert_params
-        block_gathered = PARAM_BYTES * (rank.largest_unit_expert_params * pad + rank.root_params) + \
+        block_gathered = PARAM_BYTES * (rank.largest_unit_expert_params + rank.root_params) + \
             (PARAM_BYTES + GRAD_BYTES) * 2 * dense_unit
     candidates["backward through a block"] = moment((made + own, freed), block_gathered)
     if not (plan.pp > 1 and wrapper.startswith("fsdp")):
@@ -190,7 +189,7 @@ def _rank_peak(rank: RankMemoryInputs, plan: Plan, stage: int, in_flight: float,
         # micro-batch: a block's gathered parameters stay until the next forward through it reshards them,
         # so at the end of a recomputed micro-batch's backward the stage's parameters are all gathered (the
         # dry run shows it; without recompute the peak comes earlier in the backward, with fewer gathered)
-        ending = moment((made + own, freed), PARAM_BYTES * (rank.dense_params + rank.expert_params * pad))
+        ending = moment((made + own, freed), PARAM_BYTES * (rank.dense_params + rank.expert_params))
         ending["activations"] = _activations_held(rank, plan, stage, max(in_flight - 1.0, 0.0))[0]
         candidates["end of a backward, blocks left gathered"] = ending
     candidates["optimizer step"] = _optimizer_step(rank, plan, all_states)

@@ -5,13 +5,16 @@
 | 0          | composable DDP `replicate` (with tp or pp: the same    | nothing (gradients all-reduced)      |
 |            | all-reduce after backward, `all_reduce_gradients`)     |                                      |
 | 1          | as stage 0, with executor.zero_one.ZeroOneAdamW        | optimizer states, evenly             |
-| 2          | FSDP2 `fully_shard(reshard_after_forward=False)`       | optimizer states + gradients; params |
-|            |                                                        | are gathered once per step and kept  |
+| 2          | FSDP2 `fully_shard(reshard_after_forward=False)`,      | optimizer states + gradients; params |
+|            | not resharded between micro-batches                    | are gathered once per step and kept  |
 | 3          | FSDP2 `fully_shard(reshard_after_forward=True)`        | parameters, gradients, optimizer     |
 
 FSDP2 at stage 2 holds the unsharded parameters from the first forward to the end of backward beside its
 sharded storage, which is more than the ZeRO paper's stage 2; the cost model counts both
 (costmodel.rank_memory: the gathered copy as params, the sharded one as a buffer). Each block is its own FSDP unit, then the root.
+A stacked parameter [E, ...] whose rows the ranks do not divide (8 experts over 16 ranks) is cut along its
+second dim (`even_placement`): FSDP2 pads dim 0 to N·ceil(E/N) rows, which would gather and reduce twice
+the bytes and keep a padded shard.
 """
 
 from __future__ import annotations
@@ -54,10 +57,20 @@ def apply_data_parallel(model: nn.Module, dp_mesh: DeviceMesh, *, zero_stage: in
         from torch.distributed.fsdp import CPUOffloadPolicy
 
         policy = {"offload_policy": CPUOffloadPolicy(pin_memory=dp_mesh.device_type == "cuda")}
+    placement = even_placement(dp_mesh.size())
     for block in getattr(model, "layers", {}).values():
-        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, **policy)
-    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard, **policy)
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, shard_placement_fn=placement, **policy)
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard, shard_placement_fn=placement, **policy)
+    model._autoplan_reshard_after_forward = reshard  # (set_gradient_sync: ZeRO-2 keeps them across micro-batches)
     return model
+
+
+def even_placement(ranks: int):
+    """FSDP2's shard_placement_fn for `ranks` ranks: a stacked [E, ...] parameter whose E rows they do not
+    divide is sharded along its second dim; the rest along dim 0 (FSDP2's default)."""
+    from torch.distributed.tensor import Shard
+
+    return lambda p: Shard(1) if p.dim() == 3 and p.shape[0] % ranks else None
 
 
 def build_optimizer(model: nn.Module, *, zero_stage: int, dp_mesh: DeviceMesh | None, lr: float,
@@ -106,6 +119,12 @@ def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
     """Skip the gradient all-reduce on all but the last micro-batch (gradient accumulation) under DDP,
     whose full gradients are there anyway. FSDP (ZeRO 2/3) reduce-scatters every micro-batch instead:
     skipping it would accumulate unsharded gradients, 2 bytes per parameter of the whole stage, the memory
-    ZeRO-2/3 exist to save (the dry run measured it: tests/dryrun)."""
-    if hasattr(model, "set_requires_gradient_sync") and not isinstance(model, FSDPModule):
+    ZeRO-2/3 exist to save (the dry run measured it: tests/dryrun). At ZeRO-2 the gathered parameters stay
+    gathered until the last micro-batch's backward (FSDP2 would reshard them after each backward and gather
+    them again in the next forward: one all-gather of the stage per micro-batch instead of per step); they
+    are held from forward to the end of backward anyway, so the peak does not move."""
+    if isinstance(model, FSDPModule):
+        if not getattr(model, "_autoplan_reshard_after_forward", True):
+            model.set_reshard_after_backward(enabled)
+    elif hasattr(model, "set_requires_gradient_sync"):
         model.set_requires_gradient_sync(enabled)

@@ -25,6 +25,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.nn.functional import all_to_all_single
 
 from autoplan.errors import InvalidPlanError
+from autoplan.executor.data_parallel import even_placement
 from autoplan.executor.mesh import folded_mesh
 from autoplan.models.hf_experts import RoutedExperts, expert_weight_names, is_stacked_experts, make_routed
 from autoplan.support import unsupported_reason
@@ -218,13 +219,12 @@ def shard_experts(model: nn.Module, expert_mesh: DeviceMesh, *, reshard: bool, r
     folded dp x cp x tp ranks (torchtitan's layout for experts); both reduce by summing and dividing by dp*cp
     (`average_gradients`' arithmetic)."""
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import Shard
 
     def shard(module: nn.Module, mesh: DeviceMesh) -> None:
         # stacked experts [E/ep, ...] cut by rows only when the rows divide evenly; else by their second dim
         # (FSDP2 pads dim 0 to N·ceil(rows/N): one expert per rank over 16 edp ranks gathered 16 copies)
-        placement = lambda p: Shard(1) if p.dim() == 3 and p.shape[0] % mesh.size() else None  # noqa: E731
-        unit = fully_shard(module, mesh=mesh, reshard_after_forward=reshard, shard_placement_fn=placement)
+        unit = fully_shard(module, mesh=mesh, reshard_after_forward=reshard,
+                           shard_placement_fn=even_placement(mesh.size()))
         if mesh.size() != replicas:  # a sum then a division (gloo has no pre-multiplied sum; NCCL does)
             unit.set_gradient_divide_factor(replicas)
             unit.set_force_sum_reduction_for_comms(True)

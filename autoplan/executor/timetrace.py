@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_flatten
 from autoplan.costmodel.comm import group_topology
 from autoplan.costmodel.trace_time import TraceEvent
 from autoplan.schema import Plan
-from autoplan.selective import FUSED_ATTENTION_OPS, GEMM_OPS, moves_data
+from autoplan.selective import ATTENTION_BACKWARD_OPS, FUSED_ATTENTION_OPS, GEMM_OPS, moves_data
 
 aten = torch.ops.aten
 _COLLECTIVE_NAMESPACES = ("c10d", "_c10d_functional", "_c10d_functional_autograd")
@@ -46,10 +46,6 @@ _FREE_OPS = {aten.empty.memory_format, aten.empty_strided.default, aten.new_empt
              aten.new_empty_strided.default, aten.detach.default, aten.lift_fresh.default,
              aten._local_scalar_dense.default, aten.resize_.default, aten.set_.source_Storage,
              aten.set_.source_Storage_storage_offset, torch.ops.prim.device.default}
-_ATTENTION_BACKWARD_OPS = {aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
-                           aten._scaled_dot_product_efficient_attention_backward.default,
-                           aten._scaled_dot_product_flash_attention_backward.default,
-                           aten._scaled_dot_product_cudnn_attention_backward.default}
 ATTENTION_BWD_FLOPS_FACTOR = 2.5  # torch.utils.flop_counter's SDPA backward: five matmuls to the forward's two
 _KINDS = (("allreduce", "all_reduce"), ("all_reduce", "all_reduce"), ("allgather", "all_gather"),
           ("all_gather", "all_gather"), ("reduce_scatter", "reduce_scatter"), ("alltoall", "all_to_all"),
@@ -277,8 +273,8 @@ class StepTracer(TorchDispatchMode):
             batch = a.shape[0] if a.dim() == 3 else 1
             event = self._append("gemm", str(func), phase, flops=2.0 * batch * a.shape[-2] * a.shape[-1] * b.shape[-1],
                                  **fields)
-        elif func in FUSED_ATTENTION_OPS or func in _ATTENTION_BACKWARD_OPS:
-            backward = func in _ATTENTION_BACKWARD_OPS
+        elif func in FUSED_ATTENTION_OPS or func in ATTENTION_BACKWARD_OPS:
+            backward = func in ATTENTION_BACKWARD_OPS
             q, k, v = (args[1], args[2], args[3]) if backward else (args[0], args[1], args[2])
             b, heads, s_q, d = q.shape
             flops = 2.0 * b * heads * s_q * k.shape[-2] * (d + v.shape[-1])

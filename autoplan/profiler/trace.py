@@ -7,7 +7,11 @@ Measured, not guessed:
 - which saved bytes tensor parallelism splits: a TorchDispatchMode follows each storage from the output
   of a column-parallel Linear (sharded) to the output of a row-parallel one (whole again), so a saved
   tensor is "tp-sharded" iff it lies between the two (Shoeybi et al. 2019, Sec. 3, Fig. 3);
-- GEMM shapes (for the shape-dependent efficiency), and bytes moved by the other ops (memory-bound).
+- GEMM shapes (for the shape-dependent efficiency), and bytes moved by the other ops (memory-bound), in
+  forward and in backward: a norm's or a loss's backward moves more than twice its forward's bytes, an
+  activation's less, and under tp the replicated ops (norms, residuals) weigh more than at tp 1. In backward
+  the sharding follows the gradients: a row-parallel Linear's input gradient is split by tp, a
+  column-parallel one's is whole (after its all-reduce).
 
 With attention="flash", F.scaled_dot_product_attention is routed to torch's memory-efficient attention
 op while tracing, so the trace saves what a fused attention kernel saves on a GPU (q, k, v, out and the
@@ -29,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from autoplan.costmodel.compute import is_streaming_op
 from autoplan.kernels import gpu_kernels
-from autoplan.selective import GEMM_OPS, kept_by_selective, moves_data
+from autoplan.selective import ATTENTION_BACKWARD_OPS, GEMM_OPS, kept_by_selective, moves_data
 
 aten = torch.ops.aten
 _FUSED_ATTENTION_OPS = {aten._scaled_dot_product_efficient_attention.default,
@@ -89,6 +93,9 @@ class TraceResult:
     memory_bound_bytes: float = 0.0
     streaming_bytes: float = 0.0             # the part of it moved by streaming ops (costmodel.compute.STREAMING_OPS)
     memory_bound_tp_sharded_bytes: float = 0.0  # the part of it on tensors tp splits
+    memory_bound_bwd_bytes: float = 0.0      # the same three in backward (trace_layer: the part growing with the batch)
+    streaming_bwd_bytes: float = 0.0
+    memory_bound_bwd_tp_sharded_bytes: float = 0.0
     gemms: list[GemmRecord] = field(default_factory=list)
     linear_splits: dict[str, str] = field(default_factory=dict)  # Linear name -> n/k/none
 
@@ -108,6 +115,8 @@ class _Tracer(TorchDispatchMode):
         self.live = LiveBytes()
         self.forward = True
         self.counting = True  # False while the stand-in loss runs: its ops are not the layer's
+        self.backward_counting = False  # backward's memory-bound ops are counted (from the layer's output gradient)
+        self.weight_split: dict[int, str] = {}  # a Linear weight's storage id -> its split (n/k/none)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -115,6 +124,9 @@ class _Tracer(TorchDispatchMode):
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         sharded = any(self.sharded.get(storage_id(t), False) for t in inputs)
+        if not self.forward and func in GEMM_OPS:  # an input gradient: tp splits it iff the Linear is row-parallel
+            split = next((self.weight_split[storage_id(t)] for t in inputs if storage_id(t) in self.weight_split), None)
+            sharded = sharded if split is None else split == "k"
         scores = [t.shape[-2:] for t in inputs if t.dim() >= 2 and storage_id(t) in self.score]
         if not func.is_view:  # (storage ids are addresses and get reused: always overwrite)
             for t in outputs:
@@ -132,6 +144,14 @@ class _Tracer(TorchDispatchMode):
             self._record(func, args, inputs, outputs, sharded)
             if not func.is_view and kept_by_selective(func, args):
                 self._count_selective(outputs)
+        elif self.backward_counting and func not in GEMM_OPS and func not in ATTENTION_BACKWARD_OPS \
+                and moves_data(func):
+            moved = sum(t.numel() * t.element_size() for t in inputs + outputs)
+            self.result.memory_bound_bwd_bytes += moved
+            if is_streaming_op(str(func)):
+                self.result.streaming_bwd_bytes += moved
+            if sharded:
+                self.result.memory_bound_bwd_tp_sharded_bytes += moved
         return out
 
     def _count_selective(self, outputs) -> None:
@@ -296,8 +316,11 @@ def trace(module: nn.Module, args: tuple, kwargs: dict, *, vocab_size: int = 0, 
                     loss = F.cross_entropy(first.float().flatten(0, -2), torch.zeros(first.shape[:-1].numel(),
                                            dtype=torch.long, device=first.device))
                     result.forward_peak_bytes = tracer.live.peak - tracer.live.bytes
-                else:  # a stand-in loss that only seeds the output's gradient
+                    tracer.backward_counting = True
+                else:  # a stand-in loss that only seeds the output's gradient (its backward is not counted)
                     result.forward_peak_bytes = tracer.live.peak - tracer.live.bytes
+                    if first.requires_grad:
+                        first.register_hook(lambda grad: setattr(tracer, "backward_counting", True))
                     tracer.counting = False
                     loss = first.float().sum()
             result.fwd_flops = float(counter.get_total_flops())
@@ -320,6 +343,7 @@ def _linear_pre_hook(name: str, tracer: _Tracer, result: TraceResult):
         sharded = bool(inputs) and tracer.sharded.get(storage_id(inputs[0]), False)
         split = result.linear_splits.setdefault(name, linear_split(name, module, sharded))
         tracer.linear_stack.append(split)
+        tracer.weight_split[storage_id(module.weight)] = split
         if split == "n" and inputs:
             tracer.column_inputs.add(storage_id(inputs[0]))
     return hook
@@ -337,7 +361,8 @@ def _linear_post_hook(name: str, tracer: _Tracer, result: TraceResult):
 def trace_layer(module: nn.Module, args: tuple, kwargs: dict, *, vocab_size: int = 0, flash: bool = True) -> TraceResult:
     """`trace` for one sequence, with its backward temporaries split in two by a second trace at two
     sequences: T(b) = a·b + w, so w = 2·T(1) - T(2) does not grow with the batch (weight-gradient
-    temporaries: a stacked expert weight's gradient, an embedding table's) and a = T(1) - w does."""
+    temporaries: a stacked expert weight's gradient, an embedding table's) and a = T(1) - w does; backward's
+    memory-bound bytes are a = T(2) - T(1) alone (w: adding each weight gradient into the accumulated one)."""
     one = trace(module, args, kwargs, vocab_size=vocab_size, flash=flash)
     doubled, doubled_kwargs = list(args), dict(kwargs)
     first = _hidden_slot(doubled, doubled_kwargs, lambda v: v.dim() and v.shape[0] == 1)
@@ -350,4 +375,7 @@ def trace_layer(module: nn.Module, args: tuple, kwargs: dict, *, vocab_size: int
     weight = min(max(2 * one.backward_peak_bytes - two.backward_peak_bytes, 0), one.backward_peak_bytes)
     one.backward_peak_weight_bytes = weight
     one.backward_peak_bytes -= weight
+    # backward's bytes per sequence: the part that grows with the batch (not the weight gradients' accumulation)
+    for name in ("memory_bound_bwd_bytes", "streaming_bwd_bytes", "memory_bound_bwd_tp_sharded_bytes"):
+        setattr(one, name, max(getattr(two, name) - getattr(one, name), 0.0))
     return one

@@ -70,6 +70,13 @@ class LayerProfile(_Noun):
     streaming_bytes: float = Field(0.0, ge=0, description="The part of memory_bound_bytes moved by streaming ops (copies, "
                                                          "indexing, add/mul: costmodel.compute.STREAMING_OPS), priced at "
                                                          "Cluster.streaming_efficiency.")
+    memory_bound_bwd_bytes: float | None = Field(None, ge=0, description="Bytes read+written by non-GEMM ops in backward per "
+                                                                     "sequence (the part growing with the batch); None "
+                                                                     "(older profiles): twice memory_bound_bytes.")
+    memory_bound_bwd_tp_sharded_bytes: float | None = Field(None, ge=0, description="The part of memory_bound_bwd_bytes on "
+                                                                                "gradients tp splits without SP.")
+    streaming_bwd_bytes: float | None = Field(None, ge=0, description="The part of memory_bound_bwd_bytes moved by "
+                                                                      "streaming ops.")
     gemms: list[GemmShape] = Field(default_factory=list, description="The forward GEMMs (attention core excluded).")
     tp_collectives: int = Field(0, description="Collectives of the [b, s, h] activation per forward under tensor parallelism "
                                                "(one per row-parallel GEMM; one for embedding, head and MoE dispatch).")

@@ -198,3 +198,67 @@ def test_zero1_gathers_count_the_executors_buckets():
     assert param_gathers(layer=layer, tp=1, ep=1, etp=1) == pytest.approx((4 + 4096 / 2**22, 0.0))
     small = (2 * 4096**2 + 2 * 1024 * 4096) / 8 + 4096
     assert param_gathers(layer=layer, tp=8, ep=1, etp=1) == pytest.approx((small / 2**22, 0.0))
+
+
+def _memory_only(layer, **update):
+    """The layer without its GEMMs and attention core: its compute is its memory-bound ops alone."""
+    return layer.model_copy(update={"gemms": [], "attention_core_fwd_flops": 0.0, **update})
+
+
+def _layer_times(layer, profile, plan, stack=None):
+    from autoplan.costmodel.layers import layer_cost
+
+    cost = layer_cost(layer=layer, profile=profile, cluster=ap.Cluster.preset("dgx-h100", gpus=plan.gpus), plan=plan,
+                      recompute="none", block_first=False, stack=stack)
+    return cost.fwd_compute_s, cost.bwd_compute_s
+
+
+def test_the_loss_on_gathered_logits_is_not_split_by_tp():
+    """Oracle: the executor all-gathers the head's logits under tp and runs the loss on all of them, so the head's
+    memory-bound ops take as long at tp=8 as at tp=1; a stack whose loss runs on vocabulary-sharded logits splits
+    the sharded part of them by 8."""
+    profile = ap.profile_model("llama3-8b")
+    head = _memory_only(next(layer for layer in profile.layers if layer.kind == "head"))
+    one = _layer_times(head, profile, _plan(tp=1, global_batch_size=1))
+    whole = _layer_times(head, profile, _plan(tp=8, global_batch_size=1))
+    assert whole == pytest.approx(one)
+    sharded = _layer_times(head, profile, _plan(tp=8, global_batch_size=1), stack=ap.Stack(name="vocab-parallel", vocab_parallel_loss=True))
+    assert sharded[0] < one[0] / 2 and sharded[1] < one[1] / 2
+
+
+def test_sequence_parallel_pays_dtensors_copy_per_reduce_scatter():
+    """Oracle: DTensor copies the [b, s, h] tensor (read and written) before each reduce-scatter along the
+    sequence: with SP a block's layer pays 2·b·s·h·2 bytes at the streaming rate per row-parallel GEMM, in forward
+    and in backward; without SP nothing."""
+    from autoplan.costmodel.compute import streaming_time_s
+
+    profile = ap.profile_model("llama3-8b")
+    attention = _memory_only(next(layer for layer in profile.layers if layer.kind == "attention"))
+    plan = _plan(tp=8, sequence_parallel=True, global_batch_size=1)
+    cluster = ap.Cluster.preset("dgx-h100", gpus=8)
+    copy_s = streaming_time_s(bytes_moved=2.0 * profile.hidden * profile.seq_len * 2 * attention.tp_collectives,
+                              cluster=cluster)
+    with_copy = _layer_times(attention, profile, plan)
+    without = _layer_times(attention.model_copy(update={"tp_collectives": 0}), profile, plan)
+    assert attention.tp_collectives == 1
+    assert (with_copy[0] - without[0], with_copy[1] - without[1]) == pytest.approx((copy_s, copy_s))
+    no_sp = _plan(tp=8, global_batch_size=1)
+    assert _layer_times(attention, profile, no_sp) == _layer_times(attention.model_copy(update={"tp_collectives": 0}),
+                                                                   profile, no_sp)
+
+
+def test_backward_prices_the_traced_backward_bytes():
+    """Oracle: a layer of memory-bound ops alone: with backward's bytes traced as three times forward's (same
+    sharded and streaming shares) backward takes three times forward; a profile without them (older files) twice."""
+    profile = ap.profile_model("llama3-8b")
+    mlp = next(layer for layer in profile.layers if layer.kind == "mlp")
+    plan = _plan(tp=4, global_batch_size=1)
+    traced = _memory_only(mlp, memory_bound_bwd_bytes=3 * mlp.memory_bound_bytes,
+                          memory_bound_bwd_tp_sharded_bytes=3 * mlp.memory_bound_tp_sharded_bytes,
+                          streaming_bwd_bytes=3 * mlp.streaming_bytes)
+    fwd, bwd = _layer_times(traced, profile, plan)
+    assert bwd == pytest.approx(3 * fwd)
+    older = _memory_only(mlp, memory_bound_bwd_bytes=None, memory_bound_bwd_tp_sharded_bytes=None,
+                         streaming_bwd_bytes=None)
+    fwd, bwd = _layer_times(older, profile, plan)
+    assert bwd == pytest.approx(2 * fwd)

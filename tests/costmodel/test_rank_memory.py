@@ -125,11 +125,13 @@ def test_plans_the_executor_refuses_are_named(plan, experts, refused):
     assert (unsupported_reason(_plan(**plan), moe=experts > 0) is not None) == refused
 
 
-def test_fsdp_shards_stacked_experts_by_rows():
-    """Worked example: 8 stacked experts over 16 FSDP ranks: torch.chunk gives rank 0 one row of 8 (1/8, not
-    1/16), so its optimizer states for 8e9 expert parameters are 12 x 1e9 bytes."""
+def test_fsdp_shards_stacked_experts_evenly():
+    """Worked example: 8 stacked experts over 16 FSDP ranks: the executor cuts them along their second dim
+    (executor.data_parallel.even_placement; by rows FSDP2 would pad them to 16 rows, 1/8 on each rank), so
+    each rank's optimizer states for 8e9 expert parameters are 12 x 0.5e9 bytes; over 4 ranks, by rows, 12 x 2e9."""
     rank = RankMemoryInputs(expert_params=8e9, experts=8)
-    assert model_states(rank, _plan(dp=16, zero_stage=3))["optimizer"] == 12e9
+    assert model_states(rank, _plan(dp=16, zero_stage=3))["optimizer"] == 6e9
+    assert model_states(rank, _plan(dp=4, zero_stage=3))["optimizer"] == 24e9
 
 
 def test_one_backward_peaks_before_its_gradients():

@@ -368,3 +368,37 @@ def test_streaming_bytes_are_the_copies_indexing_and_add_mul_of_a_layer():
     assert gelu.memory_bound_bytes > 0 and gelu.streaming_bytes == 0
     moe = next(layer for layer in ap.profile_model("moe-tiny").layers if layer.kind == "moe")
     assert 0 < moe.streaming_bytes <= moe.memory_bound_bytes
+
+
+def test_backward_memory_bound_bytes_follow_the_gradients_through_tp():
+    """Oracle by hand (fp32, one sequence of 8 tokens, hidden 16, ffn 32): x + w2(gelu(w1(x))). Forward: the gelu
+    reads and writes [8, 32] (2048 bytes, between the column- and the row-parallel Linear: sharded), the residual
+    add reads two [8, 16] and writes one (1536, whole). Backward: gelu's backward reads the row-parallel Linear's
+    input gradient and the saved input and writes one [8, 32] (3072, sharded: a row-parallel input gradient is
+    split by tp); adding the two input gradients of x (1536) is whole, as a column-parallel input gradient is.
+    The stand-in loss and the weight gradients' accumulation are not the layer's per-sequence bytes."""
+    from autoplan.profiler.trace import trace_layer
+
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1 = torch.nn.Linear(16, 32, bias=False)
+            self.w2 = torch.nn.Linear(32, 16, bias=False)
+
+        def forward(self, x):
+            return x + self.w2(torch.nn.functional.gelu(self.w1(x)))
+
+    result = trace_layer(MLP(), (torch.randn(1, 8, 16),), {})
+    assert (result.memory_bound_bytes, result.memory_bound_tp_sharded_bytes) == (3584, 2048)
+    assert (result.memory_bound_bwd_bytes, result.memory_bound_bwd_tp_sharded_bytes) == (4608, 3072)
+    assert result.streaming_bwd_bytes == 1536  # the add; gelu's backward is not a streaming op
+
+
+def test_a_norms_backward_moves_more_than_twice_its_forward():
+    """llama3-8b as traced: its blocks' backward moves more than twice their forward's bytes in the ops tp does
+    not split (the fp32 RMSNorm's backward), which the estimate once assumed of every op."""
+    profile = ap.profile_model("llama3-8b")
+    attention = next(layer for layer in profile.layers if layer.kind == "attention")
+    whole_fwd = attention.memory_bound_bytes - attention.memory_bound_tp_sharded_bytes
+    whole_bwd = attention.memory_bound_bwd_bytes - attention.memory_bound_bwd_tp_sharded_bytes
+    assert whole_bwd > 2.5 * whole_fwd

@@ -188,3 +188,14 @@ def p2p_between_stages_s(*, message_bytes: float, stage_stride_ranks: int, clust
     ranks of a node whose neighbour happens to sit on the next node (nodes are aligned to groups)."""
     link = cluster.intra_node if stage_stride_ranks < cluster.gpus_per_node else cluster.inter_node
     return p2p_s(message_bytes=message_bytes, link=link)
+
+
+def overlapped_s(*, comm_s: float, compute_s: float, cluster: Cluster) -> float:
+    """Time a collective adds to compute it runs beside: max(0, comm - compute) + κ·min(comm, compute).
+
+    The part longer than the compute is exposed; the overlapped part still slows the compute by κ
+    (Cluster.overlap_slowdown): NCCL's kernels occupy SMs (one per channel, 16-32 channels on NVLink
+    systems) and share HBM bandwidth with the GEMMs beside them (Rashidi et al. 2021, 'Enabling Compute-
+    Communication Overlap in Distributed Deep Learning Training Platforms', ISCA, Sec. 3: overlapped
+    compute slows by up to tens of percent). κ = 0 is perfect overlap."""
+    return max(0.0, comm_s - compute_s) + cluster.overlap_slowdown * min(comm_s, compute_s)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from autoplan.costmodel import comm
+from autoplan.costmodel.comm import overlapped_s
 from autoplan.costmodel.compute import optimizer_time_s
 from autoplan.costmodel.layers import DEFAULT_STACK
 from autoplan.costmodel.memory import GRAD_BYTES, PARAM_BYTES
@@ -33,7 +34,8 @@ def dp_sync_s(rank: RankCost, cluster: Cluster, plan: Plan, stack: Stack | None 
     reduce-scatter per step. Dense parameters sync over dp*cp
     (stride tp); experts over the expert-data-parallel ranks dp*cp*tp/(ep·etp) (stride ep·etp).
     A stack with dp_sync "autoplan" (the executor's) overlaps ZeRO 0/1's reduction with backward only
-    without tp and pp, and exposes ZeRO-1's all-gathers, one per bucket, inside the optimizer step.
+    without tp, pp and split experts (else it exposes it, one all-reduce per bucket), and exposes ZeRO-1's all-gathers, one
+    per bucket, inside the optimizer step.
     """
     stack = stack or DEFAULT_STACK
     train = trainable_fraction(rank.layers)  # frozen parameters send no gradients (nor, under ZeRO 1/2, updated weights)
@@ -44,7 +46,7 @@ def dp_sync_s(rank: RankCost, cluster: Cluster, plan: Plan, stack: Stack | None 
     # FSDP reshards gradients after every micro-batch's backward (autoplan's executor: no no_sync for
     # ZeRO-2), each reduce-scatter beside that micro-batch's backward; under a pipeline once per step
     reduces = m if plan.zero_stage == 2 and plan.pp == 1 else 1
-    reduce_s = gather_s = bucket_gathers_s = 0.0
+    reduce_s = gather_s = bucket_gathers_s = bucket_reduces_s = 0.0
     for params, size, stride, collectives in groups:
         if size <= 1 or params <= 0:
             continue
@@ -57,6 +59,9 @@ def dp_sync_s(rank: RankCost, cluster: Cluster, plan: Plan, stack: Stack | None 
             pass
         elif plan.zero_stage <= 1:
             reduce_s += units * comm.group_all_reduce_s(message_bytes=grads, topo=topo, cluster=cluster)
+            buckets = max(1.0, collectives)  # by hand: executor.data_parallel.all_reduce_in_buckets, the gathers' rule
+            bucket_reduces_s += buckets * comm.group_all_reduce_s(message_bytes=grads / buckets, topo=topo,
+                                                                  cluster=cluster)
         else:
             reduce_s += units * reduces * comm.group_reduce_scatter_s(message_bytes=grads, topo=topo, cluster=cluster)
         if plan.zero_stage >= 1 and weights > 0:
@@ -81,26 +86,19 @@ def dp_sync_s(rank: RankCost, cluster: Cluster, plan: Plan, stack: Stack | None 
         edges = (gather_s + reduce_s) / units  # the first gather and the last reduce-scatter
         return m * (overlapped_s(comm_s=per_micro, compute_s=fwd_s + bwd_s, cluster=cluster) + edges), m * per_micro
     if stack.dp_sync == "autoplan" and plan.zero_stage <= 1:
-        # autoplan's executor: DDP's buckets reduce beside backward only without tp and pp (else one all-reduce
-        # after the last backward, executor.data_parallel.averages_by_hand); ZeRO-1 gathers its updated chunks
-        # inside the optimizer step, one all-gather per bucket of ZERO1_GATHER_BUCKET_ELEMENTS (executor.zero_one)
-        hidden = plan.tp == 1 and plan.pp == 1
-        reduce_exposed = overlapped_s(comm_s=reduce_s, compute_s=bwd_s, cluster=cluster) if hidden else reduce_s
+        # autoplan's executor: DDP's buckets reduce beside backward only without tp, pp and split experts; else
+        # all-reduces after the last backward, one per bucket of ZERO1_GATHER_BUCKET_ELEMENTS (executor.
+        # data_parallel.averages_by_hand, expert_parallel.average_gradients); ZeRO-1 gathers its updated chunks
+        # inside the optimizer step, one all-gather per bucket of as many elements (executor.zero_one)
+        by_hand = plan.tp > 1 or plan.pp > 1 or (plan.expert_sharded and rank.layers.expert_params > 0)
+        if not by_hand:
+            reduce_exposed = overlapped_s(comm_s=reduce_s, compute_s=bwd_s, cluster=cluster)
+        else:
+            reduce_s = reduce_exposed = bucket_reduces_s
         return reduce_exposed + bucket_gathers_s, reduce_s + bucket_gathers_s
     exposed = (overlapped_s(comm_s=reduce_s, compute_s=reduces * bwd_s, cluster=cluster)
                + overlapped_s(comm_s=gather_s, compute_s=fwd_s, cluster=cluster))
     return exposed, reduce_s + gather_s
-
-
-def overlapped_s(*, comm_s: float, compute_s: float, cluster: Cluster) -> float:
-    """Time a collective adds to compute it runs beside: max(0, comm - compute) + κ·min(comm, compute).
-
-    The part longer than the compute is exposed; the overlapped part still slows the compute by κ
-    (Cluster.overlap_slowdown): NCCL's kernels occupy SMs (one per channel, 16-32 channels on NVLink
-    systems) and share HBM bandwidth with the GEMMs beside them (Rashidi et al. 2021, 'Enabling Compute-
-    Communication Overlap in Distributed Deep Learning Training Platforms', ISCA, Sec. 3: overlapped
-    compute slows by up to tens of percent). κ = 0 is perfect overlap."""
-    return max(0.0, comm_s - compute_s) + cluster.overlap_slowdown * min(comm_s, compute_s)
 
 
 def optimizer_step_s(rank: RankCost, cluster: Cluster, plan: Plan, stack: Stack | None = None) -> float:

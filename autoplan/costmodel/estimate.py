@@ -11,7 +11,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from autoplan.costmodel import bands, comm
-from autoplan.costmodel.data_parallel import dp_sync_s, optimizer_step_s, overlapped_s
+from autoplan.costmodel.comm import overlapped_s
+from autoplan.costmodel.data_parallel import dp_sync_s, optimizer_step_s
 from autoplan.costmodel.layers import (DEFAULT_STACK, LayerCost, digest, every_other_mm, layer_cost,
                                        micro_batch_boundary_bytes)
 from autoplan.costmodel.memory import PARAM_BYTES, model_state_bytes

@@ -12,6 +12,7 @@ from autoplan.costmodel import comm
 from autoplan.costmodel.compute import (ATTENTION_BWD_FACTOR, CAUSAL_ATTENTION_WORK_FRACTION, GEMM_BWD_FACTOR,
                                         MEMORY_BOUND_BWD_FACTOR, attention_core_time_s, gemm_time_s,
                                         memory_bound_time_s, streaming_time_s)
+from autoplan.costmodel.context_parallel import ring_attention_s
 from autoplan.costmodel.experts import (dispatch_s, expert_gemm_s, expert_load, expert_tp_s,
                                         fused_moe_kept_bytes_per_token, is_expert_gemm, reachable_nodes)
 from autoplan.costmodel.memory import ZERO1_GATHER_BUCKET_ELEMENTS, layer_activation_bytes, local_params
@@ -235,6 +236,10 @@ def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, 
                                      cluster=cluster)
         mem_fwd_s += 0.0 if layer.kind == "head" else shuffle_s
         mem_bwd_s += 0.0 if layer.kind == "embedding" else shuffle_s
+    ring = None
+    if cp > 1 and layer.kind == "attention":  # torch's ring attention around the kernels (costmodel.context_parallel)
+        ring = ring_attention_s(layer=layer, cluster=cluster, plan=plan, seqs=seqs, attn_fwd_s=attn_fwd_s)
+        mem_fwd_s, mem_bwd_s = mem_fwd_s + ring[0], mem_bwd_s + ring[1]
     # a fixed cost per layer call on top (dispatch, launches): 0 in presets, fitted on measured machines
     cost.fwd_compute_s = gemm_s + attn_fwd_s + mem_fwd_s + cluster.layer_overhead_fwd_s
     cost.bwd_compute_s = (GEMM_BWD_FACTOR * gemm_s + ATTENTION_BWD_FACTOR * attn_fwd_s
@@ -292,8 +297,8 @@ def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, 
         # forward ([b, s, V] in the activation dtype); its backward is a local slice, no communication
         logits_bytes = profile.vocab_size * profile.seq_len * profile.dtype_bytes * seqs
         cost.tp_comm_s += 2 * comm.group_all_gather_s(message_bytes=logits_bytes, topo=tp_topo, cluster=cluster)
-    if cp > 1 and layer.kind == "attention":
-        cost.cp_comm_s = _ring_attention_exposed_s(layer=layer, cluster=cluster, plan=plan, attn_fwd_s=attn_fwd_s)
+    if ring is not None:
+        cost.cp_comm_s = ring[2]
     if ep > 1 and moe:  # the token dispatcher (costmodel.experts.dispatch_s) on this rank's 1/tp of the tokens
         # (ep ranks etp apart: executor.mesh.build_expert_mesh)
         ep_topo = comm.group_topology(group_size=ep, stride=plan.etp, gpus_per_node=cluster.gpus_per_node)
@@ -374,20 +379,3 @@ def param_gathers(*, layer: LayerProfile, tp: int, ep: int, etp: int) -> tuple[f
     if rest > 0:
         add("dense", rest / (tp if layer.kind in ("embedding", "head") else 1), 1)
     return tuple(whole + elements / bucket for whole, elements in counts.values())
-
-
-def _ring_attention_exposed_s(*, layer: LayerProfile, cluster: Cluster, plan: Plan, attn_fwd_s: float) -> float:
-    """Exposed time of ring attention's K/V exchange (Liu et al. 2023, Ring Attention, Sec. 3): cp-1 steps,
-    each sending this rank's K and V chunk to the next rank while attention runs on the current chunk;
-    backward sends K, V and their gradients (2x). A step is hidden when its transfer is shorter than the
-    attention compute of one chunk."""
-    cp = plan.cp
-    kv_fraction = layer.num_kv_heads / layer.num_heads if layer.num_heads else 1.0
-    kv_bytes = 2 * layer.output_bytes * kv_fraction * plan.micro_batch_size / cp / plan.tp  # K and V chunk
-    # the ring is as slow as its slowest hop: an inter-node one once the tp*cp ranks span nodes
-    link = cluster.intra_node if plan.tp * cp <= cluster.gpus_per_node else cluster.inter_node
-    step_s = comm.p2p_s(message_bytes=kv_bytes, link=link)
-    chunk_fwd_s = attn_fwd_s / cp
-    fwd_exposed = max(0.0, step_s - chunk_fwd_s) * (cp - 1)
-    bwd_exposed = max(0.0, 2 * step_s - ATTENTION_BWD_FACTOR * chunk_fwd_s) * (cp - 1)
-    return fwd_exposed + bwd_exposed

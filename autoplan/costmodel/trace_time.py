@@ -109,11 +109,12 @@ def op_time_s(event: TraceEvent, cluster: Cluster) -> float:
 
 
 def category(event: TraceEvent) -> str:
-    """The estimate's time_breakdown key an event's time belongs to."""
-    if event.is_collective:
-        return _AXIS_CATEGORY.get(event.axis, "dp_comm_exposed")
+    """The estimate's time_breakdown key an event's time belongs to: a collective's axis, but recomputation's
+    (the estimate counts the collectives a recomputed forward reruns as recompute: costmodel.layers)."""
     if event.phase == "recompute":
         return "recompute"
+    if event.is_collective:
+        return _AXIS_CATEGORY.get(event.axis, "dp_comm_exposed")
     if event.phase in ("optimizer", "sync"):
         return "optimizer"
     return "compute"

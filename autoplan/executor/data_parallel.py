@@ -24,6 +24,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
+from autoplan.executor.precision import _local
+
 
 def uses_ddp(*, zero_stage: int) -> bool:
     """Stages 0 and 1 all-reduce whole gradients (DDP's arithmetic); 2 and 3 run on FSDP2."""
@@ -106,13 +108,30 @@ def build_optimizer(model: nn.Module, *, zero_stage: int, dp_mesh: DeviceMesh | 
 
 def all_reduce_gradients(model: nn.Module, dp_mesh: DeviceMesh) -> None:
     """Average every gradient over the dp ranks (the local shard of a tensor-parallel DTensor)."""
-    group, size = dp_mesh.get_group(), dp_mesh.size()
-    for param in model.parameters():
-        if param.grad is None:
-            continue
-        grad = param.grad._local_tensor if hasattr(param.grad, "_local_tensor") else param.grad
-        torch.distributed.all_reduce(grad, group=group)
-        grad.div_(size)
+    grads = [_local(param.grad) for param in model.parameters() if param.grad is not None]
+    all_reduce_in_buckets(grads, dp_mesh.get_group(), divisor=dp_mesh.size())
+
+
+def all_reduce_in_buckets(grads: list[torch.Tensor], group, *, divisor: int) -> None:
+    """Sum `grads` over `group` (unless it is one rank) and divide them by `divisor`, one all-reduce per bucket
+    (executor.zero_one's rule, the one its gathers follow: a tensor of at least ZERO1_GATHER_BUCKET_ELEMENTS
+    alone and in place, smaller consecutive ones of a dtype flattened together into one of at most that many
+    elements), not one per tensor: each collective pays the group's latency, (n-1)·α on a ring of n ranks."""
+    from autoplan.executor.zero_one import _buckets
+
+    reduce = torch.distributed.get_world_size(group) > 1
+    by_dtype: dict[tuple, list[torch.Tensor]] = {}
+    for grad in grads:
+        by_dtype.setdefault((grad.dtype, grad.device), []).append(grad)
+    for same in by_dtype.values():
+        for bucket in _buckets(same, [grad.numel() for grad in same], size=1):
+            flat = bucket[0] if len(bucket) == 1 else torch.cat([grad.reshape(-1) for grad in bucket])
+            if reduce:
+                torch.distributed.all_reduce(flat, group=group)
+            flat.div_(divisor)
+            if len(bucket) > 1:
+                for grad, piece in zip(bucket, flat.split([grad.numel() for grad in bucket])):
+                    grad.copy_(piece.view_as(grad))
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:

@@ -25,8 +25,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.nn.functional import all_to_all_single
 
 from autoplan.errors import InvalidPlanError
-from autoplan.executor.data_parallel import even_placement
+from autoplan.executor.data_parallel import all_reduce_in_buckets, even_placement
 from autoplan.executor.mesh import folded_mesh
+from autoplan.executor.precision import _local
 from autoplan.models.hf_experts import RoutedExperts, expert_weight_names, is_stacked_experts, make_routed
 from autoplan.support import unsupported_reason
 from autoplan.schema import Plan
@@ -191,10 +192,6 @@ def routing_parameters(model: nn.Module) -> set[int]:
     return {id(p) for layer, _ in moe_layers(model) for p in layer.parameters() if id(p) not in experts}
 
 
-def _local(grad: torch.Tensor) -> torch.Tensor:
-    return grad._local_tensor if hasattr(grad, "_local_tensor") else grad
-
-
 def average_gradients(model: nn.Module, replica_mesh: DeviceMesh, expert_mesh: DeviceMesh, replicas: int) -> None:
     """Average over the `replicas` (dp x cp) ranks that split the batch: the sum over the ranks that made a
     gradient's contributions, divided by dp*cp. Expert weights: over the ranks holding the same expert shards
@@ -203,14 +200,13 @@ def average_gradients(model: nn.Module, replica_mesh: DeviceMesh, expert_mesh: D
     DTensors: their local shards) over the replicas."""
     experts, routing = expert_parameters(model), routing_parameters(model)
     edp, folded = expert_mesh["edp"], folded_mesh(expert_mesh)
+    by_group: dict[int, tuple[DeviceMesh, list[torch.Tensor]]] = {}
     for param in model.parameters():
-        if param.grad is None:
-            continue
-        grad = _local(param.grad)
-        group = edp if id(param) in experts else folded if id(param) in routing else replica_mesh
-        if group.size() > 1:
-            dist.all_reduce(grad, group=group.get_group())
-        grad.div_(replicas)
+        if param.grad is not None:
+            group = edp if id(param) in experts else folded if id(param) in routing else replica_mesh
+            by_group.setdefault(id(group), (group, []))[1].append(_local(param.grad))
+    for group, grads in by_group.values():  # (bucketed: executor.data_parallel.all_reduce_in_buckets)
+        all_reduce_in_buckets(grads, group.get_group(), divisor=replicas)
 
 
 def shard_experts(model: nn.Module, expert_mesh: DeviceMesh, *, reshard: bool, replicas: int) -> None:

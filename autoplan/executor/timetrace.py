@@ -214,9 +214,12 @@ class StepTracer(TorchDispatchMode):
             return
         stride = ranks[1] - ranks[0]
         topo = group_topology(group_size=size, stride=stride, gpus_per_node=self.gpus_per_node)
+        axis = mesh_axis(kind, ranks[0], stride, size, self.plan)
+        if axis == "cp" and (self.gather_stream or self.reduce_stream or self.syncing or self.in_optimizer
+                             or op.startswith("ddp.")):
+            axis = "dp"  # the replicas' gradients and parameters over a cp-shaped group (dp = 1): data parallelism
         event = self._append(kind, op, phase, bytes_moved=float(nbytes), group_size=size, group_nodes=topo.nodes,
-                             group_ranks_per_node=topo.ranks_per_node,
-                             axis=mesh_axis(kind, ranks[0], stride, size, self.plan),
+                             group_ranks_per_node=topo.ranks_per_node, axis=axis,
                              after=self._depends_on(inputs), shapes=tuple(tuple(t.shape) for t in inputs[:4]))
         self._wrote(event, outputs)
         if synchronous:

@@ -150,16 +150,22 @@ class ZeroOneAdamW(MasterWeightAdamW):
 
 
 def _buckets(params: list[torch.Tensor], lengths: list[int], *, size: int) -> list[list[torch.Tensor]]:
-    """Consecutive params whose gathered chunks (size x chunk length) fill at most a bucket of
-    min(GATHER_BUCKET_ELEMENTS, the largest tensor's) elements; a larger tensor makes a bucket alone."""
+    """Buckets of params whose gathered chunks (size x chunk length) fill at most min(GATHER_BUCKET_ELEMENTS,
+    the largest tensor's) elements: a tensor that large makes a bucket alone, the smaller ones fill buckets in
+    order, across the large ones between them (costmodel.layers.param_gathers counts them so: a layer's small
+    tensors are fractions of a bucket)."""
     capacity = min(GATHER_BUCKET_ELEMENTS, max(size * length for length in lengths))
     buckets: list[list[torch.Tensor]] = []
-    filled = capacity
+    filling: list[torch.Tensor] | None = None
+    filled = 0
     for param, length in zip(params, lengths):
-        if filled + size * length > capacity:
-            buckets.append([])
-            filled = 0
-        buckets[-1].append(param)
+        if size * length >= capacity:
+            buckets.append([param])
+            continue
+        if filling is None or filled + size * length > capacity:
+            filling, filled = [], 0
+            buckets.append(filling)
+        filling.append(param)
         filled += size * length
     return buckets
 

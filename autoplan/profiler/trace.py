@@ -80,6 +80,7 @@ class TraceResult:
     fwd_flops: float = 0.0
     bwd_flops: float = 0.0
     attention_core_fwd_flops: float = 0.0
+    attention_kv_bytes: int = 0              # the keys and values a fused attention kernel reads, as the model passes them
     activation_bytes: int = 0
     activation_tp_sharded_bytes: int = 0
     attention_score_bytes: int = 0
@@ -192,6 +193,7 @@ class _Tracer(TorchDispatchMode):
             q, key, value = args[0], args[1], args[2]
             b, heads, s_q, d = q.shape
             self.result.attention_core_fwd_flops += 2.0 * b * heads * s_q * key.shape[-2] * (d + value.shape[-1])
+            self.result.attention_kv_bytes += key.numel() * key.element_size() + value.numel() * value.element_size()
         elif moves_data(func):
             moved = sum(t.numel() * t.element_size() for t in inputs + outputs)
             self.result.memory_bound_bytes += moved

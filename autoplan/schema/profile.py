@@ -47,6 +47,10 @@ class LayerProfile(_Noun):
                                             "params. A pipeline stage without that earlier layer holds its own copy.")
     activation_bytes: int = Field(description="Bytes autograd saves for backward per sequence (measured, deduplicated by storage).")
     activation_tp_sharded_bytes: int = Field(0, description="Part of activation_bytes between a column- and a row-parallel GEMM (split by tp without SP).")
+    attention_kv_bytes: int | None = Field(None, ge=0, description="Bytes of the keys and values a fused attention kernel "
+                                                                   "reads per sequence, as the model passes them (a GQA "
+                                                                   "model that repeats its heads first passes them "
+                                                                   "repeated); None (older profiles): not traced.")
     attention_score_bytes: int = Field(0, description="Part of activation_bytes shaped [.., seq, seq] (what flash attention and selective recompute drop).")
     activation_column_input_bytes: int = Field(0, description="Part of activation_bytes saved as the input of a column-parallel "
                                                               "GEMM (replicated over tp; all-gathered, whole, under DTensor sequence parallelism).")

@@ -79,3 +79,35 @@ def test_expert_tensor_parallel_collectives_are_recorded_as_expert_communication
     assert len(ep_only) == 3 * moe_layers and len(both) == 6 * moe_layers
     assert all(e.axis == "ep" and e.group_size == 2 for e in both)
     assert dry.time_breakdown["ep_comm"] > 0
+
+
+def test_ring_attention_bytes_are_what_the_executors_ring_moves(tmp_path):
+    """Oracle: the time dry run itself. costmodel.context_parallel prices torch's ring attention by its memory-bound
+    bytes per attention layer and micro-batch, in units of the rank's query bytes Q: forward 2 + 16·(cp-1), backward
+    34 + 28.5·(cp-1). Measured here on a llama-style model (hidden 256, 2 heads of 128, 1 K/V head repeated, as
+    llama3-8b's are): the bytes the executor's forward and backward move at cp ranks over those of dp=cp ranks with
+    as many tokens each (same DDP, same loss), for 2 blocks less 1 block (one attention layer's share)."""
+    from collections import defaultdict
+
+    from autoplan.costmodel.context_parallel import RING_BACKWARD_Q, RING_FORWARD_Q
+
+    def moved(plan, seq, layers):
+        path = tmp_path / f"model_{seq}_{layers}.py"
+        path.write_text("import autoplan as ap\n\n\ndef build_model():\n    return ap.models.llama(layers=%d, hidden=256, "
+                        "heads=2, kv_heads=1, vocab=512, seq_len=%d, ffn_hidden=512)\n" % (layers, seq))
+        out = defaultdict(float)
+        for event in ap.dryrun(str(path), plan, time=True)._traces[0]:
+            if event.kind == "memory" and event.phase in ("forward", "backward"):
+                out[event.phase] += event.bytes_moved
+        return out
+
+    q = 256 * 256 * 2  # 256 tokens on the rank, hidden 256, bf16
+    for cp in (2, 4):
+        ring = [moved(ap.Plan(cp=cp, global_batch_size=1), 256 * cp, layers) for layers in (1, 2)]
+        plain = [moved(ap.Plan(dp=cp, global_batch_size=cp), 256, layers) for layers in (1, 2)]
+        per_layer = {phase: ((ring[1][phase] - plain[1][phase]) - (ring[0][phase] - plain[0][phase])) / q
+                     for phase in ("forward", "backward")}
+        fixed, per_step = RING_FORWARD_Q
+        assert per_layer["forward"] == pytest.approx(fixed + per_step * (cp - 1), rel=0.02)
+        fixed, per_step = RING_BACKWARD_Q
+        assert per_layer["backward"] == pytest.approx(fixed + per_step * (cp - 1), rel=0.02)

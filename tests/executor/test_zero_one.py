@@ -46,11 +46,12 @@ def test_states_are_split_evenly(ranks):
         assert max(sizes) == -(-n // WORLD)
 
 
-def test_buckets_hold_at_most_the_largest_tensor_and_keep_order():
-    """Oracle: by hand. Chunk lengths (3 ranks) 2, 2, 10, 1, 1: capacity min(2^22, 3 x 10) = 30 elements; the first
-    two (12) fill a bucket until the 30-element tensor, which makes its own; the last two share one."""
+def test_buckets_hold_at_most_the_largest_tensor_and_pack_the_small_ones():
+    """Oracle: by hand. Chunk lengths (3 ranks) 2, 2, 10, 1, 1, 3, 2: capacity min(2^22, 3 x 10) = 30 elements; the
+    30-element tensor makes its own bucket; the small ones fill buckets in order across it: 6 + 6 + 3 + 3 + 9 = 27,
+    then the last (6) opens a second."""
     from autoplan.executor.zero_one import _buckets
 
-    names = ["a", "b", "big", "c", "d"]
-    assert _buckets(names, [2, 2, 10, 1, 1], size=3) == [["a", "b"], ["big"], ["c", "d"]]
+    names = ["a", "b", "big", "c", "d", "e", "f"]
+    assert _buckets(names, [2, 2, 10, 1, 1, 3, 2], size=3) == [["a", "b", "c", "d", "e"], ["big"], ["f"]]
     assert _buckets(["x"], [5], size=2) == [["x"]]

@@ -84,8 +84,9 @@ def test_partition_ilp_equals_brute_force(small_profile, tight_cluster):
         base = ap.Plan(pp=4, global_batch_size=8, micro_batch_size=1, schedule=schedule)
         solved = solve_partition(coster, base, recompute=("none", "selective", "full"))
         got = ap.estimate(small_profile, tight_cluster, solved.plan)
-        # the ILP counts in integer ticks: each of its m·v + p + 2 rounded terms is off by at most half a tick
-        assert solved.objective_s == pytest.approx(got.step_time_s, abs=(8 + 4 + 2) / 2 / TIME_SCALE)
+        # the ILP counts in whole ticks, each of its m·v + p + 2 terms rounded down (partition._ticks): under the
+        # estimate by less than a tick each
+        assert got.step_time_s - (8 + 4 + 2) / TIME_SCALE <= solved.objective_s <= got.step_time_s + 1e-12
         for modes in itertools.product(("none", "selective", "full"), repeat=4):
             plan = ap.Plan.model_validate({**base.model_dump(), "recompute_per_stage": list(modes)})
             est = ap.estimate(small_profile, tight_cluster, plan)
@@ -121,7 +122,8 @@ def test_best_plan_beats_expert_defaults(name, gpus, gbs):
         if found:
             assert result.best_estimate.step_time_s <= found[1].step_time_s * (1 + 1e-9)
     assert result.best_estimate.fits
-    assert [e.step_time_s for _, e in result.ranked] == sorted(e.step_time_s for _, e in result.ranked)
+    times = [e.step_time_s for _, e in result.ranked]  # faster first; plans within 1e-6 s rank simpler first
+    assert all(a <= b + 1e-6 for a, b in zip(times, times[1:]))
 
 
 def test_model_larger_than_cluster_names_closest_plan():
@@ -171,9 +173,9 @@ def test_selective_recompute_wins_under_memory_limit():
 
 @pytest.fixture(scope="module")
 def big_head_profile():
-    """16 small blocks and a head about 40 blocks' worth of work (vocabulary 131072 at width 512)."""
+    """16 small blocks and a head of many blocks' worth of work (vocabulary 262144 at width 512)."""
     with torch.device("meta"):
-        model = ap.models.gpt(layers=16, hidden=512, heads=8, vocab=131072, seq_len=512)
+        model = ap.models.gpt(layers=16, hidden=512, heads=8, vocab=262144, seq_len=512)
     return ap.profile_model(model)
 
 

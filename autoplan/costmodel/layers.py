@@ -222,12 +222,15 @@ def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, 
 
     mem_fwd_s = memory_s(layer.memory_bound_bytes, layer.memory_bound_tp_sharded_bytes, layer.streaming_bytes,
                          cast_bytes)
-    if layer.memory_bound_bwd_bytes is None:  # older profiles: backward moves twice forward's bytes
+    if layer.memory_bound_bwd_bytes is None or stack.memory_bound_traffic < 1.0:
+        # a fused kernel's backward reads its saved input and the incoming gradient and writes one gradient:
+        # twice its forward's bytes; the eager backward's extra passes (layout copies, concatenated gradients,
+        # fp32 round trips) are what fusion removes. Older profiles (no traced backward) so too
         mem_bwd_s = MEMORY_BOUND_BWD_FACTOR * mem_fwd_s
-    else:  # as traced; a float8 linear's backward casts its gradients too
+    else:  # eager PyTorch: as traced; a float8 linear's backward casts its gradients too
         mem_bwd_s = memory_s(layer.memory_bound_bwd_bytes, layer.memory_bound_bwd_tp_sharded_bytes,
                              layer.streaming_bwd_bytes or 0.0, MEMORY_BOUND_BWD_FACTOR * cast_bytes)
-    if sp and layer.tp_collectives and not moe:
+    if sp and layer.tp_collectives and not moe and stack.sequence_shard_copy:
         # DTensor reduce-scatters along the sequence (dim 1) by copying the tensor's tp chunks into one dim-0
         # tensor first: the whole [b, s, h] read and written once per reduce-scatter, in forward after each
         # row-parallel GEMM and the embedding, in backward for each all-gather's gradient (a block's column-

@@ -181,6 +181,11 @@ class Stack(_Noun):
     vocab_parallel_loss: bool = Field(False, description="Under tensor parallelism the loss runs on vocabulary-sharded logits "
                                                          "(Megatron-LM's vocab-parallel cross-entropy, torch's loss_parallel); "
                                                          "false: the logits are all-gathered first, as autoplan's executor does.")
+    sequence_shard_copy: bool = Field(True, description="With sequence parallelism a copy of the whole [b, s, h] "
+                                                        "activation before each sequence reduce-scatter (DTensor "
+                                                        "shards [b, s, h] along dim 1 and reduce-scatters along dim 0, "
+                                                        "as autoplan's executor and torchtitan run); false: the "
+                                                        "sequence is the leading dim ([s, b, h], Megatron-LM).")
     fused_loss: bool = Field(False, description="The loss is a fused, chunked cross-entropy kernel that keeps the 16-bit "
                                                 "logits and writes their gradient in place (no fp32 copies of the logits).")
     fp8_linears: bool = Field(False, description="Linear layers run in float8 (2x the bf16 tensor-core peak on Hopper) "

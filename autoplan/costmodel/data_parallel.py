@@ -66,7 +66,7 @@ def dp_sync_s(rank: RankCost, cluster: Cluster, plan: Plan, stack: Stack | None 
             reduce_s += units * reduces * comm.group_reduce_scatter_s(message_bytes=grads, topo=topo, cluster=cluster)
         if plan.zero_stage >= 1 and weights > 0:
             gather_s += units * comm.group_all_gather_s(message_bytes=weights, topo=topo, cluster=cluster)
-            buckets = max(1.0, collectives)  # executor.zero_one's (costmodel.layers.param_gathers)
+            buckets = max(1.0, collectives)  # executor.zero_one's (costmodel.gathers.param_gathers)
             bucket_gathers_s += buckets * comm.group_all_gather_s(message_bytes=weights / buckets, topo=topo,
                                                                   cluster=cluster)
     fwd_s, bwd_s = rank.layers.fwd_compute_s, rank.layers.bwd_compute_s + rank.layers.recompute_s

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from autoplan.costmodel import bands, comm
 from autoplan.costmodel.comm import overlapped_s
 from autoplan.costmodel.data_parallel import dp_sync_s, optimizer_step_s
+from autoplan.costmodel.gathers import gather_buckets
 from autoplan.costmodel.layers import (DEFAULT_STACK, LayerCost, digest, every_other_mm, layer_cost,
                                        micro_batch_boundary_bytes)
 from autoplan.costmodel.memory import PARAM_BYTES, model_state_bytes
@@ -81,9 +82,11 @@ class Coster:
         cached = self._layers.get(key)
         if cached is None:
             total, logits, mm_offset = LayerCost(), 0.0, 0
+            buckets = self.gather_buckets(plan)
             for i, layer in enumerate(layers):
                 one = layer_cost(layer=layer, profile=self.profile, cluster=self.cluster, plan=plan,
-                                 recompute=recompute, block_first=i == 0, stack=self.stack, mm_offset=mm_offset)
+                                 recompute=recompute, block_first=i == 0, stack=self.stack, mm_offset=mm_offset,
+                                 buckets=buckets)
                 mm_offset += sum(g.count for g in layer.gemms)
                 total.add(one)
                 if layer.kind == "head":
@@ -103,6 +106,14 @@ class Coster:
                 total.host_wait_s = max(0.0, host_s - total.fwd_s - total.bwd_s)
             cached = self._layers[key] = (total, logits)
         return cached
+
+    def gather_buckets(self, plan: Plan) -> tuple[float, float]:
+        """Elements per bucket of the rank's ZeRO-1 gathers and reductions by hand (costmodel.layers.gather_buckets),
+        from the whole model's tensors."""
+        key = ("buckets", plan.tp, plan.ep, plan.etp)
+        if key not in self._layers:
+            self._layers[key] = gather_buckets(self.profile.layers, tp=plan.tp, ep=plan.ep, etp=plan.etp)
+        return self._layers[key]
 
     def layers_memory(self, layers: tuple[LayerProfile, ...], plan: Plan, recompute: str) -> tuple[LayerMemory, ...]:
         """Memory of each of consecutive layers for one micro-batch (costmodel.layer_memory)."""

@@ -15,7 +15,8 @@ from autoplan.costmodel.compute import (ATTENTION_BWD_FACTOR, CAUSAL_ATTENTION_W
 from autoplan.costmodel.context_parallel import ring_attention_s
 from autoplan.costmodel.experts import (dispatch_s, expert_gemm_s, expert_load, expert_tp_s,
                                         fused_moe_kept_bytes_per_token, is_expert_gemm, reachable_nodes)
-from autoplan.costmodel.memory import ZERO1_GATHER_BUCKET_ELEMENTS, layer_activation_bytes, local_params
+from autoplan.costmodel.gathers import param_gathers
+from autoplan.costmodel.memory import layer_activation_bytes, local_params
 from autoplan.schema import Cluster, GemmShape, LayerProfile, ModelProfile, Plan, Stack
 
 # The busiest EP rank sets a MoE layer's pace: its load over the mean is ModelProfile.routing_imbalance, an
@@ -157,7 +158,8 @@ def _gemm_s(g: GemmShape, *, seqs: float, tp: int, layer: LayerProfile, cluster:
 
 
 def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, plan: Plan, recompute: str,
-               block_first: bool, stack: Stack | None = None, mm_offset: int = 0) -> LayerCost:
+               block_first: bool, stack: Stack | None = None, mm_offset: int = 0,
+               buckets: tuple[float, float] | None = None) -> LayerCost:
     """Time and memory of `layer` for one micro-batch of plan.micro_batch_size sequences on one rank,
     run by `stack` (None: eager PyTorch, what autoplan's executor runs).
 
@@ -335,7 +337,7 @@ def layer_cost(*, layer: LayerProfile, profile: ModelProfile, cluster: Cluster, 
                                                              seqs=seqs, kept=cost.activation_bytes)
     cost.working_bytes = layer_activation_bytes(layer=layer, tp=tp, sequence_parallel=sp, cp=cp, recompute="none",
                                                 micro_batch_size=mbs, block_first=block_first)
-    cost.dense_gathers, cost.expert_gathers = param_gathers(layer=layer, tp=tp, ep=ep, etp=plan.etp)
+    cost.dense_gathers, cost.expert_gathers = param_gathers(layer=layer, tp=tp, ep=ep, etp=plan.etp, buckets=buckets)
     cost.dense_params, cost.expert_params = local_params(layer=layer, tp=tp, ep=ep, etp=plan.etp)
     if layer.frozen_params and layer.params:  # frozen tensors split as the layer's others do (a uniform share)
         cost.frozen_params = (cost.dense_params + cost.expert_params) * layer.frozen_params / layer.params
@@ -354,31 +356,3 @@ def _module_recompute_kept_bytes(*, layer: LayerProfile, profile: ModelProfile, 
         kept += layer.attention_score_bytes * seqs / tp
     dropped = sum(g.count * g.m_per_sequence * g.n for g in rerun) * profile.dtype_bytes * seqs / tp
     return max(0.0, kept - dropped)
-
-
-def param_gathers(*, layer: LayerProfile, tp: int, ep: int, etp: int) -> tuple[float, float]:
-    """(dense, expert) all-gathers of ZeRO-1's updated chunks for `layer`'s parameters on one rank, as
-    executor.zero_one buckets them: a tensor of at least ZERO1_GATHER_BUCKET_ELEMENTS elements alone, smaller ones
-    together (fractions of a bucket). Tensors from the GEMM shapes (a weight per GEMM; an expert weight stacked
-    over the rank's experts), the rest of the layer's parameters (embedding table, norms) one tensor."""
-    bucket = ZERO1_GATHER_BUCKET_ELEMENTS
-    counts = {"dense": [0.0, 0.0], "expert": [0.0, 0.0]}  # [whole tensors, elements in buckets]
-
-    def add(kind: str, elements: float, tensors: float) -> None:
-        if elements >= bucket:
-            counts[kind][0] += tensors
-        else:
-            counts[kind][1] += tensors * elements
-
-    covered = 0.0
-    for g in layer.gemms:
-        covered += g.count * g.n * g.k
-        if layer.kind == "moe" and is_expert_gemm(gemm=g, num_experts=layer.num_experts):
-            kinds = g.count / layer.num_experts  # stacked: one tensor per weight kind of the rank's experts
-            add("expert", layer.num_experts / ep * g.n * g.k / etp, kinds)
-        else:
-            add("dense", g.n * g.k / (tp if g.tp_split != "none" else 1), g.count)
-    rest = layer.params - covered
-    if rest > 0:
-        add("dense", rest / (tp if layer.kind in ("embedding", "head") else 1), 1)
-    return tuple(whole + elements / bucket for whole, elements in counts.values())

@@ -151,23 +151,28 @@ class ZeroOneAdamW(MasterWeightAdamW):
 
 def _buckets(params: list[torch.Tensor], lengths: list[int], *, size: int) -> list[list[torch.Tensor]]:
     """Buckets of params whose gathered chunks (size x chunk length) fill at most min(GATHER_BUCKET_ELEMENTS,
-    the largest tensor's) elements: a tensor that large makes a bucket alone, the smaller ones fill buckets in
-    order, across the large ones between them (costmodel.layers.param_gathers counts them so: a layer's small
-    tensors are fractions of a bucket)."""
+    the largest tensor's) elements: a tensor that large makes a bucket alone; the smaller ones, largest first,
+    go into the first bucket with room (first-fit decreasing: close to their total over the capacity, which is
+    how costmodel.gathers.param_gathers counts them)."""
     capacity = min(GATHER_BUCKET_ELEMENTS, max(size * length for length in lengths))
     buckets: list[list[torch.Tensor]] = []
-    filling: list[torch.Tensor] | None = None
-    filled = 0
-    for param, length in zip(params, lengths):
+    small: list[tuple[int, int, torch.Tensor]] = []
+    for index, (param, length) in enumerate(zip(params, lengths)):
         if size * length >= capacity:
             buckets.append([param])
-            continue
-        if filling is None or filled + size * length > capacity:
-            filling, filled = [], 0
-            buckets.append(filling)
-        filling.append(param)
-        filled += size * length
-    return buckets
+        else:
+            small.append((size * length, index, param))
+    filled: list[int] = []  # elements in each bucket of small tensors
+    packed: list[list[tuple[int, torch.Tensor]]] = []
+    for elements, index, param in sorted(small, key=lambda item: (-item[0], item[1])):
+        slot = next((i for i, used in enumerate(filled) if used + elements <= capacity), None)
+        if slot is None:
+            filled.append(0)
+            packed.append([])
+            slot = len(filled) - 1
+        filled[slot] += elements
+        packed[slot].append((index, param))
+    return buckets + [[param for _, param in sorted(bucket, key=lambda item: item[0])] for bucket in packed]
 
 
 def _chunk(numel: int, group: dist.ProcessGroup) -> tuple[int, int, int]:

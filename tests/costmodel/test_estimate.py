@@ -192,7 +192,7 @@ def test_zero1_gathers_count_the_executors_buckets():
     """Oracle: llama3-8b's attention layer by hand: wq and wo 4096 x 4096, wk and wv 1024 x 4096 (= 2^22, a bucket
     exactly), the norm's 4096. At tp=1 the four weights gather alone and the norm rides in a bucket; at tp=8 every
     shard is under a bucket: (2 x 4096^2 + 2 x 1024 x 4096) / 8 + 4096 elements in buckets of 2^22."""
-    from autoplan.costmodel.layers import param_gathers
+    from autoplan.costmodel.gathers import param_gathers
 
     layer = next(layer for layer in ap.profile_model("llama3-8b").layers if layer.kind == "attention")
     assert param_gathers(layer=layer, tp=1, ep=1, etp=1) == pytest.approx((4 + 4096 / 2**22, 0.0))
@@ -262,3 +262,15 @@ def test_backward_prices_the_traced_backward_bytes():
                          streaming_bwd_bytes=None)
     fwd, bwd = _layer_times(older, profile, plan)
     assert bwd == pytest.approx(2 * fwd)
+
+
+def test_a_small_models_buckets_are_its_largest_tensor():
+    """Oracle: executor.zero_one's rule, a bucket holds at most min(2^22, the largest tensor) elements. gpt-bench's
+    largest tensor is its embedding table (2048 tokens x 256 + 256 positions x 256 = 589,824 elements; 294,912 on
+    each of 2 tp ranks), so its gathers and reductions go in buckets that small; llama3-8b's are 2^22."""
+    from autoplan.costmodel.gathers import gather_buckets
+
+    small = ap.profile_model("gpt-bench")
+    assert gather_buckets(small.layers, tp=1, ep=1, etp=1)[0] == 2048 * 256 + 256 * 256
+    assert gather_buckets(small.layers, tp=2, ep=1, etp=1)[0] == (2048 * 256 + 256 * 256) / 2
+    assert gather_buckets(ap.profile_model("llama3-8b").layers, tp=8, ep=1, etp=1)[0] == 2**22

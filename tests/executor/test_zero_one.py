@@ -47,11 +47,12 @@ def test_states_are_split_evenly(ranks):
 
 
 def test_buckets_hold_at_most_the_largest_tensor_and_pack_the_small_ones():
-    """Oracle: by hand. Chunk lengths (3 ranks) 2, 2, 10, 1, 1, 3, 2: capacity min(2^22, 3 x 10) = 30 elements; the
-    30-element tensor makes its own bucket; the small ones fill buckets in order across it: 6 + 6 + 3 + 3 + 9 = 27,
-    then the last (6) opens a second."""
+    """Oracle: by hand. Chunk lengths (3 ranks) 2, 2, 10, 1, 1, 3, 2, 6: capacity min(2^22, 3 x 10) = 30 elements;
+    the 30-element tensor makes its own bucket; the others (x 3), largest first, into the first bucket with room:
+    g 18, e 9 (27), a 6 opens a second, b 6 (12), f 6 (18), c 3 fills the first (30), d 3 (21). In each bucket
+    the tensors keep their order."""
     from autoplan.executor.zero_one import _buckets
 
-    names = ["a", "b", "big", "c", "d", "e", "f"]
-    assert _buckets(names, [2, 2, 10, 1, 1, 3, 2], size=3) == [["a", "b", "c", "d", "e"], ["big"], ["f"]]
+    names = ["a", "b", "big", "c", "d", "e", "f", "g"]
+    assert _buckets(names, [2, 2, 10, 1, 1, 3, 2, 6], size=3) == [["big"], ["c", "e", "g"], ["a", "b", "d", "f"]]
     assert _buckets(["x"], [5], size=2) == [["x"]]
